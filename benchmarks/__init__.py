@@ -1,0 +1,1 @@
+"""ldm_fast's benchmark suite: ``python -m benchmarks`` (see README.md)."""

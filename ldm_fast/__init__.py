@@ -1,0 +1,15 @@
+"""ldm_fast: fused Triton kernels and a thin PyTorch API for latent diffusion models.
+
+    import ldm_fast
+    z = ldm_fast.functional.reparameterize_moments(moments, scale=0.18215)
+    x_t, noise = ldm_fast.functional.q_sample(z, t, schedule.alphas_cumprod)
+
+See README.md for the backends, the error bounds and the benchmarks.
+"""
+
+from . import backend, functional
+from .backend import use_backend
+
+__version__ = "0.1.0"
+
+__all__ = ["backend", "functional", "use_backend", "__version__"]

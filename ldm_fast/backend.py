@@ -1,0 +1,123 @@
+"""Backend dispatch: which implementation (fused Triton kernel or eager PyTorch) runs an op.
+
+Every public op asks :func:`select` once per call. The answer is
+
+* ``"triton"`` when the tensors are on CUDA and triton imports (``auto``, the default);
+* ``"eager"`` otherwise: the reference implementation in plain PyTorch. It is also the
+  *exact* mode: bit-for-bit the plain PyTorch result, so it is what ``LDM_FAST_BACKEND=eager``
+  gives a user who wants no numerical change at all.
+
+``LDM_FAST_BACKEND=auto|triton|eager`` (read at every call) and the context manager
+:func:`use_backend` override the choice. Forcing ``"triton"`` on CPU tensors runs the real
+kernel source under Triton's interpreter: that is how the tests prove the kernels on a machine
+with no GPU. An op that cannot run a case in Triton (dtype, layout, size) falls back to eager,
+never to a wrong answer.
+
+Environment variables (read here and nowhere else):
+
+=====================  ==========================================================================
+``LDM_FAST_BACKEND``   ``auto`` (default), ``triton`` or ``eager``.
+``TRITON_INTERPRET``   Triton's own switch. ldm_fast sets it to ``1`` before it first imports its
+                       kernels when no CUDA device exists and the variable is unset, because a
+                       kernel can only run on CPU tensors under the interpreter.
+=====================  ==========================================================================
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import threading
+from collections import Counter
+from typing import Iterator
+
+import torch
+
+BACKENDS = ("auto", "triton", "eager")
+
+_state = threading.local()
+_kernels_prepared = False
+
+#: Kernel launches per op name since import; tests read it to prove the Triton path ran.
+kernel_launches: Counter = Counter()
+
+
+def _check_name(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def requested() -> str:
+    """The backend asked for: the innermost :func:`use_backend`, else ``LDM_FAST_BACKEND``, else auto."""
+    override = getattr(_state, "stack", None)
+    if override:
+        return override[-1]
+    return _check_name(os.environ.get("LDM_FAST_BACKEND", "auto").strip().lower() or "auto", "LDM_FAST_BACKEND")
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the ops inside the ``with`` block on backend ``name`` (``auto``, ``triton`` or ``eager``)."""
+    _check_name(name, "use_backend(name)")
+    stack = getattr(_state, "stack", None)
+    if stack is None:
+        stack = _state.stack = []
+    stack.append(name)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def triton_available() -> bool:
+    """True when the triton package imports (it ships for Linux only)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def select(*tensors: torch.Tensor | None) -> str:
+    """``"triton"`` or ``"eager"`` for a call on ``tensors`` (``None`` entries are ignored)."""
+    name = requested()
+    if name == "eager" or not triton_available():
+        return "eager"
+    if name == "triton":
+        return "triton"
+    on_cuda = all(t.is_cuda for t in tensors if t is not None)
+    return "triton" if on_cuda else "eager"
+
+
+def interpreting() -> bool:
+    """True when kernels run under Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def prepare_kernels() -> None:
+    """Turn on Triton's interpreter when no CUDA device exists, once, before any kernel is imported.
+
+    Triton decides between compiling and interpreting when a kernel is decorated, so every import
+    of a kernel module goes through :func:`kernel_module`, which calls this first.
+    """
+    global _kernels_prepared
+    if not _kernels_prepared:
+        if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+            os.environ["TRITON_INTERPRET"] = "1"
+        _kernels_prepared = True
+
+
+def kernel_module(op: str):
+    """Import ``ldm_fast.kernels.<op>`` (kernels, launchers and the eager reference)."""
+    prepare_kernels()
+    return importlib.import_module(f"ldm_fast.kernels.{op}")
+
+
+def can_run_kernel(*tensors: torch.Tensor | None) -> bool:
+    """Whether a kernel can run on these tensors in this process (CUDA, or CPU under the interpreter)."""
+    prepare_kernels()
+    devices = {t.device.type for t in tensors if t is not None}
+    if len(devices) != 1:
+        return False
+    device = devices.pop()
+    if device == "cuda":
+        return not interpreting()
+    return device == "cpu" and interpreting()

@@ -1,0 +1,69 @@
+"""torch.library registrations of the Triton kernels (``torch.ops.ldm_fast.*``).
+
+Each op is a ``torch.library.custom_op`` with a fake implementation (``register_fake``) for
+tracing and an autograd formula (``register_autograd``), so ``torch.compile(fullgraph=True)``
+traces models that use them without graph breaks, with the kernel opaque inside the graph. The
+op bodies call the kernel launchers; :mod:`ldm_fast.functional` validates arguments and decides
+whether to call these ops or the eager references.
+
+Random seeds travel as 0-d int64 CPU tensors so that a new seed never recompiles a graph, and so
+that the backward can draw the forward's noise again instead of storing it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import backend
+
+
+def _kernels(op: str):
+    backend.kernel_launches[op] += 1
+    return backend.kernel_module(op)
+
+
+# ---------------------------------------------------------------------------------------------
+# reparameterize
+
+
+@torch.library.custom_op("ldm_fast::reparameterize", mutates_args=())
+def reparameterize(
+    mean: Tensor, logvar: Tensor, noise: Optional[Tensor], seed: Tensor, scale: float, shift: float
+) -> Tensor:
+    return _kernels("reparameterize").reparameterize_fwd(mean, logvar, noise, int(seed), scale, shift)
+
+
+@reparameterize.register_fake
+def _(mean, logvar, noise, seed, scale, shift):
+    return torch.empty(mean.shape, dtype=mean.dtype, device=mean.device)
+
+
+@torch.library.custom_op("ldm_fast::reparameterize_backward", mutates_args=())
+def reparameterize_backward(
+    grad: Tensor, logvar: Tensor, noise: Optional[Tensor], seed: Tensor, scale: float
+) -> tuple[Tensor, Tensor]:
+    return _kernels("reparameterize").reparameterize_bwd(grad, logvar, noise, int(seed), scale)
+
+
+@reparameterize_backward.register_fake
+def _(grad, logvar, noise, seed, scale):
+    out = torch.empty(logvar.shape, dtype=logvar.dtype, device=logvar.device)
+    return out, torch.empty_like(out)
+
+
+def _reparameterize_setup(ctx, inputs, output):
+    _, logvar, noise, seed, scale, _ = inputs
+    ctx.save_for_backward(logvar, noise, seed)
+    ctx.scale = scale
+
+
+def _reparameterize_grad(ctx, grad):
+    logvar, noise, seed = ctx.saved_tensors
+    dmean, dlogvar = reparameterize_backward(grad, logvar, noise, seed, ctx.scale)
+    return dmean, dlogvar, None, None, None, None
+
+
+reparameterize.register_autograd(_reparameterize_grad, setup_context=_reparameterize_setup)
