@@ -16,7 +16,7 @@ from . import backend, ops  # noqa: F401  (ops registers torch.ops.ldm_fast.*)
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-__all__ = ["reparameterize", "reparameterize_moments"]
+__all__ = ["reparameterize", "reparameterize_moments", "q_sample"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,6 +57,31 @@ def _eager_randn(like: Tensor, seed: Optional[int]) -> Tensor:
         return torch.randn(like.shape, dtype=like.dtype, device=like.device)
     generator = torch.Generator(device=like.device).manual_seed(seed)
     return torch.randn(like.shape, dtype=like.dtype, device=like.device, generator=generator)
+
+
+def _derived_seed(seed: Optional[int], salt: int) -> Optional[int]:
+    """A second, independent seed from ``seed`` for a second stream (None stays None)."""
+    return None if seed is None else (seed ^ salt) % 2**63
+
+
+def _check_timesteps(t, batch: int, num_steps: int, device: torch.device) -> Tensor:
+    """Validate ``t`` (an int, or an integer tensor of shape [] or [batch]) and return it as int64 [batch]."""
+    if isinstance(t, bool) or not isinstance(t, (int, Tensor)):
+        raise TypeError(f"t must be an int or an integer tensor, got {type(t).__name__}")
+    if isinstance(t, Tensor):
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"t must hold integer timesteps, got dtype {t.dtype}")
+        if t.dim() > 1 or (t.dim() == 1 and t.shape[0] != batch):
+            raise ValueError(f"t must be a scalar or have shape [{batch}] (one timestep per batch row), got {tuple(t.shape)}")
+        if t.numel():
+            lo, hi = (int(v) for v in torch.aminmax(t.long()))
+        t = t.to(device=device, dtype=torch.int64).expand(batch)
+    else:
+        lo = hi = t
+        t = torch.full((batch,), t, dtype=torch.int64, device=device)
+    if t.numel() and (lo < 0 or hi >= num_steps):
+        raise ValueError(f"t must lie in [0, {num_steps}) (len(alphas_cumprod)), got values in [{lo}, {hi}]")
+    return t
 
 
 def _kernel_ok(*tensors: Optional[Tensor]) -> bool:
@@ -140,3 +165,72 @@ def reparameterize_moments(
         )
     mean, logvar = moments.chunk(2, dim=1)
     return reparameterize(mean, logvar, noise=noise, seed=seed, scale=scale, shift=shift)
+
+
+# ---------------------------------------------------------------------------------------------
+# q_sample
+
+_OFFSET_SALT = 0x5DEECE66D
+
+
+def q_sample(
+    x0: Tensor,
+    t,
+    alphas_cumprod: Tensor,
+    *,
+    noise: Optional[Tensor] = None,
+    seed: Optional[int] = None,
+    target: str = "eps",
+    noise_offset: float = 0.0,
+) -> tuple[Tensor, Tensor]:
+    """Forward diffusion of a batch: ``(x_t, target)`` with x_t and target the shape and dtype of x0.
+
+    ``x_t = sqrt(abar[t_b]) * x0 + sqrt(1 - abar[t_b]) * eps`` for batch row b, where
+    ``abar = alphas_cumprod`` (``[T]``) and ``t`` is an int (every row) or an integer tensor
+    ``[B]`` in ``[0, T)``. The gather and square roots happen in fp32 whatever x0's dtype.
+
+    - ``noise``: eps, x0's shape. ``None`` draws it in-kernel from ``seed`` (counter-based Philox;
+      the eager path uses a torch generator seeded with it); ``seed=None`` takes the seed from
+      torch's default generator.
+    - ``target``: ``"eps"`` returns eps (the noise actually added) as the second output; ``"v"``
+      returns the v-prediction target ``sqrt(abar) * eps - sqrt(1 - abar) * x0``.
+    - ``noise_offset``: adds ``noise_offset * randn(B, C)`` per (sample, channel) to eps, the offset
+      noise of SD fine-tuning (``C = x0.shape[1]``; drawn with torch's generator).
+
+    Eager equivalent (diffusers ``DDPMScheduler.add_noise`` in fp32): ``a = abar[t].sqrt()``,
+    ``s = (1 - abar[t]).sqrt()`` broadcast over the trailing dims, ``a * x0 + s * noise``.
+    """
+    _check_float("x0", x0)
+    if x0.dim() == 0:
+        raise ValueError("x0 must have a batch dimension: shape [B, ...], got a scalar")
+    _check_float("alphas_cumprod", alphas_cumprod)
+    if alphas_cumprod.dim() != 1 or alphas_cumprod.numel() == 0:
+        raise ValueError(f"alphas_cumprod must be a non-empty 1-d tensor [T], got shape {tuple(alphas_cumprod.shape)}")
+    if noise is not None:
+        _check_float("noise", noise)
+        _check_same_shape("noise", noise, "x0", x0)
+        _check_same_device("noise", noise, "x0", x0)
+    if target not in ("eps", "v"):
+        raise ValueError(f"target must be 'eps' or 'v', got {target!r}")
+    t = _check_timesteps(t, x0.shape[0], alphas_cumprod.shape[0], x0.device)
+    if x0.dim() == 1:  # one value per sample: [B] -> [B, 1]
+        x_t, tgt = q_sample(x0[:, None], t, alphas_cumprod, noise=None if noise is None else noise[:, None],
+                            seed=seed, target=target, noise_offset=noise_offset)
+        return x_t[:, 0], tgt[:, 0]
+
+    noise_offset = float(noise_offset)
+    offset = None
+    if noise_offset != 0.0:
+        generator = None if seed is None else torch.Generator().manual_seed(_derived_seed(seed, _OFFSET_SALT))
+        offset = torch.randn(x0.shape[0], x0.shape[1], generator=generator).to(x0.device)
+    target_v = target == "v"
+    needs_grad = x0.requires_grad or (noise is not None and noise.requires_grad)
+    if backend.select(x0, noise) == "triton" and not needs_grad and _kernel_ok(x0, noise):
+        x_t, tgt = torch.ops.ldm_fast.q_sample(
+            x0, t, alphas_cumprod, noise, offset, _seed_tensor(seed), noise_offset, target_v
+        )
+        return x_t, (noise if tgt.numel() == 0 and x_t.numel() else tgt)
+    if noise is None:
+        noise = _eager_randn(x0, seed)
+    ref = backend.kernel_module("q_sample").q_sample_reference
+    return ref(x0, t, alphas_cumprod, noise, offset, noise_offset, target_v)

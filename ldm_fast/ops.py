@@ -67,3 +67,33 @@ def _reparameterize_grad(ctx, grad):
 
 
 reparameterize.register_autograd(_reparameterize_grad, setup_context=_reparameterize_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# q_sample (forward only: a call whose inputs need gradients runs the eager reference)
+
+
+@torch.library.custom_op("ldm_fast::q_sample", mutates_args=())
+def q_sample(
+    x0: Tensor,
+    t: Tensor,
+    alphas_cumprod: Tensor,
+    noise: Optional[Tensor],
+    offset: Optional[Tensor],
+    seed: Tensor,
+    noise_offset: float,
+    target_v: bool,
+) -> tuple[Tensor, Tensor]:
+    x_t, target = _kernels("q_sample").q_sample_fwd(
+        x0, t, alphas_cumprod, noise, offset, int(seed), noise_offset, target_v
+    )
+    # A custom op may not return one of its inputs: when the target is the given noise unchanged
+    # the op returns an empty tensor in its place and ldm_fast.functional.q_sample returns the noise.
+    return x_t, x_t.new_empty(0) if target is noise else target
+
+
+@q_sample.register_fake
+def _(x0, t, alphas_cumprod, noise, offset, seed, noise_offset, target_v):
+    x_t = torch.empty(x0.shape, dtype=x0.dtype, device=x0.device)
+    writes_target = noise is None or offset is not None or target_v
+    return x_t, torch.empty_like(x_t) if writes_target else x_t.new_empty(0)

@@ -1,0 +1,116 @@
+"""Batched forward noising q(x_t | x_0) of DDPM, one pass over the latents.
+
+    a_b = sqrt(abar[t_b]),  s_b = sqrt(1 - abar[t_b])             (fp32, per batch row b)
+    eps = noise (given, or drawn in-kernel) + noise_offset * offset[b, c]
+    x_t = a_b * x0 + s_b * eps
+    target = eps                     (target="eps")
+           = a_b * eps - s_b * x0    (target="v", the v-prediction target)
+
+The timestep gather and both square roots happen once per program, in fp32, whatever the data
+dtype (public ``add_noise`` implementations cast the schedule to the sample dtype first). Tensors
+are R = B rows of K contiguous elements; the offset noise is per (row, channel) with
+``K = C * S``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._layout import as_rows
+from ._random import randn_row_block
+from ._triton import tl, triton
+
+BLOCK = 1024
+NUM_WARPS = 4
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _q_sample_kernel(
+    x0_ptr, t_ptr, abar_ptr, noise_ptr, offset_ptr,  # x0/noise [B, K] rows; t [B]; abar [T] fp32; offset [B, C] fp32
+    xt_ptr, target_ptr,                               # [B, K] contiguous
+    K, S, C, x0_row_stride, noise_row_stride, n_col_blocks,
+    seed, noise_offset,
+    HAS_NOISE: tl.constexpr, HAS_OFFSET: tl.constexpr, TARGET_V: tl.constexpr, WRITE_TARGET: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    i_pid = tl.program_id(0)
+    i_row = i_pid // n_col_blocks
+    i_col = i_pid % n_col_blocks
+    o_col = i_col * BLOCK + tl.arange(0, BLOCK)
+    m_col = o_col < K
+    row = i_row.to(tl.int64)
+
+    b_abar = tl.load(abar_ptr + tl.load(t_ptr + row))
+    b_a = tl.sqrt(b_abar)
+    b_s = tl.sqrt(1.0 - b_abar)
+
+    b_x0 = tl.load(x0_ptr + row * x0_row_stride + o_col, mask=m_col).to(tl.float32)
+    if HAS_NOISE:
+        b_eps = tl.load(noise_ptr + row * noise_row_stride + o_col, mask=m_col).to(tl.float32)
+    else:
+        b_eps = randn_row_block(seed, i_row, i_col * BLOCK, BLOCK)
+    if HAS_OFFSET:
+        b_eps += noise_offset * tl.load(offset_ptr + row * C + o_col // S, mask=m_col)
+    tl.store(xt_ptr + row * K + o_col, (b_a * b_x0 + b_s * b_eps).to(xt_ptr.dtype.element_ty), mask=m_col)
+    if WRITE_TARGET:
+        if TARGET_V:
+            b_target = b_a * b_eps - b_s * b_x0
+        else:
+            b_target = b_eps
+        tl.store(target_ptr + row * K + o_col, b_target.to(target_ptr.dtype.element_ty), mask=m_col)
+
+
+def q_sample_fwd(x0, t, alphas_cumprod, noise, offset, seed: int, noise_offset: float, target_v: bool):
+    """Launch the kernel; returns ``(x_t, target)``, each ``[B, *rest]`` contiguous in x0's dtype.
+
+    x0: ``[B, *rest]``; t: ``[B]`` integer, every value in ``[0, T)`` (checked by the caller);
+    alphas_cumprod: ``[T]``; noise: x0's shape or None (drawn in-kernel from ``seed``); offset:
+    ``[B, C]`` (C = ``x0.shape[1]``) or None. When the target is the given noise unchanged (eps
+    target, no offset) it is returned as is, not copied. Eager equivalent: :func:`q_sample_reference`.
+    """
+    has_noise, has_offset = noise is not None, offset is not None
+    write_target = target_v or has_offset or not has_noise
+    x_t = torch.empty(x0.shape, dtype=x0.dtype, device=x0.device)
+    target = torch.empty_like(x_t) if write_target else noise
+    if x_t.numel() == 0:
+        return x_t, target
+    rows = x0.shape[0]
+    x0, x0_rs = as_rows(x0)
+    noise_rows, noise_rs = as_rows(noise) if has_noise else (x0, 0)
+    K = x_t.numel() // rows
+    C = x0.shape[1] if x0.dim() > 1 else 1
+    block = min(BLOCK, max(16, triton.next_power_of_2(K)))
+    n_col_blocks = triton.cdiv(K, block)
+    t = t.to(device=x0.device).contiguous()
+    abar = alphas_cumprod.to(device=x0.device, dtype=torch.float32).contiguous()
+    offset = offset.to(device=x0.device, dtype=torch.float32).contiguous() if has_offset else abar
+    _q_sample_kernel[(rows * n_col_blocks,)](
+        x0, t, abar, noise_rows, offset,
+        x_t, target if write_target else x_t,
+        K, K // C, C, x0_rs, noise_rs, n_col_blocks,
+        seed, float(noise_offset),
+        HAS_NOISE=has_noise, HAS_OFFSET=has_offset, TARGET_V=target_v, WRITE_TARGET=write_target,
+        BLOCK=block, num_warps=NUM_WARPS,
+    )
+    return x_t, target
+
+
+def q_sample_reference(x0, t, alphas_cumprod, noise, offset=None, noise_offset: float = 0.0, target_v: bool = False):
+    """Eager reference, differentiable by autograd: ``(x_t, target)`` in x0's dtype.
+
+    x0, noise: ``[B, *rest]``; t: ``[B]`` integer; alphas_cumprod: ``[T]``; offset: ``[B, C]`` or
+    None. Math in fp32 (fp64 for fp64 x0): the table is cast to the compute dtype before the
+    gather and the square roots.
+    """
+    compute = torch.promote_types(x0.dtype, torch.float32)
+    bcast = (x0.shape[0],) + (1,) * (x0.dim() - 1)
+    abar = alphas_cumprod.to(device=x0.device, dtype=compute)[t.to(x0.device)]
+    a = abar.sqrt().view(bcast)
+    s = (1.0 - abar).sqrt().view(bcast)
+    x0c = x0.to(compute)
+    eps = noise.to(compute)
+    if offset is not None:
+        eps = eps + noise_offset * offset.to(device=x0.device, dtype=compute).view(offset.shape + (1,) * (x0.dim() - 2))
+    x_t = a * x0c + s * eps
+    target = a * eps - s * x0c if target_v else eps
+    return x_t.to(x0.dtype), target.to(x0.dtype)
