@@ -17,9 +17,10 @@ Environment variables (read here and nowhere else):
 
 =====================  ==========================================================================
 ``LDM_FAST_BACKEND``   ``auto`` (default), ``triton`` or ``eager``.
-``TRITON_INTERPRET``   Triton's own switch. ldm_fast sets it to ``1`` before it first imports its
-                       kernels when no CUDA device exists and the variable is unset, because a
-                       kernel can only run on CPU tensors under the interpreter.
+``TRITON_INTERPRET``   Triton's own switch, read when a kernel is decorated. Importing ldm_fast
+                       (its ``ldm_fast.kernels`` package) sets it to ``1`` when no CUDA device
+                       exists and the variable is unset: without a GPU a kernel can only run, on
+                       CPU tensors, under the interpreter. Set it to ``0`` to keep it off.
 =====================  ==========================================================================
 """
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import os
 import threading
 from collections import Counter
@@ -37,7 +39,6 @@ import torch
 BACKENDS = ("auto", "triton", "eager")
 
 _state = threading.local()
-_kernels_prepared = False
 
 #: Kernel launches per op name since import; tests read it to prove the Triton path ran.
 kernel_launches: Counter = Counter()
@@ -71,9 +72,19 @@ def use_backend(name: str) -> Iterator[None]:
         stack.pop()
 
 
+def _find_triton() -> bool:
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except ValueError:  # sys.modules["triton"] is None: deliberately hidden
+        return False
+
+
+_TRITON_AVAILABLE = _find_triton()
+
+
 def triton_available() -> bool:
-    """True when the triton package imports (it ships for Linux only)."""
-    return importlib.util.find_spec("triton") is not None
+    """True when the triton package is installed (it ships for Linux only)."""
+    return _TRITON_AVAILABLE
 
 
 def select(*tensors: torch.Tensor | None) -> str:
@@ -92,28 +103,8 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-def prepare_kernels() -> None:
-    """Turn on Triton's interpreter when no CUDA device exists, once, before any kernel is imported.
-
-    Triton decides between compiling and interpreting when a kernel is decorated, so every import
-    of a kernel module goes through :func:`kernel_module`, which calls this first.
-    """
-    global _kernels_prepared
-    if not _kernels_prepared:
-        if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
-            os.environ["TRITON_INTERPRET"] = "1"
-        _kernels_prepared = True
-
-
-def kernel_module(op: str):
-    """Import ``ldm_fast.kernels.<op>`` (kernels, launchers and the eager reference)."""
-    prepare_kernels()
-    return importlib.import_module(f"ldm_fast.kernels.{op}")
-
-
 def can_run_kernel(*tensors: torch.Tensor | None) -> bool:
     """Whether a kernel can run on these tensors in this process (CUDA, or CPU under the interpreter)."""
-    prepare_kernels()
     devices = {t.device.type for t in tensors if t is not None}
     if len(devices) != 1:
         return False

@@ -13,6 +13,8 @@ import torch
 from torch import Tensor
 
 from . import backend, ops  # noqa: F401  (ops registers torch.ops.ldm_fast.*)
+from .kernels import q_sample as _q_sample_kernels
+from .kernels import reparameterize as _reparameterize_kernels
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -64,24 +66,33 @@ def _derived_seed(seed: Optional[int], salt: int) -> Optional[int]:
     return None if seed is None else (seed ^ salt) % 2**63
 
 
-def _check_timesteps(t, batch: int, num_steps: int, device: torch.device) -> Tensor:
-    """Validate ``t`` (an int, or an integer tensor of shape [] or [batch]) and return it as int64 [batch]."""
+def _check_timesteps(t, batch: int, device: torch.device) -> Tensor:
+    """Check ``t``'s type and shape (an int, or an integer tensor [] or [batch]); return int64 [batch]."""
     if isinstance(t, bool) or not isinstance(t, (int, Tensor)):
         raise TypeError(f"t must be an int or an integer tensor, got {type(t).__name__}")
-    if isinstance(t, Tensor):
-        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-            raise TypeError(f"t must hold integer timesteps, got dtype {t.dtype}")
-        if t.dim() > 1 or (t.dim() == 1 and t.shape[0] != batch):
-            raise ValueError(f"t must be a scalar or have shape [{batch}] (one timestep per batch row), got {tuple(t.shape)}")
-        if t.numel():
-            lo, hi = (int(v) for v in torch.aminmax(t.long()))
-        t = t.to(device=device, dtype=torch.int64).expand(batch)
-    else:
-        lo = hi = t
-        t = torch.full((batch,), t, dtype=torch.int64, device=device)
-    if t.numel() and (lo < 0 or hi >= num_steps):
+    if isinstance(t, int):
+        return torch.full((batch,), t, dtype=torch.int64, device=device)
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"t must hold integer timesteps, got dtype {t.dtype}")
+    if t.dim() > 1 or (t.dim() == 1 and t.shape[0] != batch):
+        raise ValueError(f"t must be a scalar or have shape [{batch}] (one timestep per batch row), got {tuple(t.shape)}")
+    return t.to(device=device, dtype=torch.int64).expand(batch)
+
+
+def check_timestep_range(t: Tensor, num_steps: int) -> None:
+    """Raise ValueError unless every value of ``t`` lies in ``[0, num_steps)``.
+
+    This reads t's values (a device sync for a CUDA t). Under torch.compile it becomes an
+    asynchronous device assertion instead, so the graph does not break.
+    """
+    if t.numel() == 0:
+        return
+    if torch.compiler.is_compiling():
+        torch._assert_async(((t >= 0) & (t < num_steps)).all(), "t must lie in [0, len(alphas_cumprod))")
+        return
+    lo, hi = (int(v) for v in torch.aminmax(t))
+    if lo < 0 or hi >= num_steps:
         raise ValueError(f"t must lie in [0, {num_steps}) (len(alphas_cumprod)), got values in [{lo}, {hi}]")
-    return t
 
 
 def _kernel_ok(*tensors: Optional[Tensor]) -> bool:
@@ -139,10 +150,9 @@ def reparameterize(
     )
     if use_kernel:
         return torch.ops.ldm_fast.reparameterize(mean, logvar, noise, _seed_tensor(seed), scale, shift)
-    ref = backend.kernel_module("reparameterize").reparameterize_reference
     if noise is None:
         noise = _eager_randn(mean, seed)
-    return ref(mean, logvar, noise, scale, shift)
+    return _reparameterize_kernels.reparameterize_reference(mean, logvar, noise, scale, shift)
 
 
 def reparameterize_moments(
@@ -212,7 +222,7 @@ def q_sample(
         _check_same_device("noise", noise, "x0", x0)
     if target not in ("eps", "v"):
         raise ValueError(f"target must be 'eps' or 'v', got {target!r}")
-    t = _check_timesteps(t, x0.shape[0], alphas_cumprod.shape[0], x0.device)
+    t = _check_timesteps(t, x0.shape[0], x0.device)
     if x0.dim() == 1:  # one value per sample: [B] -> [B, 1]
         x_t, tgt = q_sample(x0[:, None], t, alphas_cumprod, noise=None if noise is None else noise[:, None],
                             seed=seed, target=target, noise_offset=noise_offset)
@@ -230,7 +240,7 @@ def q_sample(
             x0, t, alphas_cumprod, noise, offset, _seed_tensor(seed), noise_offset, target_v
         )
         return x_t, (noise if tgt.numel() == 0 and x_t.numel() else tgt)
+    check_timestep_range(t, alphas_cumprod.shape[0])
     if noise is None:
         noise = _eager_randn(x0, seed)
-    ref = backend.kernel_module("q_sample").q_sample_reference
-    return ref(x0, t, alphas_cumprod, noise, offset, noise_offset, target_v)
+    return _q_sample_kernels.q_sample_reference(x0, t, alphas_cumprod, noise, offset, noise_offset, target_v)

@@ -18,11 +18,14 @@ import torch
 from torch import Tensor
 
 from . import backend
+from .kernels import q_sample as _q_sample_kernels
+from .kernels import reparameterize as _reparameterize_kernels
 
 
-def _kernels(op: str):
+def _launch(op: str, launcher, *args):
+    """Call a kernel launcher, counting the launch (tests read the count to prove the kernel ran)."""
     backend.kernel_launches[op] += 1
-    return backend.kernel_module(op)
+    return launcher(*args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -33,7 +36,7 @@ def _kernels(op: str):
 def reparameterize(
     mean: Tensor, logvar: Tensor, noise: Optional[Tensor], seed: Tensor, scale: float, shift: float
 ) -> Tensor:
-    return _kernels("reparameterize").reparameterize_fwd(mean, logvar, noise, int(seed), scale, shift)
+    return _launch("reparameterize", _reparameterize_kernels.reparameterize_fwd, mean, logvar, noise, int(seed), scale, shift)
 
 
 @reparameterize.register_fake
@@ -45,7 +48,7 @@ def _(mean, logvar, noise, seed, scale, shift):
 def reparameterize_backward(
     grad: Tensor, logvar: Tensor, noise: Optional[Tensor], seed: Tensor, scale: float
 ) -> tuple[Tensor, Tensor]:
-    return _kernels("reparameterize").reparameterize_bwd(grad, logvar, noise, int(seed), scale)
+    return _launch("reparameterize", _reparameterize_kernels.reparameterize_bwd, grad, logvar, noise, int(seed), scale)
 
 
 @reparameterize_backward.register_fake
@@ -84,8 +87,11 @@ def q_sample(
     noise_offset: float,
     target_v: bool,
 ) -> tuple[Tensor, Tensor]:
-    x_t, target = _kernels("q_sample").q_sample_fwd(
-        x0, t, alphas_cumprod, noise, offset, int(seed), noise_offset, target_v
+    from .functional import check_timestep_range  # the kernel would read out of bounds: check here, eagerly
+
+    check_timestep_range(t, alphas_cumprod.shape[0])
+    x_t, target = _launch(
+        "q_sample", _q_sample_kernels.q_sample_fwd, x0, t, alphas_cumprod, noise, offset, int(seed), noise_offset, target_v
     )
     # A custom op may not return one of its inputs: when the target is the given noise unchanged
     # the op returns an empty tensor in its place and ldm_fast.functional.q_sample returns the noise.

@@ -3,3 +3,33 @@
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import ldm_fast  # noqa: E402
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Fill every fresh ``torch.empty``/``empty_like`` allocation with NaN, so unwritten outputs fail."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def nan_empty(*args, **kwargs):
+        out = empty(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    def nan_empty_like(*args, **kwargs):
+        out = empty_like(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    monkeypatch.setattr(torch, "empty_like", nan_empty_like)
+
+
+@pytest.fixture
+def triton_backend():
+    """Force the Triton kernels (interpreted on CPU) and yield a function that says whether ``op`` launched."""
+    before = ldm_fast.backend.kernel_launches.copy()
+    with ldm_fast.use_backend("triton"):
+        yield lambda op: ldm_fast.backend.kernel_launches[op] > before[op]

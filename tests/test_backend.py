@@ -1,0 +1,93 @@
+"""Backend dispatch: the environment variable, the context manager, and life without triton or a GPU."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import ldm_fast
+from ldm_fast import backend
+from ldm_fast import functional as F
+
+
+def test_auto_picks_eager_for_cpu_tensors(monkeypatch):
+    monkeypatch.delenv("LDM_FAST_BACKEND", raising=False)
+    assert backend.requested() == "auto"
+    assert backend.select(torch.zeros(1)) == "eager"
+
+
+@pytest.mark.parametrize("name", ["eager", "triton", "auto"])
+def test_environment_variable(monkeypatch, name):
+    monkeypatch.setenv("LDM_FAST_BACKEND", name.upper())
+    assert backend.requested() == name
+
+
+def test_bad_environment_variable_is_named(monkeypatch):
+    monkeypatch.setenv("LDM_FAST_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="LDM_FAST_BACKEND must be one of"):
+        backend.requested()
+
+
+def test_use_backend_nests_and_beats_the_environment(monkeypatch):
+    monkeypatch.setenv("LDM_FAST_BACKEND", "eager")
+    with ldm_fast.use_backend("triton"):
+        assert backend.select(torch.zeros(1)) == "triton"
+        with ldm_fast.use_backend("eager"):
+            assert backend.select(torch.zeros(1)) == "eager"
+        assert backend.requested() == "triton"
+    assert backend.requested() == "eager"
+    with pytest.raises(ValueError, match="use_backend"):
+        with ldm_fast.use_backend("fast"):
+            pass
+
+
+def test_environment_variable_reaches_the_ops(monkeypatch):
+    mean, logvar, noise = torch.randn(2, 8), torch.randn(2, 8), torch.randn(2, 8)
+    before = backend.kernel_launches["reparameterize"]
+    monkeypatch.setenv("LDM_FAST_BACKEND", "triton")
+    F.reparameterize(mean, logvar, noise=noise)
+    assert backend.kernel_launches["reparameterize"] == before + 1
+    monkeypatch.setenv("LDM_FAST_BACKEND", "eager")
+    F.reparameterize(mean, logvar, noise=noise)
+    assert backend.kernel_launches["reparameterize"] == before + 1
+
+
+def test_kernels_run_interpreted_without_a_gpu():
+    assert not torch.cuda.is_available()
+    assert backend.interpreting()
+    assert backend.can_run_kernel(torch.zeros(1))
+    assert not backend.can_run_kernel(torch.zeros(1), torch.zeros(1, device="meta"))
+
+
+def _run(code, env_extra=None):
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "LDM_FAST_BACKEND")}
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_import_without_triton_runs_eager():
+    result = _run(
+        """
+        import sys
+        sys.modules["triton"] = None  # as on a platform without triton
+        import torch, ldm_fast
+        from ldm_fast import functional as F
+        assert not ldm_fast.backend.triton_available()
+        with ldm_fast.use_backend("triton"):
+            z = F.reparameterize(torch.zeros(2, 3), torch.zeros(2, 3), noise=torch.ones(2, 3), scale=2.0)
+            x_t, _ = F.q_sample(torch.ones(2, 3), 0, torch.tensor([0.25]), noise=torch.zeros(2, 3))
+        assert torch.equal(z, torch.full((2, 3), 2.0)) and torch.equal(x_t, torch.full((2, 3), 0.5))
+        assert sum(ldm_fast.backend.kernel_launches.values()) == 0
+        print("ok")
+        """
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_import_sets_the_interpreter_only_when_unset_and_without_cuda():
+    code = "import os, ldm_fast.functional; print(os.environ.get('TRITON_INTERPRET'))"
+    assert _run(code).stdout.strip() == "1"
+    assert _run(code, {"TRITON_INTERPRET": "0"}).stdout.strip() == "0"
