@@ -1,8 +1,16 @@
-"""Host-side layout helpers shared by the elementwise launchers."""
+"""Row layout shared by the elementwise kernels: a tensor ``[R, *rest]`` as R rows of K elements.
+
+Host side, :func:`as_rows` finds each row's stride (or copies) and :func:`row_blocks` sizes the
+grid; device side, :func:`row_block` maps a program to its row and block of columns.
+"""
 
 from __future__ import annotations
 
 import torch
+
+from ._triton import tl, triton
+
+MAX_BLOCK = 1024
 
 
 def as_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -21,3 +29,24 @@ def as_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
         return x, (x.stride(0) if rows > 1 else inner.numel())
     x = x.contiguous()
     return x, x[0].numel() if rows > 0 else 0
+
+
+def row_blocks(rows: int, K: int) -> tuple[int, int, int]:
+    """``(BLOCK, column blocks per row, programs)`` for a grid of one program per block of one row.
+
+    BLOCK is at least 16 (a multiple of 4, as the in-kernel noise needs) and at most 1024.
+    """
+    block = min(MAX_BLOCK, max(16, triton.next_power_of_2(K)))
+    n_col_blocks = triton.cdiv(K, block)
+    return block, n_col_blocks, rows * n_col_blocks
+
+
+@triton.jit
+def row_block(n_col_blocks, K, BLOCK: tl.constexpr):
+    """This program's ``(i_row, i_col, row, o_col, m_col)``: row index (int32 and int64), column block,
+    the block's column offsets and their in-bounds mask."""
+    i_pid = tl.program_id(0)
+    i_row = i_pid // n_col_blocks
+    i_col = i_pid % n_col_blocks
+    o_col = i_col * BLOCK + tl.arange(0, BLOCK)
+    return i_row, i_col, i_row.to(tl.int64), o_col, o_col < K

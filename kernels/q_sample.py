@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import torch
 
-from ._layout import as_rows
+from ._layout import as_rows, row_block, row_blocks
 from ._random import randn_row_block
 from ._triton import tl, triton
 
-BLOCK = 1024
 NUM_WARPS = 4
 
 
@@ -33,12 +32,7 @@ def _q_sample_kernel(
     HAS_NOISE: tl.constexpr, HAS_OFFSET: tl.constexpr, TARGET_V: tl.constexpr, WRITE_TARGET: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    i_pid = tl.program_id(0)
-    i_row = i_pid // n_col_blocks
-    i_col = i_pid % n_col_blocks
-    o_col = i_col * BLOCK + tl.arange(0, BLOCK)
-    m_col = o_col < K
-    row = i_row.to(tl.int64)
+    i_row, i_col, row, o_col, m_col = row_block(n_col_blocks, K, BLOCK)
 
     b_abar = tl.load(abar_ptr + tl.load(t_ptr + row))
     b_a = tl.sqrt(b_abar)
@@ -79,12 +73,11 @@ def q_sample_fwd(x0, t, alphas_cumprod, noise, offset, seed: int, noise_offset: 
     noise_rows, noise_rs = as_rows(noise) if has_noise else (x0, 0)
     K = x_t.numel() // rows
     C = x0.shape[1] if x0.dim() > 1 else 1
-    block = min(BLOCK, max(16, triton.next_power_of_2(K)))
-    n_col_blocks = triton.cdiv(K, block)
+    block, n_col_blocks, n_programs = row_blocks(rows, K)
     t = t.to(device=x0.device).contiguous()
     abar = alphas_cumprod.to(device=x0.device, dtype=torch.float32).contiguous()
     offset = offset.to(device=x0.device, dtype=torch.float32).contiguous() if has_offset else abar
-    _q_sample_kernel[(rows * n_col_blocks,)](
+    _q_sample_kernel[(n_programs,)](
         x0, t, abar, noise_rows, offset,
         x_t, target if write_target else x_t,
         K, K // C, C, x0_rs, noise_rs, n_col_blocks,

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import torch
 
-from ._layout import as_rows
+from ._layout import as_rows, row_block, row_blocks
 from ._random import randn_row_block
 from ._triton import tl, triton
 
 LOGVAR_MIN = -30.0
 LOGVAR_MAX = 20.0
-BLOCK = 1024
 NUM_WARPS = 4
 
 
@@ -32,12 +31,7 @@ def _reparameterize_fwd_kernel(
     seed, scale, shift,
     HAS_NOISE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    i_pid = tl.program_id(0)
-    i_row = i_pid // n_col_blocks
-    i_col = i_pid % n_col_blocks
-    o_col = i_col * BLOCK + tl.arange(0, BLOCK)
-    m_col = o_col < K
-    row = i_row.to(tl.int64)
+    i_row, i_col, row, o_col, m_col = row_block(n_col_blocks, K, BLOCK)
 
     b_mean = tl.load(mean_ptr + row * mean_row_stride + o_col, mask=m_col).to(tl.float32)
     b_logvar = tl.load(logvar_ptr + row * logvar_row_stride + o_col, mask=m_col).to(tl.float32)
@@ -57,12 +51,7 @@ def _reparameterize_bwd_kernel(
     seed, scale,
     HAS_NOISE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    i_pid = tl.program_id(0)
-    i_row = i_pid // n_col_blocks
-    i_col = i_pid % n_col_blocks
-    o_col = i_col * BLOCK + tl.arange(0, BLOCK)
-    m_col = o_col < K
-    row = i_row.to(tl.int64)
+    i_row, i_col, row, o_col, m_col = row_block(n_col_blocks, K, BLOCK)
 
     b_g = tl.load(grad_ptr + row * grad_row_stride + o_col, mask=m_col).to(tl.float32) * scale
     b_logvar = tl.load(logvar_ptr + row * logvar_row_stride + o_col, mask=m_col).to(tl.float32)
@@ -76,13 +65,6 @@ def _reparameterize_bwd_kernel(
     b_dlogvar = tl.where(m_inside, b_g * b_eps * 0.5 * b_std, 0.0)
     tl.store(dmean_ptr + row * K + o_col, b_g.to(dmean_ptr.dtype.element_ty), mask=m_col)
     tl.store(dlogvar_ptr + row * K + o_col, b_dlogvar.to(dlogvar_ptr.dtype.element_ty), mask=m_col)
-
-
-def _blocks(rows: int, K: int) -> tuple[int, int, int]:
-    """(block size, column blocks per row, programs): one program per block of one row."""
-    block = min(BLOCK, max(16, triton.next_power_of_2(K)))
-    n_col_blocks = triton.cdiv(K, block)
-    return block, n_col_blocks, rows * n_col_blocks
 
 
 def reparameterize_fwd(mean, logvar, noise, seed: int, scale: float, shift: float) -> torch.Tensor:
@@ -101,7 +83,7 @@ def reparameterize_fwd(mean, logvar, noise, seed: int, scale: float, shift: floa
     noise, noise_rs = as_rows(noise) if has_noise else (mean, 0)
     rows = mean.shape[0] if mean.dim() > 1 else 1
     K = z.numel() // rows
-    block, n_col_blocks, n_programs = _blocks(rows, K)
+    block, n_col_blocks, n_programs = row_blocks(rows, K)
     _reparameterize_fwd_kernel[(n_programs,)](
         mean, logvar, noise, z,
         K, mean_rs, logvar_rs, noise_rs, n_col_blocks,
@@ -128,7 +110,7 @@ def reparameterize_bwd(grad, logvar, noise, seed: int, scale: float) -> tuple[to
     noise, noise_rs = as_rows(noise) if has_noise else (logvar, 0)
     rows = logvar.shape[0] if logvar.dim() > 1 else 1
     K = dmean.numel() // rows
-    block, n_col_blocks, n_programs = _blocks(rows, K)
+    block, n_col_blocks, n_programs = row_blocks(rows, K)
     _reparameterize_bwd_kernel[(n_programs,)](
         grad, logvar, noise, dmean, dlogvar,
         K, grad_rs, logvar_rs, noise_rs, n_col_blocks,
