@@ -7,11 +7,11 @@
 See README.md for the backends, the error bounds and the benchmarks.
 """
 
-from . import backend, functional, schedules
+from . import backend, functional, nn, schedules
 from .backend import use_backend
 from .latent_diffusion import LatentDiffusion
 from .schedules import Schedule, make_schedule
 
 __version__ = "0.1.0"
 
-__all__ = ["LatentDiffusion", "Schedule", "backend", "functional", "make_schedule", "schedules", "use_backend", "__version__"]
+__all__ = ["LatentDiffusion", "Schedule", "backend", "functional", "make_schedule", "nn", "schedules", "use_backend", "__version__"]

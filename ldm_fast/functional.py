@@ -13,12 +13,13 @@ import torch
 from torch import Tensor
 
 from . import backend, ops  # noqa: F401  (ops registers torch.ops.ldm_fast.*)
+from .kernels import group_norm as _group_norm_kernels
 from .kernels import q_sample as _q_sample_kernels
 from .kernels import reparameterize as _reparameterize_kernels
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-__all__ = ["reparameterize", "reparameterize_moments", "q_sample"]
+__all__ = ["reparameterize", "reparameterize_moments", "q_sample", "group_norm"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,3 +245,103 @@ def q_sample(
     if noise is None:
         noise = _eager_randn(x0, seed)
     return _q_sample_kernels.q_sample_reference(x0, t, alphas_cumprod, noise, offset, noise_offset, target_v)
+
+
+# ---------------------------------------------------------------------------------------------
+# group_norm
+
+GROUP_NORM_ACTIVATIONS = (None, "silu")
+_CHANNELS_LAST_FORMATS = (torch.channels_last, torch.channels_last_3d)
+
+
+def _check_group_norm_args(x, num_groups, weight, bias, activation, out_memory_format) -> Optional[bool]:
+    """Validate group_norm's arguments (the errors torch's own group_norm raises, naming the
+    argument); return the output layout asked for: True channels-last, False NCHW, None x's own."""
+    _check_float("x", x)
+    if x.dim() < 2:
+        raise RuntimeError(
+            f"group_norm: x must have at least 2 dimensions [B, C, *spatial], got shape {tuple(x.shape)}"
+        )
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int):
+        raise TypeError(f"group_norm: num_groups must be an int, got {type(num_groups).__name__}")
+    if num_groups < 1:
+        raise RuntimeError(f"group_norm: num_groups must be positive, got {num_groups}")
+    channels = x.shape[1]
+    if channels % num_groups:
+        raise RuntimeError(
+            f"group_norm: the channel count of x (C={channels}, shape {tuple(x.shape)}) must be divisible by "
+            f"num_groups ({num_groups})"
+        )
+    for name, param in (("weight", weight), ("bias", bias)):
+        if param is None:
+            continue
+        _check_float(name, param)
+        if param.dim() != 1 or param.shape[0] != channels:
+            raise RuntimeError(
+                f"group_norm: {name} must be a vector of C={channels} elements (x's channels), "
+                f"got shape {tuple(param.shape)}"
+            )
+        _check_same_device(name, param, "x", x)
+    if activation not in GROUP_NORM_ACTIVATIONS:
+        raise ValueError(f"group_norm: activation must be one of {GROUP_NORM_ACTIVATIONS}, got {activation!r}")
+    if out_memory_format is None or out_memory_format == torch.preserve_format:
+        return None
+    if out_memory_format == torch.contiguous_format:
+        return False
+    if out_memory_format in _CHANNELS_LAST_FORMATS:
+        return True
+    raise ValueError(
+        "group_norm: out_memory_format must be None, torch.preserve_format, torch.contiguous_format, "
+        f"torch.channels_last or torch.channels_last_3d, got {out_memory_format!r}"
+    )
+
+
+def _to_layout(y: Tensor, channels_last: bool) -> Tensor:
+    """y ``[B, C, *spatial]`` NCHW-contiguous, or channels-last (channels fastest)."""
+    if not channels_last or y.dim() < 3:
+        return y.contiguous()
+    if y.dim() in (4, 5):
+        return y.contiguous(memory_format=_CHANNELS_LAST_FORMATS[y.dim() - 4])
+    return y.movedim(1, -1).contiguous().movedim(-1, 1)
+
+
+def group_norm(
+    x: Tensor,
+    num_groups: int,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+    *,
+    activation: Optional[str] = None,
+    out_memory_format: Optional[torch.memory_format] = None,
+) -> Tensor:
+    """Group normalization of ``x`` ``[B, C, *spatial]`` (images ``[B, C, H, W]``, video latents
+    ``[B, C, T, H, W]``), optionally followed by SiLU in the same pass.
+
+    Statistics per (sample, group of ``C // num_groups`` channels) in fp32 (two-pass variance),
+    the affine ``weight``/``bias`` (``[C]``, fp32/fp16/bf16 independently of x) applied in fp32, the
+    result in x's dtype. x may be NCHW-contiguous or channels-last; ``out_memory_format``:
+    ``None`` keeps x's layout, ``torch.channels_last`` (or ``channels_last_3d``) writes the output
+    channels-last whatever x's layout, ``torch.contiguous_format`` writes NCHW.
+    ``activation``: ``None`` or ``"silu"``. Differentiable in x, weight and bias (backward in Triton).
+
+    Eager equivalent (what ``LDM_FAST_BACKEND=eager`` runs, bit for bit):
+    ``F.silu(F.group_norm(x, num_groups, weight, bias, eps))``, without the silu when activation is None.
+    """
+    return _group_norm(x, num_groups, weight, bias, eps, activation, out_memory_format, upcast=False)
+
+
+def _group_norm(x, num_groups, weight, bias, eps, activation, out_memory_format, *, upcast: bool) -> Tensor:
+    """:func:`group_norm`; ``upcast=True`` makes the eager path the SD U-Net's GroupNorm32
+    (``F.group_norm(x.float(), ...).type(x.dtype)``). The kernel computes in fp32 either way."""
+    channels_last_out = _check_group_norm_args(x, num_groups, weight, bias, activation, out_memory_format)
+    eps = float(eps)
+    if backend.select(x, weight, bias) == "triton" and x.numel() > 0 and _kernel_ok(x, weight, bias):
+        if channels_last_out is None:
+            channels_last_out = _group_norm_kernels.is_channels_last(x)
+        y, _, _ = torch.ops.ldm_fast.group_norm(
+            x, weight, bias, num_groups, eps, activation or "", channels_last_out
+        )
+        return y
+    y = _group_norm_kernels.group_norm_reference(x, num_groups, weight, bias, eps, activation, upcast=upcast)
+    return y if channels_last_out is None else _to_layout(y, channels_last_out)

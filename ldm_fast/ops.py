@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from . import backend
+from .kernels import group_norm as _group_norm_kernels
 from .kernels import q_sample as _q_sample_kernels
 from .kernels import reparameterize as _reparameterize_kernels
 
@@ -103,3 +104,78 @@ def _(x0, t, alphas_cumprod, noise, offset, seed, noise_offset, target_v):
     x_t = torch.empty(x0.shape, dtype=x0.dtype, device=x0.device)
     writes_target = noise is None or offset is not None or target_v
     return x_t, torch.empty_like(x_t) if writes_target else x_t.new_empty(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# group_norm (forward returns y plus the fp32 mean/rstd [B, G] the backward needs)
+
+
+@torch.library.custom_op("ldm_fast::group_norm", mutates_args=())
+def group_norm(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    num_groups: int,
+    eps: float,
+    activation: str,
+    channels_last_out: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _launch(
+        "group_norm", _group_norm_kernels.group_norm_fwd,
+        x, weight, bias, num_groups, eps, activation or None, channels_last_out,
+    )
+
+
+@group_norm.register_fake
+def _(x, weight, bias, num_groups, eps, activation, channels_last_out):
+    y = _group_norm_kernels.empty_nc(x.shape, channels_last_out, x.dtype, x.device)
+    mean = x.new_empty((x.shape[0], num_groups), dtype=torch.float32)
+    return y, mean, torch.empty_like(mean)
+
+
+@torch.library.custom_op("ldm_fast::group_norm_backward", mutates_args=())
+def group_norm_backward(
+    grad: Tensor,
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    mean: Tensor,
+    rstd: Tensor,
+    num_groups: int,
+    activation: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _launch(
+        "group_norm", _group_norm_kernels.group_norm_bwd,
+        grad, x, weight, bias, mean, rstd, num_groups, activation or None,
+    )
+
+
+@group_norm_backward.register_fake
+def _(grad, x, weight, bias, mean, rstd, num_groups, activation):
+    dx = _group_norm_kernels.empty_nc(x.shape, _group_norm_kernels.is_channels_last(x), x.dtype, x.device)
+    dweight = torch.empty_like(weight) if weight is not None else x.new_empty(0)
+    dbias = torch.empty_like(bias) if bias is not None else x.new_empty(0)
+    return dx, dweight, dbias
+
+
+def _group_norm_setup(ctx, inputs, output):
+    x, weight, bias, num_groups, _, activation, _ = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, mean, rstd)
+    ctx.num_groups = num_groups
+    ctx.activation = activation
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _group_norm_grad(ctx, grad, _grad_mean, _grad_rstd):
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    dx, dweight, dbias = group_norm_backward(grad, x, weight, bias, mean, rstd, ctx.num_groups, ctx.activation)
+    return (
+        dx,
+        dweight if weight is not None else None,
+        dbias if bias is not None else None,
+        None, None, None, None,
+    )
+
+
+group_norm.register_autograd(_group_norm_grad, setup_context=_group_norm_setup)

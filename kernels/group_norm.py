@@ -1,0 +1,744 @@
+"""GroupNorm (+SiLU) over ``[B, C, *spatial]``, forward and backward, NCHW or channels-last.
+
+    mean[b, g], var[b, g] = mean and biased variance of x[b, channels of group g, all positions]
+    xhat = (x - mean[b, g(c)]) * rstd[b, g(c)],   rstd = 1 / sqrt(var + eps)
+    z    = xhat * weight[c] + bias[c]
+    y    = z                       (activation None)
+         = z * sigmoid(z)          (activation "silu", fused in the same pass)
+
+Notation: B batch, C channels, G groups, CG = C // G channels per group, S = prod(spatial)
+positions (H*W for images, T*H*W for video latents), N = CG * S elements per group.
+
+Layouts. Inside one batch item, element (s, c) lies at ``c * S + s`` (NCHW-contiguous) or at
+``s * C + c`` (channels-last: NHWC, NDHWC). Every kernel works on ``[BLOCK_S, BLOCK_C]`` tiles of
+positions x channels, and one constexpr flag per tensor (``X_CL``, ``Y_CL``, ...) picks its address
+formula; the fast axis is S for NCHW and C for channels-last, and Triton's coalescing turns it into
+128-bit accesses (an NCHW input written channels-last is transposed through shared memory by the
+compiler). Any other layout is made NCHW-contiguous on the host.
+
+Numerics. Statistics and math in fp32 whatever the storage dtype; variance by two passes over
+registers within a tile and the parallel (Chan) combination across tiles, never E[x^2] - E[x]^2.
+Output in x's dtype; weight and bias may be fp32, fp16 or bf16 independently of x. Offsets that
+scale with the tensor are int64.
+
+Two paths, chosen per call by the padded size of one group:
+
+* one pass (``next_pow2(S) * next_pow2(CG) <= ONE_PASS_MAX``): a program per (group, block of
+  batch items) loads each of its groups once into registers (up to 16384 fp32 values over 16
+  warps), computes the statistics and writes y. Traffic: x read once, y written once; weight and
+  bias read once per batch block (blocks of several batch items only while that leaves at least
+  ``ONE_PASS_MIN_PROGRAMS`` programs).
+* split (larger groups; at batch 1 a 32-group norm has only 32 groups for 132 SMs): a statistics
+  kernel over ``[S-chunk, channel block, batch]`` programs (about ``TARGET_PROGRAMS`` of them,
+  each looping over ``TILE``-element tiles) writes per-channel partial (mean, M2) of its chunk, a
+  finalize kernel per (batch, group) combines them into mean/rstd ``[B, G]``, and an apply kernel
+  over the same kind of grid normalizes. Traffic: x read twice, y written once, plus the partials
+  (8 bytes per channel and chunk). Tiles are ``[min(next_pow2(S), 1024), TILE // that]`` when every
+  tensor is NCHW (long contiguous rows of S) and ``[TILE // 64, 64]`` channels otherwise.
+
+Backward (dy = dL/dy; dz = dy * silu'(z) with silu'(z) = s * (1 + z * (1 - s)), s = sigmoid(z), the
+derivative taken at z AFTER the affine transform; dz = dy without activation):
+
+    dbias[c]   = sum_{b, s} dz
+    dweight[c] = sum_{b, s} dz * xhat
+    dx         = rstd * (dz * weight[c] - c1[b, g] - xhat * c2[b, g])
+    c1[b, g]   = mean over the group of dz * weight,  c2[b, g] = mean over the group of dz * weight * xhat
+
+The per-channel sums sum_s dz and sum_s dz * xhat of each (batch block or chunk) go to an fp32
+partial buffer; c1/c2 and the weight/bias gradients are reductions of that buffer in a fixed order
+(deterministic: no atomics). The same two paths: one pass per (group, batch block) under
+``ONE_PASS_MAX_BWD`` (x and dy held in registers), else statistics -> finalize -> apply.
+
+The module constants below are read at every launch, so tests can force the split path, small
+tiles and several tiles per program at small sizes by setting them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ._triton import tl, triton
+
+#: Largest padded group (next_pow2(S) * next_pow2(CG) elements) the one-pass forward holds on chip.
+ONE_PASS_MAX = 16384
+#: The same for the one-pass backward, which holds both x and dy.
+ONE_PASS_MAX_BWD = 8192
+#: Fewest one-pass programs worth keeping when batch items are grouped into one program.
+ONE_PASS_MIN_PROGRAMS = 64
+#: Elements of one [BLOCK_S, BLOCK_C] tile of the split kernels.
+TILE = 4096
+#: Programs the split statistics and apply kernels aim for; a program loops over tiles above that.
+TARGET_PROGRAMS = 1024
+SPLIT_WARPS = 8
+#: Rows of the partial buffer a finalize / column-sum program reads per step.
+REDUCE_BLOCK = 2048
+
+ACTIVATIONS = (None, "silu")
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels
+#
+# Addresses: inside one batch item (base ``b * C * S``, int64) a tile's element offsets are
+# ``s * C + c`` (channels-last) or ``s + c * S`` (NCHW); each kernel computes the form its layout
+# flags ask for. Weight and bias are always given (the launcher passes ones / zeros for None).
+# SiLU is written out as z / (1 + exp(-z)) and its derivative as s * (1 + z * (1 - s)).
+
+
+@triton.jit(do_not_specialize=["batches_per_program"])
+def _group_norm_fwd_one_pass_kernel(
+    x_ptr, y_ptr,  # [B, C, S], layouts X_CL and Y_CL; y written
+    w_ptr, b_ptr,  # [C]
+    mean_ptr, rstd_ptr,  # [B, G] fp32, written
+    B, C, S, G, batches_per_program, eps,
+    CG: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    X_CL: tl.constexpr, Y_CL: tl.constexpr, SILU: tl.constexpr,
+):
+    """Program (group, batch block): for each of its batches, the whole group [S, CG] in registers,
+    read once. Weight and bias are loaded once for the batch block."""
+    i_g = tl.program_id(0)
+    i_bb = tl.program_id(1)
+    o_s = tl.arange(0, BLOCK_S)
+    o_k = tl.arange(0, BLOCK_C)
+    o_c = i_g * CG + o_k
+    m_c = o_k < CG
+    m = (o_s < S)[:, None] & m_c[None, :]
+    o_cl = o_s.to(tl.int64)[:, None] * C + o_c[None, :]
+    o_nc = o_s[:, None] + o_c.to(tl.int64)[None, :] * S
+    b_w = tl.load(w_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)
+    b_bias = tl.load(b_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)
+    n = S * CG * 1.0
+
+    b_begin = i_bb * batches_per_program
+    for i_i in range(0, tl.minimum(batches_per_program, B - b_begin)):
+        i_b = b_begin + i_i
+        o_batch = i_b.to(tl.int64) * C * S
+        b_x = tl.load(x_ptr + o_batch + (o_cl if X_CL else o_nc), mask=m, other=0.0).to(tl.float32)
+        b_mean = tl.sum(b_x) / n
+        b_d = tl.where(m, b_x - b_mean, 0.0)
+        b_rstd = tl.rsqrt(tl.sum(b_d * b_d) / n + eps)
+        b_y = b_d * (b_rstd * b_w)[None, :] + b_bias[None, :]
+        if SILU:
+            b_y = b_y / (1.0 + tl.exp(-b_y))
+        tl.store(y_ptr + o_batch + (o_cl if Y_CL else o_nc), b_y.to(y_ptr.dtype.element_ty), mask=m)
+        tl.store(mean_ptr + i_b * G + i_g, b_mean)
+        tl.store(rstd_ptr + i_b * G + i_g, b_rstd)
+
+
+@triton.jit(do_not_specialize=["n_chunks", "tiles_per_program", "part_plane"])
+def _group_norm_fwd_stats_kernel(
+    x_ptr,  # [B, C, S], layout X_CL
+    part_ptr,  # [2, B, n_chunks, C] fp32, written: per-channel mean and M2 of each S-chunk
+    C, S, n_chunks, tiles_per_program, part_plane,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, X_CL: tl.constexpr,
+):
+    """Program (chunk, channel block, batch): per-channel mean and M2 over tiles_per_program tiles."""
+    i_n = tl.program_id(0)
+    i_c = tl.program_id(1)
+    i_b = tl.program_id(2)
+    o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_c = o_c < C
+    o_batch = i_b.to(tl.int64) * C * S
+    s_begin = i_n * tiles_per_program * BLOCK_S
+    n_tiles = tl.minimum(tiles_per_program, (S - s_begin + BLOCK_S - 1) // BLOCK_S)
+
+    b_mean = tl.zeros([BLOCK_C], tl.float32)
+    b_m2 = tl.zeros([BLOCK_C], tl.float32)
+    for i_t in range(0, n_tiles):
+        s0 = s_begin + i_t * BLOCK_S
+        o_s = s0 + tl.arange(0, BLOCK_S)
+        m = (o_s < S)[:, None] & m_c[None, :]
+        if X_CL:
+            p_x = x_ptr + o_batch + o_s.to(tl.int64)[:, None] * C + o_c[None, :]
+        else:
+            p_x = x_ptr + o_batch + o_s[:, None] + o_c.to(tl.int64)[None, :] * S
+        b_x = tl.load(p_x, mask=m, other=0.0).to(tl.float32)
+        # this tile: two passes over registers
+        t_n = tl.minimum(S - s0, BLOCK_S).to(tl.float32)
+        t_mean = tl.sum(b_x, axis=0) / t_n
+        b_d = tl.where(m, b_x - t_mean[None, :], 0.0)
+        t_m2 = tl.sum(b_d * b_d, axis=0)
+        # merged with the tiles before it (all full, so n_old = i_t * BLOCK_S)
+        n_old = i_t * BLOCK_S * 1.0
+        n_new = n_old + t_n
+        b_delta = t_mean - b_mean
+        b_mean += b_delta * (t_n / n_new)
+        b_m2 += t_m2 + b_delta * b_delta * (n_old * t_n / n_new)
+
+    o_part = (i_b.to(tl.int64) * n_chunks + i_n) * C + o_c
+    tl.store(part_ptr + o_part, b_mean, mask=m_c)
+    tl.store(part_ptr + part_plane + o_part, b_m2, mask=m_c)
+
+
+@triton.jit(do_not_specialize=["n_chunks", "chunk_rows", "part_plane"])
+def _group_norm_fwd_finalize_kernel(
+    part_ptr,  # [2, B, n_chunks, C] fp32 from the statistics kernel
+    mean_ptr, rstd_ptr,  # [B, G] fp32, written
+    C, S, G, n_chunks, chunk_rows, part_plane, eps,
+    CG: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """One program per (batch, group): the chunks' (n_i, mean_i, M2_i) combined, each read once.
+
+    Chunk i covers n_i = min(chunk_rows, S - i * chunk_rows) positions of each channel. Each lane of
+    the [BLOCK_N, BLOCK_C] block merges the partials it visits (Chan's update), then the lanes are
+    combined exactly: mean = sum n_l mean_l / N, M2 = sum M2_l + n_l (mean_l - mean)^2.
+    """
+    i_bg = tl.program_id(0)
+    i_b = i_bg // G
+    i_g = i_bg % G
+    o_k = tl.arange(0, BLOCK_C)
+    o_c = i_g * CG + o_k
+    m_c = o_k < CG
+    o_batch = i_b.to(tl.int64) * n_chunks * C
+
+    b_n = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+    b_mean = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+    b_m2 = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+    for n0 in range(0, n_chunks, BLOCK_N):
+        o_n = n0 + tl.arange(0, BLOCK_N)
+        m = (o_n < n_chunks)[:, None] & m_c[None, :]
+        p_mean = part_ptr + o_batch + o_n.to(tl.int64)[:, None] * C + o_c[None, :]
+        t_mean = tl.load(p_mean, mask=m, other=0.0)
+        t_m2 = tl.load(p_mean + part_plane, mask=m, other=0.0)
+        t_n = tl.where(m, tl.minimum(chunk_rows, S - o_n * chunk_rows).to(tl.float32)[:, None], 0.0)
+        n_new = b_n + t_n
+        b_ratio = t_n / tl.maximum(n_new, 1.0)  # 0 on lanes that hold no partial yet
+        b_delta = t_mean - b_mean
+        b_mean += b_delta * b_ratio
+        b_m2 += t_m2 + b_delta * b_delta * b_n * b_ratio
+        b_n = n_new
+
+    n = S * CG * 1.0
+    b_group_mean = tl.sum(b_n * b_mean) / n
+    b_d = b_mean - b_group_mean
+    tl.store(mean_ptr + i_bg, b_group_mean)
+    tl.store(rstd_ptr + i_bg, tl.rsqrt(tl.sum(b_m2 + b_n * b_d * b_d) / n + eps))
+
+
+@triton.jit(do_not_specialize=["tiles_per_program"])
+def _group_norm_fwd_apply_kernel(
+    x_ptr, y_ptr,  # [B, C, S], layouts X_CL and Y_CL; y written
+    w_ptr, b_ptr,  # [C]
+    mean_ptr, rstd_ptr,  # [B, G] fp32
+    C, S, G, tiles_per_program,
+    CG: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    X_CL: tl.constexpr, Y_CL: tl.constexpr, SILU: tl.constexpr,
+):
+    """Program (chunk, channel block, batch): y = act((x - mean) * rstd * w + bias) over
+    tiles_per_program tiles, the per-channel factors loaded once."""
+    i_n = tl.program_id(0)
+    i_c = tl.program_id(1)
+    i_b = tl.program_id(2)
+    o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_c = o_c < C
+    o_batch = i_b.to(tl.int64) * C * S
+    o_g = i_b * G + o_c // CG
+    b_mean = tl.load(mean_ptr + o_g, mask=m_c, other=0.0)
+    b_a = tl.load(rstd_ptr + o_g, mask=m_c, other=0.0) * tl.load(w_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)
+    b_bias = tl.load(b_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)
+    s_begin = i_n * tiles_per_program * BLOCK_S
+    n_tiles = tl.minimum(tiles_per_program, (S - s_begin + BLOCK_S - 1) // BLOCK_S)
+
+    for i_t in range(0, n_tiles):
+        o_s = s_begin + i_t * BLOCK_S + tl.arange(0, BLOCK_S)
+        m = (o_s < S)[:, None] & m_c[None, :]
+        o_cl = o_s.to(tl.int64)[:, None] * C + o_c[None, :]
+        o_nc = o_s[:, None] + o_c.to(tl.int64)[None, :] * S
+        b_x = tl.load(x_ptr + o_batch + (o_cl if X_CL else o_nc), mask=m, other=0.0).to(tl.float32)
+        b_y = (b_x - b_mean[None, :]) * b_a[None, :] + b_bias[None, :]
+        if SILU:
+            b_y = b_y / (1.0 + tl.exp(-b_y))
+        tl.store(y_ptr + o_batch + (o_cl if Y_CL else o_nc), b_y.to(y_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit(do_not_specialize=["batches_per_program", "part_plane"])
+def _group_norm_bwd_one_pass_kernel(
+    x_ptr, dy_ptr, dx_ptr,  # [B, C, S], layouts X_CL, DY_CL, DX_CL; dx written
+    w_ptr, b_ptr,  # [C]
+    mean_ptr, rstd_ptr,  # [B, G] fp32 from the forward
+    part_ptr,  # [2, cdiv(B, batches_per_program), C] fp32, written: per-channel sum dz and sum dz * xhat
+    B, C, S, G, batches_per_program, part_plane,
+    CG: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    X_CL: tl.constexpr, DY_CL: tl.constexpr, DX_CL: tl.constexpr, SILU: tl.constexpr,
+):
+    """Program (group, batch block): for each of its batches, x and dy of the group in registers,
+    read once; the weight/bias gradient partials summed over the batch block."""
+    i_g = tl.program_id(0)
+    i_bb = tl.program_id(1)
+    o_s = tl.arange(0, BLOCK_S)
+    o_k = tl.arange(0, BLOCK_C)
+    o_c = i_g * CG + o_k
+    m_c = o_k < CG
+    m = (o_s < S)[:, None] & m_c[None, :]
+    o_cl = o_s.to(tl.int64)[:, None] * C + o_c[None, :]
+    o_nc = o_s[:, None] + o_c.to(tl.int64)[None, :] * S
+    b_w = tl.load(w_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)
+    b_bias = tl.load(b_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)
+    n = S * CG * 1.0
+
+    b_sdz = tl.zeros([BLOCK_C], tl.float32)
+    b_sdzx = tl.zeros([BLOCK_C], tl.float32)
+    b_begin = i_bb * batches_per_program
+    for i_i in range(0, tl.minimum(batches_per_program, B - b_begin)):
+        i_b = b_begin + i_i
+        o_batch = i_b.to(tl.int64) * C * S
+        b_mean = tl.load(mean_ptr + i_b * G + i_g)
+        b_rstd = tl.load(rstd_ptr + i_b * G + i_g)
+        b_x = tl.load(x_ptr + o_batch + (o_cl if X_CL else o_nc), mask=m, other=0.0).to(tl.float32)
+        b_dz = tl.load(dy_ptr + o_batch + (o_cl if DY_CL else o_nc), mask=m, other=0.0).to(tl.float32)
+        b_xhat = tl.where(m, (b_x - b_mean) * b_rstd, 0.0)
+        if SILU:  # dz = dy * silu'(z) at z = xhat * w + bias, after the affine
+            b_z = b_xhat * b_w[None, :] + b_bias[None, :]
+            b_sig = 1.0 / (1.0 + tl.exp(-b_z))
+            b_dz = b_dz * b_sig * (1.0 + b_z * (1.0 - b_sig))
+        t_sdz = tl.sum(b_dz, axis=0)
+        t_sdzx = tl.sum(b_dz * b_xhat, axis=0)
+        b_c1 = tl.sum(b_w * t_sdz) / n
+        b_c2 = tl.sum(b_w * t_sdzx) / n
+        b_dx = b_rstd * (b_dz * b_w[None, :] - b_c1 - b_xhat * b_c2)
+        tl.store(dx_ptr + o_batch + (o_cl if DX_CL else o_nc), b_dx.to(dx_ptr.dtype.element_ty), mask=m)
+        b_sdz += t_sdz
+        b_sdzx += t_sdzx
+
+    o_part = i_bb.to(tl.int64) * C + o_c
+    tl.store(part_ptr + o_part, b_sdz, mask=m_c)
+    tl.store(part_ptr + part_plane + o_part, b_sdzx, mask=m_c)
+
+
+@triton.jit(do_not_specialize=["n_chunks", "tiles_per_program", "part_plane"])
+def _group_norm_bwd_stats_kernel(
+    x_ptr, dy_ptr,  # [B, C, S], layouts X_CL, DY_CL
+    w_ptr, b_ptr,  # [C]
+    mean_ptr, rstd_ptr,  # [B, G] fp32
+    part_ptr,  # [2, B, n_chunks, C] fp32, written: per-channel sum dz and sum dz * xhat of each chunk
+    C, S, G, n_chunks, tiles_per_program, part_plane,
+    CG: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    X_CL: tl.constexpr, DY_CL: tl.constexpr, SILU: tl.constexpr,
+):
+    """Program (chunk, channel block, batch): per-channel sums over tiles_per_program tiles."""
+    i_n = tl.program_id(0)
+    i_c = tl.program_id(1)
+    i_b = tl.program_id(2)
+    o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_c = o_c < C
+    o_batch = i_b.to(tl.int64) * C * S
+    o_g = i_b * G + o_c // CG
+    b_mean = tl.load(mean_ptr + o_g, mask=m_c, other=0.0)
+    b_rstd = tl.load(rstd_ptr + o_g, mask=m_c, other=0.0)
+    b_w = tl.load(w_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)
+    b_bias = tl.load(b_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)
+    s_begin = i_n * tiles_per_program * BLOCK_S
+    n_tiles = tl.minimum(tiles_per_program, (S - s_begin + BLOCK_S - 1) // BLOCK_S)
+
+    b_sdz = tl.zeros([BLOCK_C], tl.float32)
+    b_sdzx = tl.zeros([BLOCK_C], tl.float32)
+    for i_t in range(0, n_tiles):
+        o_s = s_begin + i_t * BLOCK_S + tl.arange(0, BLOCK_S)
+        m = (o_s < S)[:, None] & m_c[None, :]
+        o_cl = o_s.to(tl.int64)[:, None] * C + o_c[None, :]
+        o_nc = o_s[:, None] + o_c.to(tl.int64)[None, :] * S
+        b_x = tl.load(x_ptr + o_batch + (o_cl if X_CL else o_nc), mask=m, other=0.0).to(tl.float32)
+        b_dz = tl.load(dy_ptr + o_batch + (o_cl if DY_CL else o_nc), mask=m, other=0.0).to(tl.float32)
+        b_xhat = tl.where(m, (b_x - b_mean[None, :]) * b_rstd[None, :], 0.0)
+        if SILU:
+            b_z = b_xhat * b_w[None, :] + b_bias[None, :]
+            b_sig = 1.0 / (1.0 + tl.exp(-b_z))
+            b_dz = b_dz * b_sig * (1.0 + b_z * (1.0 - b_sig))
+        b_sdz += tl.sum(b_dz, axis=0)
+        b_sdzx += tl.sum(b_dz * b_xhat, axis=0)
+
+    o_part = (i_b.to(tl.int64) * n_chunks + i_n) * C + o_c
+    tl.store(part_ptr + o_part, b_sdz, mask=m_c)
+    tl.store(part_ptr + part_plane + o_part, b_sdzx, mask=m_c)
+
+
+@triton.jit(do_not_specialize=["n_chunks", "part_plane"])
+def _group_norm_bwd_finalize_kernel(
+    part_ptr,  # [2, B, n_chunks, C] fp32 from the statistics kernel
+    w_ptr,  # [C]
+    c1_ptr, c2_ptr,  # [B, G] fp32, written
+    C, S, G, n_chunks, part_plane,
+    CG: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """One program per (batch, group): c1 = sum_c w * sum dz / N, c2 = sum_c w * sum dz * xhat / N."""
+    i_bg = tl.program_id(0)
+    i_b = i_bg // G
+    i_g = i_bg % G
+    o_k = tl.arange(0, BLOCK_C)
+    o_c = i_g * CG + o_k
+    m_c = o_k < CG
+    o_batch = i_b.to(tl.int64) * n_chunks * C
+    b_w = tl.load(w_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)
+
+    b_acc1 = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+    b_acc2 = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+    for n0 in range(0, n_chunks, BLOCK_N):
+        o_n = n0 + tl.arange(0, BLOCK_N)
+        m = (o_n < n_chunks)[:, None] & m_c[None, :]
+        p_part = part_ptr + o_batch + o_n.to(tl.int64)[:, None] * C + o_c[None, :]
+        b_acc1 += tl.load(p_part, mask=m, other=0.0)
+        b_acc2 += tl.load(p_part + part_plane, mask=m, other=0.0)
+    n = S * CG * 1.0
+    tl.store(c1_ptr + i_bg, tl.sum(b_acc1 * b_w[None, :]) / n)
+    tl.store(c2_ptr + i_bg, tl.sum(b_acc2 * b_w[None, :]) / n)
+
+
+@triton.jit(do_not_specialize=["tiles_per_program"])
+def _group_norm_bwd_apply_kernel(
+    x_ptr, dy_ptr, dx_ptr,  # [B, C, S], layouts X_CL, DY_CL, DX_CL; dx written
+    w_ptr, b_ptr,  # [C]
+    mean_ptr, rstd_ptr, c1_ptr, c2_ptr,  # [B, G] fp32
+    C, S, G, tiles_per_program,
+    CG: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    X_CL: tl.constexpr, DY_CL: tl.constexpr, DX_CL: tl.constexpr, SILU: tl.constexpr,
+):
+    """Program (chunk, channel block, batch): dx = rstd * (dz * w - c1 - xhat * c2) over
+    tiles_per_program tiles, the per-channel factors loaded once."""
+    i_n = tl.program_id(0)
+    i_c = tl.program_id(1)
+    i_b = tl.program_id(2)
+    o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_c = o_c < C
+    o_batch = i_b.to(tl.int64) * C * S
+    o_g = i_b * G + o_c // CG
+    b_mean = tl.load(mean_ptr + o_g, mask=m_c, other=0.0)
+    b_rstd = tl.load(rstd_ptr + o_g, mask=m_c, other=0.0)
+    b_c1 = tl.load(c1_ptr + o_g, mask=m_c, other=0.0)
+    b_c2 = tl.load(c2_ptr + o_g, mask=m_c, other=0.0)
+    b_w = tl.load(w_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)
+    b_bias = tl.load(b_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)
+    s_begin = i_n * tiles_per_program * BLOCK_S
+    n_tiles = tl.minimum(tiles_per_program, (S - s_begin + BLOCK_S - 1) // BLOCK_S)
+
+    for i_t in range(0, n_tiles):
+        o_s = s_begin + i_t * BLOCK_S + tl.arange(0, BLOCK_S)
+        m = (o_s < S)[:, None] & m_c[None, :]
+        o_cl = o_s.to(tl.int64)[:, None] * C + o_c[None, :]
+        o_nc = o_s[:, None] + o_c.to(tl.int64)[None, :] * S
+        b_x = tl.load(x_ptr + o_batch + (o_cl if X_CL else o_nc), mask=m, other=0.0).to(tl.float32)
+        b_dz = tl.load(dy_ptr + o_batch + (o_cl if DY_CL else o_nc), mask=m, other=0.0).to(tl.float32)
+        b_xhat = (b_x - b_mean[None, :]) * b_rstd[None, :]
+        if SILU:
+            b_z = b_xhat * b_w[None, :] + b_bias[None, :]
+            b_sig = 1.0 / (1.0 + tl.exp(-b_z))
+            b_dz = b_dz * b_sig * (1.0 + b_z * (1.0 - b_sig))
+        b_dx = b_rstd[None, :] * (b_dz * b_w[None, :] - b_c1[None, :] - b_xhat * b_c2[None, :])
+        tl.store(dx_ptr + o_batch + (o_cl if DX_CL else o_nc), b_dx.to(dx_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit(do_not_specialize=["R"])
+def _column_sum_kernel(
+    part_ptr,  # [R, C] fp32, rows contiguous
+    out_ptr,  # [C], written (its own dtype)
+    R, C,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """out[c] = sum_r part[r, c], in a fixed order (deterministic weight and bias gradients)."""
+    i_c = tl.program_id(0)
+    o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_c = o_c < C
+    b_acc = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        o_r = r0 + tl.arange(0, BLOCK_R)
+        m = (o_r < R)[:, None] & m_c[None, :]
+        b_acc += tl.load(part_ptr + o_r.to(tl.int64)[:, None] * C + o_c[None, :], mask=m, other=0.0)
+    tl.store(out_ptr + o_c, tl.sum(b_acc, axis=0).to(out_ptr.dtype.element_ty), mask=m_c)
+
+
+# ---------------------------------------------------------------------------------------------
+# host side: layouts, tiles, launchers
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    """True when ``x`` ``[B, C, *spatial]`` is stored channels-last (channels fastest, then the
+    spatial dims in order: NHWC, NDHWC) and is not also NCHW-contiguous."""
+    if x.dim() < 3 or x.is_contiguous():
+        return False
+    return x.movedim(1, -1).is_contiguous()
+
+
+def empty_nc(shape, channels_last: bool, dtype: torch.dtype, device) -> torch.Tensor:
+    """An uninitialized ``[B, C, *spatial]`` tensor, NCHW-contiguous or channels-last (channels
+    fastest, then the spatial dims in order: ``torch.channels_last`` for 4-d, ``channels_last_3d``
+    for 5-d, the same strides for other ranks); a fresh tensor, never a view."""
+    shape = tuple(shape)
+    if not channels_last or len(shape) < 3:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if len(shape) in (4, 5):
+        fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+        return torch.empty(shape, dtype=dtype, device=device, memory_format=fmt)
+    strides = [1] * len(shape)  # channels stride 1, then the spatial dims from the last, then batch
+    step = shape[1]
+    for d in [*range(len(shape) - 1, 1, -1), 0]:
+        strides[d] = step
+        step *= shape[d]
+    return torch.empty_strided(shape, strides, dtype=dtype, device=device)
+
+
+def _canonical(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """``(x, channels_last)`` with x NCHW-contiguous or channels-last (copied to NCHW otherwise)."""
+    if is_channels_last(x):
+        return x, True
+    return x.contiguous(), False
+
+
+def _dims(x: torch.Tensor, num_groups: int) -> tuple[int, int, int, int]:
+    """(B, C, S, CG) of ``x`` ``[B, C, *spatial]``."""
+    B, C = x.shape[0], x.shape[1]
+    return B, C, math.prod(x.shape[2:]), C // num_groups
+
+
+def one_pass_fits(shape, num_groups: int, *, backward: bool = False) -> bool:
+    """Whether a group of an input of ``shape`` ``[B, C, *spatial]`` takes the one-pass path."""
+    S = math.prod(tuple(shape)[2:])
+    CG = shape[1] // num_groups
+    limit = ONE_PASS_MAX_BWD if backward else ONE_PASS_MAX
+    return triton.next_power_of_2(S) * triton.next_power_of_2(CG) <= limit
+
+
+def _batches_per_program(B: int, G: int) -> int:
+    """Batch items per one-pass program: doubled while G * cdiv(B, n) stays >= ONE_PASS_MIN_PROGRAMS,
+    so weight and bias are read once per batch block rather than once per (batch, group)."""
+    n = 1
+    while n * 2 <= B and G * triton.cdiv(B, n * 2) >= ONE_PASS_MIN_PROGRAMS:
+        n *= 2
+    return n
+
+
+def _one_pass_warps(tile: int) -> int:
+    return max(4, min(16, tile // 512))
+
+
+def _split_tile(C: int, S: int, any_channels_last: bool) -> tuple[int, int]:
+    """(BLOCK_S, BLOCK_C) of the split kernels: long S rows for NCHW, 64-channel rows otherwise."""
+    if any_channels_last:
+        block_c = min(64, triton.next_power_of_2(C))
+        block_s = max(1, min(TILE // block_c, triton.next_power_of_2(S)))
+    else:
+        block_s = min(1024, TILE, triton.next_power_of_2(S))
+        block_c = max(1, min(TILE // block_s, triton.next_power_of_2(C)))
+    return block_s, block_c
+
+
+def _chunks(B: int, S: int, n_c: int, block_s: int) -> tuple[int, int]:
+    """(tiles per program, S-chunks) of a split kernel over [chunk, channel block, batch]: about
+    TARGET_PROGRAMS programs in all, each looping over its chunk's tiles."""
+    n_tiles = triton.cdiv(S, block_s)
+    tiles_per_program = max(1, (B * n_c * n_tiles) // max(1, TARGET_PROGRAMS))
+    return tiles_per_program, triton.cdiv(n_tiles, tiles_per_program)
+
+
+def _reduce_block(rows: int, C: int) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_C) for reading an fp32 [rows, C] partial buffer."""
+    block_c = triton.next_power_of_2(C)
+    return max(1, min(triton.next_power_of_2(rows), REDUCE_BLOCK // block_c)), block_c
+
+
+def _activation_flag(activation) -> bool:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    return activation == "silu"
+
+
+def _affine_or_default(weight, bias, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight and bias ``[C]`` contiguous, or fp32 ones / zeros in place of None."""
+    C = x.shape[1]
+    w = weight.contiguous() if weight is not None else torch.ones(C, dtype=torch.float32, device=x.device)
+    b = bias.contiguous() if bias is not None else torch.zeros(C, dtype=torch.float32, device=x.device)
+    return w, b
+
+
+def _check_out(out: torch.Tensor, x: torch.Tensor) -> None:
+    if out.shape != x.shape or out.dtype != x.dtype or not (out.is_contiguous() or is_channels_last(out)):
+        raise ValueError(
+            f"out must be {tuple(x.shape)} {x.dtype}, NCHW-contiguous or channels-last; got "
+            f"{tuple(out.shape)} {out.dtype} with strides {out.stride()}"
+        )
+
+
+def group_norm_fwd(
+    x: torch.Tensor,
+    weight,
+    bias,
+    num_groups: int,
+    eps: float,
+    activation=None,
+    channels_last_out=None,
+    *,
+    out=None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the forward: ``(y, mean, rstd)``.
+
+    x: ``[B, C, *spatial]``, NCHW-contiguous or channels-last (any other layout is copied to
+    NCHW); weight, bias: ``[C]`` or None, any float dtype; ``C % num_groups == 0`` (the caller
+    checks). y: ``[B, C, *spatial]`` in x's dtype, channels-last when ``channels_last_out`` (None:
+    x's layout), or written into ``out`` (NCHW-contiguous or channels-last: its layout decides).
+    mean, rstd: ``[B, G]`` fp32, what the backward needs.
+    Eager equivalent: :func:`group_norm_reference` (mean/rstd: ``torch.ops.aten.native_group_norm``).
+    """
+    silu = _activation_flag(activation)
+    x, x_cl = _canonical(x)
+    B, C, S, CG = _dims(x, num_groups)
+    G = num_groups
+    if out is None:
+        out = empty_nc(x.shape, x_cl if channels_last_out is None else bool(channels_last_out), x.dtype, x.device)
+    _check_out(out, x)
+    y, y_cl = out, is_channels_last(out)
+    mean = torch.empty((B, G), dtype=torch.float32, device=x.device)
+    rstd = torch.empty_like(mean)
+    if x.numel() == 0:
+        return y, mean, rstd
+    w, b = _affine_or_default(weight, bias, x)
+    eps = float(eps)
+
+    block_s, block_c = triton.next_power_of_2(S), triton.next_power_of_2(CG)
+    if block_s * block_c <= ONE_PASS_MAX:
+        bpp = _batches_per_program(B, G)
+        _group_norm_fwd_one_pass_kernel[(G, triton.cdiv(B, bpp))](
+            x, y, w, b, mean, rstd, B, C, S, G, bpp, eps,
+            CG=CG, BLOCK_S=block_s, BLOCK_C=block_c, X_CL=x_cl, Y_CL=y_cl, SILU=silu,
+            num_warps=_one_pass_warps(block_s * block_c),
+        )
+        return y, mean, rstd
+
+    block_s, block_c = _split_tile(C, S, x_cl)
+    n_c = triton.cdiv(C, block_c)
+    tiles_per_program, n_chunks = _chunks(B, S, n_c, block_s)
+    part = torch.empty((2, B, n_chunks, C), dtype=torch.float32, device=x.device)
+    part_plane = B * n_chunks * C
+    _group_norm_fwd_stats_kernel[(n_chunks, n_c, B)](
+        x, part, C, S, n_chunks, tiles_per_program, part_plane,
+        BLOCK_S=block_s, BLOCK_C=block_c, X_CL=x_cl, num_warps=SPLIT_WARPS,
+    )
+    block_n, block_cg = _reduce_block(n_chunks, CG)
+    _group_norm_fwd_finalize_kernel[(B * G,)](
+        part, mean, rstd, C, S, G, n_chunks, tiles_per_program * block_s, part_plane, eps,
+        CG=CG, BLOCK_N=block_n, BLOCK_C=block_cg, num_warps=4,
+    )
+    block_s, block_c = _split_tile(C, S, x_cl or y_cl)
+    n_c = triton.cdiv(C, block_c)
+    tiles_per_program, n_chunks = _chunks(B, S, n_c, block_s)
+    _group_norm_fwd_apply_kernel[(n_chunks, n_c, B)](
+        x, y, w, b, mean, rstd, C, S, G, tiles_per_program,
+        CG=CG, BLOCK_S=block_s, BLOCK_C=block_c, X_CL=x_cl, Y_CL=y_cl, SILU=silu, num_warps=SPLIT_WARPS,
+    )
+    return y, mean, rstd
+
+
+def _column_sum(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Sum an fp32 ``[R, C]`` buffer over R into a new ``[C]`` tensor of ``dtype``."""
+    R, C = part.shape
+    out = torch.empty((C,), dtype=dtype, device=part.device)
+    block_r, block_c = _reduce_block(R, min(C, 128))
+    _column_sum_kernel[(triton.cdiv(C, block_c),)](part, out, R, C, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
+    return out
+
+
+def group_norm_bwd(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight,
+    bias,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    num_groups: int,
+    activation=None,
+    *,
+    out=None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the backward: ``(dx, dweight, dbias)``.
+
+    dy, x: ``[B, C, *spatial]``, each NCHW-contiguous or channels-last (else copied to NCHW);
+    weight, bias: ``[C]`` or None as in the forward; mean, rstd: ``[B, G]`` fp32 from
+    :func:`group_norm_fwd`. dx: ``[B, C, *spatial]`` in x's dtype and layout (or written into
+    ``out``); dweight, dbias: ``[C]`` in the weight's / bias's dtype, or empty ``[0]`` tensors when
+    that parameter is None. Eager equivalent: autograd through :func:`group_norm_reference`.
+    """
+    silu = _activation_flag(activation)
+    x, x_cl = _canonical(x)
+    dy, dy_cl = _canonical(dy)
+    B, C, S, CG = _dims(x, num_groups)
+    G = num_groups
+    if out is None:
+        out = empty_nc(x.shape, x_cl, x.dtype, x.device)
+    _check_out(out, x)
+    dx, dx_cl = out, is_channels_last(out)
+    if x.numel() == 0:
+        dw = torch.zeros_like(weight) if weight is not None else x.new_empty((0,))
+        db = torch.zeros_like(bias) if bias is not None else x.new_empty((0,))
+        return dx, dw, db
+    w, b = _affine_or_default(weight, bias, x)
+    mean, rstd = mean.contiguous(), rstd.contiguous()
+
+    block_s, block_c = triton.next_power_of_2(S), triton.next_power_of_2(CG)
+    if block_s * block_c <= ONE_PASS_MAX_BWD:
+        bpp = _batches_per_program(B, G)
+        rows = triton.cdiv(B, bpp)
+        part = torch.empty((2, rows, C), dtype=torch.float32, device=x.device)
+        _group_norm_bwd_one_pass_kernel[(G, rows)](
+            x, dy, dx, w, b, mean, rstd, part, B, C, S, G, bpp, rows * C,
+            CG=CG, BLOCK_S=block_s, BLOCK_C=block_c, X_CL=x_cl, DY_CL=dy_cl, DX_CL=dx_cl, SILU=silu,
+            num_warps=_one_pass_warps(2 * block_s * block_c),
+        )
+    else:
+        block_s, block_c = _split_tile(C, S, x_cl or dy_cl)
+        n_c = triton.cdiv(C, block_c)
+        tiles_per_program, n_chunks = _chunks(B, S, n_c, block_s)
+        part = torch.empty((2, B, n_chunks, C), dtype=torch.float32, device=x.device)
+        part_plane = B * n_chunks * C
+        _group_norm_bwd_stats_kernel[(n_chunks, n_c, B)](
+            x, dy, w, b, mean, rstd, part, C, S, G, n_chunks, tiles_per_program, part_plane,
+            CG=CG, BLOCK_S=block_s, BLOCK_C=block_c, X_CL=x_cl, DY_CL=dy_cl, SILU=silu, num_warps=SPLIT_WARPS,
+        )
+        rows = B * n_chunks
+        c1 = torch.empty((B, G), dtype=torch.float32, device=x.device)
+        c2 = torch.empty_like(c1)
+        block_n, block_cg = _reduce_block(n_chunks, CG)
+        _group_norm_bwd_finalize_kernel[(B * G,)](
+            part, w, c1, c2, C, S, G, n_chunks, part_plane,
+            CG=CG, BLOCK_N=block_n, BLOCK_C=block_cg, num_warps=4,
+        )
+        block_s, block_c = _split_tile(C, S, x_cl or dy_cl or dx_cl)
+        n_c = triton.cdiv(C, block_c)
+        tiles_per_program, n_chunks = _chunks(B, S, n_c, block_s)
+        _group_norm_bwd_apply_kernel[(n_chunks, n_c, B)](
+            x, dy, dx, w, b, mean, rstd, c1, c2, C, S, G, tiles_per_program,
+            CG=CG, BLOCK_S=block_s, BLOCK_C=block_c, X_CL=x_cl, DY_CL=dy_cl, DX_CL=dx_cl, SILU=silu,
+            num_warps=SPLIT_WARPS,
+        )
+    dw = _column_sum(part[1].view(rows, C), weight.dtype) if weight is not None else x.new_empty((0,))
+    db = _column_sum(part[0].view(rows, C), bias.dtype) if bias is not None else x.new_empty((0,))
+    return dx, dw, db
+
+
+# ---------------------------------------------------------------------------------------------
+# eager reference
+
+
+def group_norm_reference(
+    x: torch.Tensor,
+    num_groups: int,
+    weight=None,
+    bias=None,
+    eps: float = 1e-5,
+    activation=None,
+    *,
+    upcast: bool = False,
+) -> torch.Tensor:
+    """Eager reference, differentiable by autograd: ``F.group_norm`` then ``F.silu`` when asked.
+
+    x: ``[B, C, *spatial]``; weight, bias: ``[C]`` or None. Returns ``[B, C, *spatial]`` in x's
+    dtype. ``upcast=True`` is the SD U-Net's GroupNorm32: ``F.group_norm(x.float(), ...)`` cast
+    back to x's dtype, then the activation in x's dtype (as ``GroupNorm32`` followed by ``nn.SiLU``).
+    Bit-for-bit what plain PyTorch gives.
+    """
+    if upcast:
+        y = F.group_norm(x.float(), num_groups, weight, bias, eps).type(x.dtype)
+    else:
+        y = F.group_norm(x, num_groups, weight, bias, eps)
+    if activation == "silu":
+        y = F.silu(y)
+    return y

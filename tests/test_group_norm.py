@@ -1,0 +1,464 @@
+"""group_norm (+SiLU): the Triton kernels (interpreted) against F.group_norm and float64, both paths and layouts."""
+
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import ldm_fast
+from ldm_fast import functional as F
+from ldm_fast.kernels import group_norm as gn
+from ldm_fast.kernels.group_norm import group_norm_reference
+
+from _numerics import assert_close_to_exact, nan_like
+
+# id: (shape, num_groups). SD channel counts at small spatial sizes, then the odd cases.
+SHAPES = {
+    "sd-128": ((1, 128, 4, 4), 32),  # VAE top level: 4 channels per group
+    "sd-256": ((1, 256, 3, 3), 32),
+    "sd-320": ((2, 320, 2, 3), 32),  # UNet level 0: 10 channels per group, not a power of two
+    "sd-512": ((1, 512, 2, 2), 32),
+    "sd-640": ((1, 640, 2, 2), 32),
+    "sd-1280": ((1, 1280, 2, 2), 32),  # 40 channels per group
+    "c96-g32": ((2, 96, 3, 3), 32),  # 3 channels per group
+    "spatial-1x1": ((2, 64, 1, 1), 32),
+    "spatial-7x5": ((2, 32, 7, 5), 8),  # 35 positions: masked tails everywhere
+    "group-of-1-channel": ((2, 16, 3, 4), 16),
+    "one-group": ((2, 24, 3, 3), 1),
+    "video-BCTHW": ((1, 64, 3, 4, 4), 32),
+    "no-spatial-BC": ((3, 64), 32),
+}
+GRAD_SHAPES = {
+    "sd-320": ((1, 320, 2, 3), 32),
+    **{k: SHAPES[k] for k in ("c96-g32", "spatial-7x5", "group-of-1-channel", "one-group", "video-BCTHW")},
+}
+# (dtype, activation) pairs: every dtype, SiLU and the plain path (the SiLU code minus the SiLU).
+DTYPE_ACTIVATIONS = [(torch.float32, None), (torch.float16, "silu"), (torch.bfloat16, "silu")]
+DTYPE_ACTIVATION_IDS = ["fp32-plain", "fp16-silu", "bf16-silu"]
+GRAD_DTYPE_ACTIVATIONS = [
+    (torch.float32, None), (torch.float32, "silu"), (torch.float16, "silu"), (torch.bfloat16, "silu"),
+]
+GRAD_DTYPE_ACTIVATION_IDS = ["fp32-plain", "fp32-silu", "fp16-silu", "bf16-silu"]
+
+# Shapes for the forced split path (tile 32, 16 target programs): several S-chunks, two tiles per
+# statistics/apply program, a partial last tile; channel blocks that straddle groups of 3 channels.
+SPLIT_SHAPES = {
+    "nchw-multichunk": ((2, 4, 13, 11), 2, False),
+    "channels-last-multichunk": ((2, 4, 13, 11), 2, True),
+    "cg3-channels-last": ((2, 12, 4, 3), 4, True),
+    "video-BCTHW": ((1, 16, 3, 5, 4), 4, False),
+}
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    """x [B, C, *spatial] stored channels fastest (NHWC / NDHWC)."""
+    return x.movedim(1, -1).contiguous().movedim(-1, 1)
+
+
+def _inputs(shape, dtype, *, param_dtype=None, seed=0, offset=0.0):
+    """x (mean ``offset``, std 2), weight around 1 and bias, deterministic."""
+    g = torch.Generator().manual_seed(seed)
+    C = shape[1]
+    x = (offset + 2 * torch.randn(shape, generator=g)).to(dtype)
+    weight = (1 + 0.5 * torch.randn(C, generator=g)).to(param_dtype or dtype)
+    bias = (0.5 * torch.randn(C, generator=g)).to(param_dtype or dtype)
+    return x, weight, bias
+
+
+def _reference(x, groups, weight, bias, eps, activation, cast):
+    """group_norm_reference at dtype ``cast`` (float64: the exact answer); parameters as fp32 at
+    low precision (CPU group_norm takes fp16/bf16 x with fp32 parameters, and the upcast is exact)."""
+    pcast = torch.float64 if cast == torch.float64 else torch.float32
+    w = None if weight is None else weight.to(pcast)
+    b = None if bias is None else bias.to(pcast)
+    return group_norm_reference(x.to(cast), groups, w, b, eps, activation)
+
+
+def _check_forward(y, x, groups, weight, bias, eps, activation):
+    exact = _reference(x, groups, weight, bias, eps, activation, torch.float64)
+    eager = _reference(x, groups, weight, bias, eps, activation, x.dtype)
+    assert_close_to_exact(y, exact, eager)
+
+
+def _check_gradients(x, groups, weight, bias, eps, activation, grad, grads):
+    """grads = (dx, dweight, dbias) from the kernel against autograd through the float64 reference,
+    with autograd through the eager reference at x's dtype as the yardstick."""
+    results = {}
+    for cast in (torch.float64, x.dtype):
+        pcast = torch.float64 if cast == torch.float64 else torch.float32
+        xr = x.detach().to(cast).requires_grad_()
+        wr = weight.detach().to(pcast).requires_grad_()
+        br = bias.detach().to(pcast).requires_grad_()
+        group_norm_reference(xr, groups, wr, br, eps, activation).backward(grad.to(cast))
+        results[cast] = (xr.grad, wr.grad, br.grad)
+    for got, exact, eager in zip(grads, results[torch.float64], results[x.dtype]):
+        assert_close_to_exact(got, exact, eager.to(got.dtype))
+
+
+@pytest.fixture
+def force_split(monkeypatch):
+    """Send every call down the split path, with tiles small enough that the test shapes span several."""
+
+    def force(tile: int = 32, target_programs: int = 16):
+        monkeypatch.setattr(gn, "ONE_PASS_MAX", 0)
+        monkeypatch.setattr(gn, "ONE_PASS_MAX_BWD", 0)
+        monkeypatch.setattr(gn, "TILE", tile)
+        monkeypatch.setattr(gn, "TARGET_PROGRAMS", target_programs)
+
+    return force
+
+
+# ---------------------------------------------------------------------------------------------
+# forward
+
+
+@pytest.mark.parametrize("dtype, activation", DTYPE_ACTIVATIONS, ids=DTYPE_ACTIVATION_IDS)
+@pytest.mark.parametrize("shape, groups", SHAPES.values(), ids=SHAPES.keys())
+def test_forward_matches_reference(shape, groups, dtype, activation, poison, triton_backend):
+    x, weight, bias = _inputs(shape, dtype)
+    eps = 1e-6 if shape[1] in (128, 256, 512) else 1e-5  # VAE 1e-6, UNet 1e-5
+    y = F.group_norm(x, groups, weight, bias, eps, activation=activation)
+    assert triton_backend("group_norm")
+    assert y.shape == x.shape and y.dtype == dtype and y.is_contiguous()
+    _check_forward(y, x, groups, weight, bias, eps, activation)
+
+
+@pytest.mark.parametrize("out_layout", ["out-nchw", "out-channels-last"])
+@pytest.mark.parametrize("in_layout", ["in-nchw", "in-channels-last"])
+@pytest.mark.parametrize(
+    "shape, groups, dtype",
+    [((1, 320, 2, 3), 32, torch.bfloat16), (*SHAPES["c96-g32"], torch.float32),
+     (*SHAPES["spatial-7x5"], torch.float16), (*SHAPES["video-BCTHW"], torch.bfloat16)],
+    ids=["sd-320-bf16", "c96-g32-fp32", "spatial-7x5-fp16", "video-BCTHW-bf16"],
+)
+def test_layouts_in_and_out(shape, groups, dtype, in_layout, out_layout, poison, triton_backend):
+    x, weight, bias = _inputs(shape, dtype)
+    if in_layout == "in-channels-last":
+        x = _channels_last(x)
+        assert not x.is_contiguous()
+    fmt = torch.contiguous_format if out_layout == "out-nchw" else torch.channels_last
+    y = F.group_norm(x, groups, weight, bias, activation="silu", out_memory_format=fmt)
+    assert triton_backend("group_norm")
+    if out_layout == "out-nchw":
+        assert y.is_contiguous()
+    else:
+        assert y.movedim(1, -1).is_contiguous() and not y.is_contiguous()
+    _check_forward(y, x, groups, weight, bias, 1e-5, "silu")
+    if (in_layout == "in-nchw") == (out_layout == "out-nchw"):
+        kept = F.group_norm(x, groups, weight, bias, activation="silu")  # None keeps x's layout
+        assert kept.stride() == x.stride() and torch.equal(kept, y)
+
+
+def test_channels_last_3d_output_format(triton_backend):
+    x, weight, bias = _inputs((1, 64, 2, 3, 4), torch.float16)
+    y = F.group_norm(x, 32, weight, bias, out_memory_format=torch.channels_last_3d)
+    assert triton_backend("group_norm")
+    assert y.is_contiguous(memory_format=torch.channels_last_3d)
+    _check_forward(y, x, 32, weight, bias, 1e-5, None)
+
+
+@pytest.mark.parametrize(
+    "x_dtype, param_dtype",
+    [(torch.float16, torch.float32), (torch.bfloat16, torch.float16), (torch.float32, torch.bfloat16)],
+    ids=["x-fp16-params-fp32", "x-bf16-params-fp16", "x-fp32-params-bf16"],
+)
+def test_parameter_dtype_independent_of_x(x_dtype, param_dtype, poison, triton_backend):
+    x, weight, bias = _inputs((2, 64, 3, 3), x_dtype, param_dtype=param_dtype)
+    y = F.group_norm(x, 32, weight, bias, activation="silu")
+    assert triton_backend("group_norm")
+    assert y.dtype == x_dtype
+    _check_forward(y, x, 32, weight, bias, 1e-5, "silu")
+
+
+@pytest.mark.parametrize("affine", ["weight-only", "bias-only", "no-affine"])
+def test_missing_weight_or_bias(affine, triton_backend):
+    x, weight, bias = _inputs((2, 32, 3, 3), torch.float32)
+    weight = None if affine == "bias-only" or affine == "no-affine" else weight
+    bias = None if affine == "weight-only" or affine == "no-affine" else bias
+    y = F.group_norm(x, 8, weight, bias, activation="silu")
+    assert triton_backend("group_norm")
+    torch.testing.assert_close(y, TF.silu(TF.group_norm(x, 8, weight, bias)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["one-pass", "split"])
+def test_variance_is_two_pass(path, force_split):
+    """Mean 1000, std 2: E[x^2] - E[x]^2 in fp32 would lose the variance to cancellation."""
+    if path == "split":
+        force_split()
+    x, weight, bias = _inputs((2, 8, 13, 11), torch.float32, offset=1000.0)
+    y, mean, rstd = gn.group_norm_fwd(x, weight, bias, 2, 1e-5)
+    _check_forward(y, x, 2, weight, bias, 1e-5, None)
+    var = x.double().view(2, 2, -1).var(dim=-1, unbiased=False)
+    torch.testing.assert_close(rstd.double(), (var + 1e-5).rsqrt(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(mean.double(), x.double().view(2, 2, -1).mean(-1), rtol=1e-7, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# backward
+
+
+@pytest.mark.parametrize("dtype, activation", GRAD_DTYPE_ACTIVATIONS, ids=GRAD_DTYPE_ACTIVATION_IDS)
+@pytest.mark.parametrize("shape, groups", GRAD_SHAPES.values(), ids=GRAD_SHAPES.keys())
+def test_gradients(shape, groups, dtype, activation, triton_backend):
+    x, weight, bias = _inputs(shape, dtype)
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    xk, wk, bk = (t.clone().requires_grad_() for t in (x, weight, bias))
+    F.group_norm(xk, groups, wk, bk, activation=activation).backward(grad)
+    assert triton_backend("group_norm")
+    assert xk.grad.dtype == dtype and wk.grad.dtype == weight.dtype
+    _check_gradients(x, groups, weight, bias, 1e-5, activation, grad, (xk.grad, wk.grad, bk.grad))
+
+
+@pytest.mark.parametrize("layouts", ["x-cl-dy-nchw", "x-nchw-dy-cl"])
+def test_gradient_layouts(layouts, triton_backend):
+    """dy in another layout than x (the output was written channels-last, or the reverse)."""
+    x, weight, bias = _inputs((2, 64, 3, 5), torch.float16)
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(torch.float16)
+    if layouts == "x-cl-dy-nchw":
+        x = _channels_last(x)
+    else:
+        grad = _channels_last(grad)
+    xk, wk, bk = (t.clone().requires_grad_() for t in (x, weight, bias))
+    F.group_norm(xk, 32, wk, bk, activation="silu").backward(grad)
+    assert triton_backend("group_norm")
+    _check_gradients(x, 32, weight, bias, 1e-5, "silu", grad, (xk.grad, wk.grad, bk.grad))
+
+
+def test_gradient_without_affine(triton_backend):
+    x = torch.randn(2, 32, 3, 3, requires_grad=True)
+    grad = torch.randn(2, 32, 3, 3)
+    F.group_norm(x, 8, activation="silu").backward(grad)
+    assert triton_backend("group_norm")
+    xr = x.detach().double().requires_grad_()
+    TF.silu(TF.group_norm(xr, 8)).backward(grad.double())
+    torch.testing.assert_close(x.grad.double(), xr.grad, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# the split path, forced at small sizes, and the one-pass batch blocks
+
+
+@pytest.mark.parametrize("dtype, activation", DTYPE_ACTIVATIONS, ids=DTYPE_ACTIVATION_IDS)
+@pytest.mark.parametrize("shape, groups, channels_last", SPLIT_SHAPES.values(), ids=SPLIT_SHAPES.keys())
+def test_split_path(shape, groups, channels_last, dtype, activation, force_split, poison, triton_backend):
+    force_split()
+    x, weight, bias = _inputs(shape, dtype)
+    if channels_last:
+        x = _channels_last(x)
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    xk, wk, bk = (t.clone().requires_grad_() for t in (x, weight, bias))
+    y = F.group_norm(xk, groups, wk, bk, activation=activation)
+    y.backward(grad)
+    assert triton_backend("group_norm")
+    _check_forward(y.detach(), x, groups, weight, bias, 1e-5, activation)
+    _check_gradients(x, groups, weight, bias, 1e-5, activation, grad, (xk.grad, wk.grad, bk.grad))
+
+
+def test_split_tiles_cover_several_chunks(force_split):
+    """The forced configuration really has several S-chunks, several tiles per program, a partial tile."""
+    force_split()
+    S = 13 * 11
+    for channels_last in (False, True):
+        block_s, block_c = gn._split_tile(4, S, channels_last)
+        tiles_per_program, n_chunks = gn._chunks(2, S, -(-4 // block_c), block_s)
+        assert tiles_per_program > 1 and n_chunks > 1 and S % block_s, (channels_last, block_s, tiles_per_program)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
+def test_one_pass_batch_blocks(channels_last, monkeypatch, triton_backend):
+    """Several batch items per one-pass program (weights read once per block), a partial last block."""
+    monkeypatch.setattr(gn, "ONE_PASS_MIN_PROGRAMS", 1)
+    assert gn._batches_per_program(5, 2) == 4
+    x, weight, bias = _inputs((5, 8, 3, 3), torch.float16)
+    if channels_last:
+        x = _channels_last(x)
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(torch.float16)
+    xk, wk, bk = (t.clone().requires_grad_() for t in (x, weight, bias))
+    y = F.group_norm(xk, 2, wk, bk, activation="silu")
+    y.backward(grad)
+    assert triton_backend("group_norm")
+    _check_forward(y.detach(), x, 2, weight, bias, 1e-5, "silu")
+    _check_gradients(x, 2, weight, bias, 1e-5, "silu", grad, (xk.grad, wk.grad, bk.grad))
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels-last"])
+@pytest.mark.parametrize("path", ["one-pass", "split"])
+def test_every_output_element_is_written(path, layout, force_split):
+    """Launchers writing into NaN-filled buffers: y and dx must come back all finite."""
+    if path == "split":
+        force_split()
+    x, weight, bias = _inputs((2, 8, 13, 11), torch.float16)
+    if layout == "channels-last":
+        x = _channels_last(x)
+    y, mean, rstd = gn.group_norm_fwd(x, weight, bias, 2, 1e-5, "silu", out=nan_like(x))
+    assert torch.isfinite(y).all() and torch.isfinite(mean).all() and torch.isfinite(rstd).all()
+    dx, dw, db = gn.group_norm_bwd(y, x, weight, bias, mean, rstd, 2, "silu", out=nan_like(x))
+    assert torch.isfinite(dx).all() and torch.isfinite(dw).all() and torch.isfinite(db).all()
+    assert dx.stride() == x.stride()
+
+
+# ---------------------------------------------------------------------------------------------
+# modules
+
+
+@pytest.mark.parametrize("cls", ["GroupNorm", "GroupNorm32"])
+def test_state_dict_round_trip_with_torch(cls):
+    ours_cls = getattr(ldm_fast.nn, cls)
+    theirs = torch.nn.GroupNorm(32, 64, eps=1e-6)
+    with torch.no_grad():
+        theirs.weight.normal_()
+        theirs.bias.normal_()
+    ours = ours_cls(32, 64, eps=1e-6, activation="silu")
+    ours.load_state_dict(theirs.state_dict())  # strict: the same keys and shapes
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    back = torch.nn.GroupNorm(32, 64, eps=1e-6)
+    back.load_state_dict(ours.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), theirs.state_dict().values()))
+    assert isinstance(ours, torch.nn.GroupNorm)
+    x = torch.randn(2, 64, 3, 3)
+    torch.testing.assert_close(ours(x), TF.silu(theirs(x)), rtol=1e-5, atol=1e-5)
+
+
+def test_module_options_and_repr():
+    m = ldm_fast.nn.GroupNorm(32, 128, eps=1e-6, activation="silu")
+    assert repr(m) == "GroupNorm(32, 128, eps=1e-06, affine=True, bias=True, activation='silu')"
+    assert repr(ldm_fast.nn.GroupNorm32(32, 64)) == "GroupNorm32(32, 64, eps=1e-05, affine=True, bias=True)"
+    plain = ldm_fast.nn.GroupNorm(4, 8, affine=False)
+    assert plain.weight is None and plain.bias is None and "affine=False" in repr(plain)
+    no_bias = ldm_fast.nn.GroupNorm(4, 8, bias=False)
+    assert no_bias.bias is None and list(no_bias.state_dict()) == ["weight"]
+    x = torch.randn(2, 8, 3, 3)
+    torch.testing.assert_close(no_bias(x), TF.group_norm(x, 4, no_bias.weight))
+
+
+def test_module_runs_the_kernel(triton_backend):
+    m = ldm_fast.nn.GroupNorm(32, 64, activation="silu")
+    x = torch.randn(1, 64, 3, 3)
+    torch.testing.assert_close(m(x), TF.silu(TF.group_norm(x, 32, m.weight, m.bias)), rtol=1e-5, atol=1e-5)
+    assert triton_backend("group_norm")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_group_norm32_semantics(dtype, triton_backend):
+    """Eager: exactly the SD U-Net's super().forward(x.float()).type(x.dtype); kernel: fp32 compute, one rounding."""
+    m = ldm_fast.nn.GroupNorm32(32, 64)
+    with torch.no_grad():
+        m.weight.normal_()
+        m.bias.normal_()
+    x = torch.randn(2, 64, 3, 3).to(dtype)
+    expected = torch.nn.GroupNorm.forward(m, x.float()).type(x.dtype)
+    with ldm_fast.use_backend("eager"):
+        assert torch.equal(m(x), expected)
+    y = m(x)
+    assert triton_backend("group_norm") and y.dtype == dtype
+    exact = TF.group_norm(x.double(), 32, m.weight.double(), m.bias.double())
+    assert_close_to_exact(y, exact, expected)
+
+
+def test_torch_compile_fullgraph_block(triton_backend):
+    """conv -> GroupNorm(silu) -> conv traced by torch.compile(fullgraph=True), forward and backward."""
+    torch.compiler.reset()
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(
+        torch.nn.Conv2d(4, 64, 3, padding=1),
+        ldm_fast.nn.GroupNorm(32, 64, activation="silu"),
+        torch.nn.Conv2d(64, 4, 3, padding=1),
+    )
+    x = torch.randn(2, 4, 5, 6, requires_grad=True)
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    out.square().sum().backward()
+    assert triton_backend("group_norm")
+    grads = [x.grad] + [p.grad for p in block.parameters()]
+    with ldm_fast.use_backend("eager"):
+        x_ref = x.detach().requires_grad_()
+        block.zero_grad()
+        ref = block(x_ref)
+        ref.square().sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    for got, want in zip(grads, [x_ref.grad] + [p.grad for p in block.parameters()]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_custom_ops_pass_opcheck(triton_backend):
+    """Schema, fake tensor, autograd registration and AOT dispatch of both ops."""
+    x, weight, bias = _inputs((1, 8, 2, 3), torch.float32)
+    x, weight, bias = (t.requires_grad_() for t in (x, weight, bias))
+    torch.library.opcheck(torch.ops.ldm_fast.group_norm.default, (x, weight, bias, 4, 1e-5, "silu", True))
+    y, mean, rstd = torch.ops.ldm_fast.group_norm(x.detach(), weight.detach(), bias.detach(), 4, 1e-5, "silu", False)
+    grad_args = (torch.ones_like(y), x.detach(), weight.detach(), None, mean, rstd, 4, "")
+    torch.library.opcheck(torch.ops.ldm_fast.group_norm_backward.default, grad_args)
+
+
+# ---------------------------------------------------------------------------------------------
+# fallbacks and errors
+
+
+@pytest.mark.parametrize("in_layout", ["in-nchw", "in-channels-last"])
+def test_eager_backend_is_torch_bit_for_bit(in_layout):
+    x, weight, bias = _inputs((2, 64, 3, 5), torch.float16)
+    if in_layout == "in-channels-last":
+        x = _channels_last(x)
+    before = ldm_fast.backend.kernel_launches["group_norm"]
+    with ldm_fast.use_backend("eager"):
+        y = F.group_norm(x, 32, weight, bias, 1e-6, activation="silu")
+        y_cl = F.group_norm(x, 32, weight, bias, 1e-6, activation="silu", out_memory_format=torch.channels_last)
+        plain = F.group_norm(x, 32, weight, bias, 1e-6)
+    assert ldm_fast.backend.kernel_launches["group_norm"] == before
+    expected = TF.silu(TF.group_norm(x, 32, weight, bias, 1e-6))
+    assert torch.equal(y, expected) and y.stride() == expected.stride()
+    assert torch.equal(y_cl, expected) and y_cl.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(plain, TF.group_norm(x, 32, weight, bias, 1e-6))
+
+
+@pytest.mark.parametrize(
+    "x, weight",
+    [
+        (torch.randn(2, 16, 3, 3, dtype=torch.float64), torch.ones(16, dtype=torch.float64)),
+        (torch.randn(0, 16, 3, 3), torch.ones(16)),
+    ],
+    ids=["float64", "empty-batch"],
+)
+def test_unsupported_inputs_fall_back_to_eager(x, weight):
+    before = ldm_fast.backend.kernel_launches["group_norm"]
+    with ldm_fast.use_backend("triton"):
+        y = F.group_norm(x, 4, weight, activation="silu")
+    assert ldm_fast.backend.kernel_launches["group_norm"] == before
+    assert torch.equal(y, TF.silu(TF.group_norm(x, 4, weight)))
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda: F.group_norm(torch.zeros(2, 6, 4), 4), RuntimeError, r"channel count of x \(C=6.*num_groups \(4\)"),
+        (lambda: F.group_norm(torch.zeros(2, 8, 4), 4, torch.ones(5)), RuntimeError, "weight must be a vector of C=8"),
+        (lambda: F.group_norm(torch.zeros(2, 8, 4), 4, None, torch.ones(8, 1)), RuntimeError, "bias must be a vector"),
+        (lambda: F.group_norm(torch.zeros(8), 4), RuntimeError, "x must have at least 2 dimensions"),
+        (lambda: F.group_norm(torch.zeros(2, 8, 4), 0), RuntimeError, "num_groups must be positive"),
+        (lambda: F.group_norm(torch.zeros(2, 8, 4), 2.0), TypeError, "num_groups must be an int"),
+        (lambda: F.group_norm(torch.zeros(2, 8, 4, dtype=torch.int32), 4), TypeError, "x must be a floating"),
+        (lambda: F.group_norm(torch.zeros(2, 8, 4), 4, activation="gelu"), ValueError, "activation must be one of"),
+        (lambda: F.group_norm(torch.zeros(2, 8, 4), 4, out_memory_format="nhwc"), ValueError, "out_memory_format"),
+        (lambda: F.group_norm(torch.zeros(2, 8, 4), 4, torch.ones(8, device="meta")), ValueError, "weight is on meta"),
+        (lambda: ldm_fast.nn.GroupNorm(4, 6), ValueError, r"num_channels \(6\) must be divisible"),
+        (lambda: ldm_fast.nn.GroupNorm(4, 8, activation="relu"), ValueError, "activation must be one of"),
+    ],
+    ids=["channels-not-divisible", "weight-length", "bias-shape", "one-dim", "zero-groups", "float-groups",
+         "int-dtype", "activation", "memory-format", "devices", "module-channels", "module-activation"],
+)
+def test_bad_input_names_the_argument(call, error, match):
+    with ldm_fast.use_backend("triton"), pytest.raises(error, match=match):
+        call()
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: TF.group_norm(torch.zeros(2, 6, 4), 4),
+        lambda: TF.group_norm(torch.zeros(2, 8, 4), 4, torch.ones(5)),
+        lambda: TF.group_norm(torch.zeros(8), 4),
+    ],
+    ids=["channels-not-divisible", "weight-length", "one-dim"],
+)
+def test_torch_raises_the_same_error_type(call):
+    with pytest.raises(RuntimeError):
+        call()
