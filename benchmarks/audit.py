@@ -212,6 +212,14 @@ def _bin(tool: str) -> str:
     return str(path)
 
 
+def _ptxas(arch: int) -> str:
+    """The ptxas Triton itself assembles with for ``arch`` (it picks between its bundled builds, and
+    the PTX version it emits follows that choice), so the rerun with ``-v`` accepts the same PTX."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    return get_ptxas(arch).path
+
+
 def _jit_function(kernel: str):
     import importlib
 
@@ -286,7 +294,7 @@ def compile_launch(launch: dict, arch: int, workdir: str) -> dict:
     result.update(parse_sass(sass.stdout))
     fmad = [] if options.enable_fp_fusion else ["--fmad=false"]
     ptxas = subprocess.run(
-        [_bin("ptxas"), "-lineinfo", *fmad, "-v", "--regAllocOptLevel=2", f"--gpu-name={sm_arch_from_capability(arch)}",
+        [_ptxas(arch), "-lineinfo", *fmad, "-v", "--regAllocOptLevel=2", f"--gpu-name={sm_arch_from_capability(arch)}",
          stem + ".ptx", "-o", stem + ".o"],
         capture_output=True, text=True, check=True,
     )

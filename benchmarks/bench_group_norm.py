@@ -67,17 +67,18 @@ def _case(kind: str, batch: int, channels: int, side: int, dtype_name: str, quic
         _fused(eps),
         _eager(eps),
         _min_bytes,
-        traffic_target=1.0 if one_pass_fits(shape, GROUPS) else 1.5,
+        traffic_target=1.0 if one_pass_fits(shape, GROUPS, dtype=DTYPES[dtype_name]) else 1.5,
         quick=quick,
     )
 
 
 def cases() -> list[Case]:
     out = [
-        # the quick subset: a one-pass and a split case, small
+        # the quick subset (CI): small one-pass cases and one split case
         _case("unet", 1, 1280, 8, "fp16", quick=True),
         _case("unet", 1, 640, 32, "bf16", quick=True),
         _case("unet", 1, 1280, 16, "fp32", quick=True),
+        _case("unet", 1, 320, 64, "fp32", quick=True),  # split forward: stats, finalize, apply
     ]
     for batch in (1, 8):
         for channels, side in UNET:
@@ -89,6 +90,95 @@ def cases() -> list[Case]:
         for dtype_name in ("fp16", "bf16"):
             out.append(_case("vae", 1, channels, side, dtype_name))
     out.append(_case("vae", 1, 512, 64, "fp32"))
+    out += _backward_cases()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# backward (``bwd-*``): GroupNorm + SiLU backward, what training runs
+#
+# Fused: ``torch.ops.ldm_fast.group_norm_backward(dy, x, w, b, mean, rstd, 32, "silu")`` alone, with
+# mean/rstd [B, 32] fp32 computed once in ``make`` from a float64 reference (as the forward saves
+# them). Baseline: the backward only of ``F.silu(F.group_norm(x, 32, w, b, eps))``: its graph is
+# built once in ``make`` (x, w, b leaves that require grad) and each call runs
+# ``torch.autograd.grad(y, (x, w, b), dy, retain_graph=True)`` (silu_backward +
+# native_group_norm_backward at dispatch; the forward is neither timed nor counted).
+#
+# Minimum traffic: read dy, x, weight, bias, mean, rstd once; write dx, dweight, dbias once.
+# Targets, from the kernels' design (kernels/group_norm.py):
+#   one pass (one_pass_fits(shape, 32, backward=True)): x and dy read once, dx written once, plus
+#     the per-channel partials (sum dz, sum dz * xhat) [2, batch blocks <= B, C] fp32 written once
+#     and read once by the column sum:  target = 1 + 16 * B * C / min;
+#   split: statistics (x, dy) -> finalize -> apply (x, dy again, dx): x and dy read twice,
+#     target = (min + |x| + |dy|) / min (= (2 + 2 + 1) / 3 = 1.67 for one dtype) + 0.02 for the
+#     fp32 partials [2, B, chunks, C] (written once, read twice) and the per-program reloads of
+#     weight, bias, mean, rstd, c1, c2 (about 1% of min at these shapes).
+# Shapes: a one-pass one (U-Net 1280x8x8) and the split path at U-Net 320x64x64 and 640x32x32 and
+# VAE 512x64x64, batch 1 (not the larger VAE levels: minutes each under the interpreter).
+
+SPLIT_BWD_ALLOWANCE = 0.02
+
+
+def _make_bwd(batch: int, channels: int, side: int, dtype: torch.dtype, eps: float):
+    def make(device):
+        inputs = _make(batch, channels, side, dtype)(device)
+        x, w, b = inputs["x"], inputs["weight"], inputs["bias"]
+        g = torch.Generator(device="cpu").manual_seed(1)
+        dy = torch.randn(x.shape, generator=g).to(device=device, dtype=dtype)
+        xg = x.double().view(batch, GROUPS, -1)
+        mean = xg.mean(-1)
+        rstd = torch.rsqrt(xg.var(-1, unbiased=False) + eps)
+        with torch.enable_grad():  # the baseline's forward graph, built once: eager() runs its backward only
+            leaves = tuple(t.clone().requires_grad_() for t in (x, w, b))
+            y = TF.silu(TF.group_norm(leaves[0], GROUPS, leaves[1], leaves[2], eps))
+        return {"dy": dy, "x": x, "weight": w, "bias": b, "mean": mean.float(), "rstd": rstd.float(),
+                "graph": (y, leaves)}
+
+    return make
+
+
+def _fused_bwd(inputs):
+    return torch.ops.ldm_fast.group_norm_backward(
+        inputs["dy"], inputs["x"], inputs["weight"], inputs["bias"], inputs["mean"], inputs["rstd"], GROUPS, "silu")
+
+
+def _eager_bwd(inputs):
+    y, leaves = inputs["graph"]
+    return torch.autograd.grad(y, leaves, inputs["dy"], retain_graph=True)
+
+
+def _min_bytes_bwd(inputs):
+    x, w, b = inputs["x"], inputs["weight"], inputs["bias"]
+    # read dy, x, weight, bias, mean, rstd; write dx, dweight, dbias
+    return nbytes(inputs["dy"], x, w, b, inputs["mean"], inputs["rstd"]) + nbytes(x, w, b)
+
+
+def _bwd_target(batch: int, channels: int, side: int, dtype: torch.dtype) -> float:
+    """The design's bytes over the minimum (the formulas above), from the shape alone."""
+    item = torch.empty((), dtype=dtype).element_size()
+    big = batch * channels * side * side * item  # |x| = |dy| = |dx|
+    small = channels * item  # |w| = |b| = |dw| = |db|
+    minimum = 3 * big + 4 * small + 2 * batch * GROUPS * 4
+    if one_pass_fits((batch, channels, side, side), GROUPS, backward=True):
+        return 1 + 16 * batch * channels / minimum
+    return (minimum + 2 * big) / minimum + SPLIT_BWD_ALLOWANCE
+
+
+def _backward_cases() -> list[Case]:
+    out = []
+    for kind, channels, side, dtype_name, quick in (
+        ("unet", 1280, 8, "fp16", True),  # one pass
+        ("unet", 640, 32, "bf16", True),  # split: statistics, finalize, apply, column sums
+        ("unet", 320, 64, "fp16", False),
+        ("vae", 512, 64, "fp16", False),
+    ):
+        eps = 1e-5 if kind == "unet" else 1e-6
+        dtype = DTYPES[dtype_name]
+        out.append(Case(
+            "group_norm", f"bwd-{kind}-{channels}x{side}x{side}-b1-{dtype_name}",
+            _make_bwd(1, channels, side, dtype, eps), _fused_bwd, _eager_bwd, _min_bytes_bwd,
+            traffic_target=_bwd_target(1, channels, side, dtype), quick=quick,
+        ))
     return out
 
 

@@ -36,6 +36,13 @@ while a kernel runs are not charged. A fused measurement proves the kernel ran: 
 saw a launch and ``ldm_fast.backend.kernel_launches`` increased, else :func:`check` fails it
 (a silent eager fallback would otherwise look like a kernel).
 
+Backward cases (``bwd-*``) need nothing special: their ``fused`` calls the backward op alone and
+their ``eager`` runs ``torch.autograd.grad(..., retain_graph=True)`` over a forward graph built in
+``make``. Both counters run under ``torch.no_grad()``, which does not stop ``autograd.grad``, and
+the autograd engine carries the dispatch mode into the backward, so the eager side is charged
+exactly the backward graph's aten ops (``silu_backward``, ``native_group_norm_backward``, ...) and
+none of the forward's.
+
 ``python -m benchmarks.traffic [--quick] [--ops a,b] [--case ID ...]`` measures cases and prints
 one JSON line per case (``python -m benchmarks`` runs it in worker processes with
 ``TRITON_INTERPRET=1`` and no visible CUDA device).

@@ -23,11 +23,13 @@ scale with the tensor are int64.
 
 Two paths, chosen per call by the padded size of one group:
 
-* one pass (``next_pow2(S) * next_pow2(CG) <= ONE_PASS_MAX``): a program per (group, block of
-  batch items) loads each of its groups once into registers (up to 16384 fp32 values over 16
-  warps), computes the statistics and writes y. Traffic: x read once, y written once; weight and
-  bias read once per batch block (blocks of several batch items only while that leaves at least
-  ``ONE_PASS_MIN_PROGRAMS`` programs).
+* one pass (:func:`one_pass_fits`: ``next_pow2(S) * (BLOCK_C + BLOCK_C2) <= ONE_PASS_MAX``, the
+  group's channels held as two power-of-two pieces, e.g. 10 = 8 + 2; or, with x and y NCHW, up to
+  ``ONE_PASS_MAX_BYTES`` of x: the U-Net's 320x64x64 and 640x32x32 groups in fp16/bf16): a
+  program per (group, block of batch items) loads each of its groups once into registers (up to
+  16384 values over 16 warps, 40960 above), computes the statistics and writes y. Traffic: x
+  read once, y written once; weight and bias read once per batch block (blocks of several batch
+  items only while that leaves at least ``ONE_PASS_MIN_PROGRAMS`` programs).
 * split (larger groups; at batch 1 a 32-group norm has only 32 groups for 132 SMs): a statistics
   kernel over ``[S-chunk, channel block, batch]`` programs (about ``TARGET_PROGRAMS`` of them,
   each looping over ``TILE``-element tiles) writes per-channel partial (mean, M2) of its chunk, a
@@ -62,8 +64,13 @@ import torch.nn.functional as F
 
 from ._triton import tl, triton
 
-#: Largest padded group (next_pow2(S) * next_pow2(CG) elements) the one-pass forward holds on chip.
+#: Largest group (next_pow2(S) x the channel pieces, elements) the one-pass forward holds on chip
+#: in any layout and dtype (16 warps).
 ONE_PASS_MAX = 16384
+#: Above ONE_PASS_MAX, the largest group in bytes of x the one-pass forward holds when x and y are
+#: both NCHW: 40960 fp16/bf16 or 20480 fp32 elements, see :func:`_one_pass_big_warps` for the
+#: shapes and warps checked free of spills with ptxas on sm_80 and sm_90 (channels-last spills).
+ONE_PASS_MAX_BYTES = 81920
 #: The same for the one-pass backward, which holds both x and dy.
 ONE_PASS_MAX_BWD = 8192
 #: Fewest one-pass programs worth keeping when batch items are grouped into one program.
@@ -94,36 +101,66 @@ def _group_norm_fwd_one_pass_kernel(
     w_ptr, b_ptr,  # [C]
     mean_ptr, rstd_ptr,  # [B, G] fp32, written
     B, C, S, G, batches_per_program, eps,
-    CG: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    CG: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_C2: tl.constexpr,
     X_CL: tl.constexpr, Y_CL: tl.constexpr, SILU: tl.constexpr,
 ):
     """Program (group, batch block): for each of its batches, the whole group [S, CG] in registers,
-    read once. Weight and bias are loaded once for the batch block."""
+    read once. Weight and bias are loaded once for the batch block.
+
+    The group's channels are held as two power-of-two pieces, channels [0, BLOCK_C) and
+    [BLOCK_C, BLOCK_C + BLOCK_C2) of the group (BLOCK_C2 = 0: one piece), so that 10 channels take
+    8 + 2 columns rather than 16 and 20 take 16 + 4 rather than 32: the registers hold the group
+    itself, not its padding to a power of two."""
     i_g = tl.program_id(0)
     i_bb = tl.program_id(1)
     o_s = tl.arange(0, BLOCK_S)
+    m_s = o_s < S
+    n = S * CG * 1.0
+    # piece 1: channels i_g * CG + [0, BLOCK_C)
     o_k = tl.arange(0, BLOCK_C)
     o_c = i_g * CG + o_k
     m_c = o_k < CG
-    m = (o_s < S)[:, None] & m_c[None, :]
+    m = m_s[:, None] & m_c[None, :]
     o_cl = o_s.to(tl.int64)[:, None] * C + o_c[None, :]
     o_nc = o_s[:, None] + o_c.to(tl.int64)[None, :] * S
     b_w = tl.load(w_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)
     b_bias = tl.load(b_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)
-    n = S * CG * 1.0
+    if BLOCK_C2 > 0:  # piece 2: channels i_g * CG + BLOCK_C + [0, BLOCK_C2)
+        o_k2 = BLOCK_C + tl.arange(0, BLOCK_C2)
+        o_c2 = i_g * CG + o_k2
+        m_c2 = o_k2 < CG
+        m2 = m_s[:, None] & m_c2[None, :]
+        o_cl2 = o_s.to(tl.int64)[:, None] * C + o_c2[None, :]
+        o_nc2 = o_s[:, None] + o_c2.to(tl.int64)[None, :] * S
+        b_w2 = tl.load(w_ptr + o_c2, mask=m_c2, other=0.0).to(tl.float32)
+        b_bias2 = tl.load(b_ptr + o_c2, mask=m_c2, other=0.0).to(tl.float32)
 
     b_begin = i_bb * batches_per_program
     for i_i in range(0, tl.minimum(batches_per_program, B - b_begin)):
         i_b = b_begin + i_i
         o_batch = i_b.to(tl.int64) * C * S
         b_x = tl.load(x_ptr + o_batch + (o_cl if X_CL else o_nc), mask=m, other=0.0).to(tl.float32)
-        b_mean = tl.sum(b_x) / n
+        b_sum = tl.sum(b_x)
+        if BLOCK_C2 > 0:
+            b_x2 = tl.load(x_ptr + o_batch + (o_cl2 if X_CL else o_nc2), mask=m2, other=0.0).to(tl.float32)
+            b_sum += tl.sum(b_x2)
+        b_mean = b_sum / n
+        # two passes over registers: the variance from the deviations
         b_d = tl.where(m, b_x - b_mean, 0.0)
-        b_rstd = tl.rsqrt(tl.sum(b_d * b_d) / n + eps)
+        b_m2 = tl.sum(b_d * b_d)
+        if BLOCK_C2 > 0:
+            b_d2 = tl.where(m2, b_x2 - b_mean, 0.0)
+            b_m2 += tl.sum(b_d2 * b_d2)
+        b_rstd = tl.rsqrt(b_m2 / n + eps)
         b_y = b_d * (b_rstd * b_w)[None, :] + b_bias[None, :]
         if SILU:
             b_y = b_y / (1.0 + tl.exp(-b_y))
         tl.store(y_ptr + o_batch + (o_cl if Y_CL else o_nc), b_y.to(y_ptr.dtype.element_ty), mask=m)
+        if BLOCK_C2 > 0:
+            b_y2 = b_d2 * (b_rstd * b_w2)[None, :] + b_bias2[None, :]
+            if SILU:
+                b_y2 = b_y2 / (1.0 + tl.exp(-b_y2))
+            tl.store(y_ptr + o_batch + (o_cl2 if Y_CL else o_nc2), b_y2.to(y_ptr.dtype.element_ty), mask=m2)
         tl.store(mean_ptr + i_b * G + i_g, b_mean)
         tl.store(rstd_ptr + i_b * G + i_g, b_rstd)
 
@@ -491,12 +528,48 @@ def _dims(x: torch.Tensor, num_groups: int) -> tuple[int, int, int, int]:
     return B, C, math.prod(x.shape[2:]), C // num_groups
 
 
-def one_pass_fits(shape, num_groups: int, *, backward: bool = False) -> bool:
-    """Whether a group of an input of ``shape`` ``[B, C, *spatial]`` takes the one-pass path."""
+def _channel_pieces(CG: int) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_C2) of the one-pass forward: the group's CG channels as a power of two
+    BLOCK_C <= CG and the rest padded to a power of two (0 when CG is a power of two)."""
+    block_c = 1 << (CG.bit_length() - 1)
+    rest = CG - block_c
+    return block_c, (triton.next_power_of_2(rest) if rest else 0)
+
+
+def _one_pass_elements(S: int, CG: int, backward: bool) -> int:
+    """Elements one group occupies on chip in the one-pass kernel (padded to its blocks)."""
+    if backward:
+        return triton.next_power_of_2(S) * triton.next_power_of_2(CG)
+    return triton.next_power_of_2(S) * sum(_channel_pieces(CG))
+
+
+def one_pass_fits(shape, num_groups: int, *, backward: bool = False, dtype=None, channels_last: bool = False) -> bool:
+    """Whether a group of an input of ``shape`` ``[B, C, *spatial]`` takes the one-pass path.
+
+    Forward: ``dtype`` is x's dtype and ``channels_last`` whether x or y is channels-last; without
+    a dtype only the layout- and dtype-independent ``ONE_PASS_MAX`` is considered."""
     S = math.prod(tuple(shape)[2:])
     CG = shape[1] // num_groups
-    limit = ONE_PASS_MAX_BWD if backward else ONE_PASS_MAX
-    return triton.next_power_of_2(S) * triton.next_power_of_2(CG) <= limit
+    elements = _one_pass_elements(S, CG, backward)
+    if backward:
+        return elements <= ONE_PASS_MAX_BWD
+    if elements <= ONE_PASS_MAX:
+        return True
+    return (not channels_last and dtype is not None and elements * dtype.itemsize <= ONE_PASS_MAX_BYTES
+            and _one_pass_big_warps(S, CG) > 0)
+
+
+def _one_pass_big_warps(S: int, CG: int) -> int:
+    """Warps of a one-pass forward program for a group above ONE_PASS_MAX (0: none spill-free).
+
+    ptxas -v, sm_80 and sm_90, fp16/bf16/fp32: up to 20480 elements (640x32x32: [1024, 16 + 4])
+    32 warps hold the group in <= 64 registers a thread; up to 40960 in rows of S with at most 8+8
+    channel columns (320x64x64: [4096, 8 + 2]), 16 warps in 128 registers. Other shapes of that
+    size spill at 16 warps ([1024, 32 + 8], [2048, 16 + 4]) and bf16 [4096, 8 + 2] spills at 32."""
+    elements = _one_pass_elements(S, CG, False)
+    if elements <= 20480:
+        return 32
+    return 16 if elements <= 40960 and _channel_pieces(CG)[0] <= 8 else 0
 
 
 def _batches_per_program(B: int, G: int) -> int:
@@ -509,7 +582,7 @@ def _batches_per_program(B: int, G: int) -> int:
 
 
 def _one_pass_warps(tile: int) -> int:
-    return max(4, min(16, tile // 512))
+    return max(4, min(16, triton.next_power_of_2(tile) // 512))
 
 
 def _split_tile(C: int, S: int, any_channels_last: bool) -> tuple[int, int]:
@@ -594,13 +667,15 @@ def group_norm_fwd(
     w, b = _affine_or_default(weight, bias, x)
     eps = float(eps)
 
-    block_s, block_c = triton.next_power_of_2(S), triton.next_power_of_2(CG)
-    if block_s * block_c <= ONE_PASS_MAX:
+    if one_pass_fits(x.shape, G, dtype=x.dtype, channels_last=x_cl or y_cl):
         bpp = _batches_per_program(B, G)
+        block_c, block_c2 = _channel_pieces(CG)
+        elements = _one_pass_elements(S, CG, False)
         _group_norm_fwd_one_pass_kernel[(G, triton.cdiv(B, bpp))](
             x, y, w, b, mean, rstd, B, C, S, G, bpp, eps,
-            CG=CG, BLOCK_S=block_s, BLOCK_C=block_c, X_CL=x_cl, Y_CL=y_cl, SILU=silu,
-            num_warps=_one_pass_warps(block_s * block_c),
+            CG=CG, BLOCK_S=triton.next_power_of_2(S), BLOCK_C=block_c, BLOCK_C2=block_c2,
+            X_CL=x_cl, Y_CL=y_cl, SILU=silu,
+            num_warps=_one_pass_warps(elements) if elements <= ONE_PASS_MAX else _one_pass_big_warps(S, CG),
         )
         return y, mean, rstd
 

@@ -3,6 +3,8 @@ results, every benchmarked kernel compiled for both targets, and a smoke run of 
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -113,11 +115,25 @@ def test_check_rules():
     assert audit.check(_result(error="PTXASError: boom"), LAUNCH, has_flops=False)[0].startswith("sm_80: does not compile")
 
 
+def _backward_kernels(op: str) -> set[str]:
+    """``module:name`` of every backward kernel (a triton ``*_kernel`` with ``_bwd_`` in its name, defined
+    there) of ``ldm_fast.kernels.<op>``."""
+    name = f"ldm_fast.kernels.{op}"
+    if importlib.util.find_spec(name) is None:
+        return set()
+    module = importlib.import_module(name)
+    return {f"{name}:{k}" for k, obj in vars(module).items()
+            if "_bwd_" in k and k.endswith("_kernel") and getattr(getattr(obj, "fn", None), "__module__", None) == name}
+
+
 @pytest.mark.parametrize("op", bench_ops())
 def test_kernels_compile_for_sm80_sm90_without_spills_with_128bit_access(op):
     records = [traffic.measure_case(c) for c in quick_subset(op_cases(op))]
     launches = [k for r in records for k in r["fused"]["kernels"]]
     assert launches, f"{op}: its quick cases launched no kernel to audit"
+    # the backward kernels too: a quick bwd-* case launches each, so training's kernels are audited here
+    unaudited = _backward_kernels(op) - {k["kernel"] for k in launches}
+    assert not unaudited, f"{op}: no quick case launches {sorted(unaudited)}; add or mark quick a bwd-* case that does"
     entries = audit.audit_records(records, archs=audit.ARCHS, jobs=2)
     assert {(e["case"], e["launch"], e["arch"]) for e in entries} == {
         (r["case"], i, a) for r in records for i in range(len(r["fused"]["kernels"])) for a in audit.ARCHS

@@ -100,6 +100,7 @@ def force_split(monkeypatch):
 
     def force(tile: int = 32, target_programs: int = 16):
         monkeypatch.setattr(gn, "ONE_PASS_MAX", 0)
+        monkeypatch.setattr(gn, "ONE_PASS_MAX_BYTES", 0)
         monkeypatch.setattr(gn, "ONE_PASS_MAX_BWD", 0)
         monkeypatch.setattr(gn, "TILE", tile)
         monkeypatch.setattr(gn, "TARGET_PROGRAMS", target_programs)
@@ -278,6 +279,66 @@ def test_one_pass_batch_blocks(channels_last, monkeypatch, triton_backend):
     assert triton_backend("group_norm")
     _check_forward(y.detach(), x, 2, weight, bias, 1e-5, "silu")
     _check_gradients(x, 2, weight, bias, 1e-5, "silu", grad, (xk.grad, wk.grad, bk.grad))
+
+
+class _LaunchSpy:
+    """Stands in for a Triton kernel: counts ``kernel[grid](...)`` launches and runs the real one."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+def test_one_pass_pieces_and_size_rule():
+    """Channels held as two power-of-two pieces; the U-Net's 320x64x64 and 640x32x32 groups fit in
+    fp16/bf16 NCHW only (fp32 and channels-last spill registers at that size)."""
+    assert [gn._channel_pieces(cg) for cg in (1, 4, 10, 16, 20, 30, 40)] == [
+        (1, 0), (4, 0), (8, 2), (16, 0), (16, 4), (16, 16), (32, 8)]
+    for shape in ((1, 320, 64, 64), (8, 640, 32, 32)):
+        assert gn.one_pass_fits(shape, 32, dtype=torch.float16) and gn.one_pass_fits(shape, 32, dtype=torch.bfloat16)
+        assert not gn.one_pass_fits(shape, 32, dtype=torch.float16, channels_last=True)
+        assert not gn.one_pass_fits(shape, 32)  # no dtype: the layout- and dtype-independent limit only
+    assert gn.one_pass_fits((1, 640, 32, 32), 32, dtype=torch.float32)
+    assert not gn.one_pass_fits((1, 320, 64, 64), 32, dtype=torch.float32)
+    assert not gn.one_pass_fits((1, 512, 64, 64), 32, dtype=torch.float16)  # VAE: 65536 elements
+    assert [gn._one_pass_warps(gn._one_pass_elements(S, cg, False)) for S, cg in ((64, 40), (256, 10))] == [8, 8]
+
+
+@pytest.mark.parametrize(
+    "dtype, channels_last, one_pass",
+    [(torch.float16, False, True), (torch.bfloat16, False, True), (torch.float32, False, False),
+     (torch.float16, True, False)],
+    ids=["fp16-nchw", "bf16-nchw", "fp32-nchw", "fp16-channels-last"],
+)
+def test_one_pass_byte_limit_routes_truthfully(dtype, channels_last, one_pass, monkeypatch, poison):
+    """Above ONE_PASS_MAX, groups within ONE_PASS_MAX_BYTES of x take the one pass when NCHW, as
+    one_pass_fits says (scaled down: 16 positions x 10 channels = 8 + 2 pieces, 320 bytes at fp16)."""
+    monkeypatch.setattr(gn, "ONE_PASS_MAX", 64)
+    monkeypatch.setattr(gn, "ONE_PASS_MAX_BYTES", 320)
+    spy = _LaunchSpy(gn._group_norm_fwd_one_pass_kernel)
+    monkeypatch.setattr(gn, "_group_norm_fwd_one_pass_kernel", spy)
+    x, weight, bias = _inputs((2, 20, 4, 4), dtype)
+    if channels_last:
+        x = _channels_last(x)
+    assert gn.one_pass_fits(x.shape, 2, dtype=dtype, channels_last=channels_last) == one_pass
+    y, mean, rstd = gn.group_norm_fwd(x, weight, bias, 2, 1e-5, "silu", out=nan_like(x))
+    assert spy.launches == int(one_pass)
+    _check_forward(y, x, 2, weight, bias, 1e-5, "silu")
+    torch.testing.assert_close(mean.double(), x.double().reshape(2, 2, -1).mean(-1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 320, 64, 64), (1, 640, 32, 32)], ids=["unet-320x64x64", "unet-640x32x32"])
+def test_one_pass_at_unet_size(shape, monkeypatch, poison):
+    """The full-size U-Net groups (40960 and 20480 elements, two channel pieces) in one pass, fp16."""
+    spy = _LaunchSpy(gn._group_norm_fwd_one_pass_kernel)
+    monkeypatch.setattr(gn, "_group_norm_fwd_one_pass_kernel", spy)
+    x, weight, bias = _inputs(shape, torch.float16)
+    y, mean, rstd = gn.group_norm_fwd(x, weight, bias, 32, 1e-5, "silu", out=nan_like(x))
+    assert spy.launches == 1
+    _check_forward(y, x, 32, weight, bias, 1e-5, "silu")
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels-last"])

@@ -84,6 +84,31 @@ def test_eager_fallback_is_caught():
     assert any("launched no Triton kernel" in p for p in record["problems"])
 
 
+BACKWARD = [c for c in QUICK if c.name.startswith("bwd-")]
+
+#: aten ops of the baselines' forward graphs (diffusers' sample(), F.silu(F.group_norm(...))), which
+#: a backward case's eager side must not run: its forward graph is built in make().
+FORWARD_OPS = {"native_group_norm", "silu", "silu_", "randn", "exp", "clamp", "split", "chunk", "_to_copy"}
+
+
+def test_quick_subset_has_backward_cases():
+    assert {c.op for c in BACKWARD} >= {"reparameterize", "group_norm"}, [c.id for c in QUICK]
+
+
+@pytest.mark.parametrize("case", BACKWARD, ids=[c.id for c in BACKWARD])
+def test_backward_baseline_charges_only_the_backward(case):
+    """A ``bwd-*`` case's eager side is autograd.grad over a graph built in make(): the dispatch counter
+    sees the backward's aten ops (the autograd engine carries the mode into the backward), none of the
+    forward's, and one gradient per leaf."""
+    inputs = case.make(torch.device("cpu"))
+    counter = traffic.measure_eager(case.eager, inputs)
+    names = {name for name, *_ in counter.ops}
+    assert names and not names & FORWARD_OPS, names
+    assert counter.launches >= 1 and counter.read + counter.write >= case.min_bytes(inputs)
+    grads = case.eager(inputs)  # retain_graph: the graph runs again
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
 @pytest.mark.parametrize("case", QUICK, ids=[c.id for c in QUICK])
 def test_fused_traffic_within_target(case):
     record = traffic.measure_case(case)
