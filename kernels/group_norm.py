@@ -25,9 +25,9 @@ Two paths, chosen per call by the padded size of one group:
 
 * one pass (:func:`one_pass_fits`: ``next_pow2(S) * (BLOCK_C + BLOCK_C2) <= ONE_PASS_MAX``, the
   group's channels held as two power-of-two pieces, e.g. 10 = 8 + 2; or, with x and y NCHW, up to
-  ``ONE_PASS_MAX_BYTES`` of x: the U-Net's 320x64x64 and 640x32x32 groups in fp16/bf16): a
+  ``ONE_PASS_MAX_BYTES`` of x and 20480 elements: the U-Net's 640x32x32 groups): a
   program per (group, block of batch items) loads each of its groups once into registers (up to
-  16384 values over 16 warps, 40960 above), computes the statistics and writes y. Traffic: x
+  16384 values over 16 warps, 20480 over 32), computes the statistics and writes y. Traffic: x
   read once, y written once; weight and bias read once per batch block (blocks of several batch
   items only while that leaves at least ``ONE_PASS_MIN_PROGRAMS`` programs).
 * split (larger groups; at batch 1 a 32-group norm has only 32 groups for 132 SMs): a statistics
@@ -68,8 +68,8 @@ from ._triton import tl, triton
 #: in any layout and dtype (16 warps).
 ONE_PASS_MAX = 16384
 #: Above ONE_PASS_MAX, the largest group in bytes of x the one-pass forward holds when x and y are
-#: both NCHW: 40960 fp16/bf16 or 20480 fp32 elements, see :func:`_one_pass_big_warps` for the
-#: shapes and warps checked free of spills with ptxas on sm_80 and sm_90 (channels-last spills).
+#: both NCHW, further capped at 20480 elements by :func:`_one_pass_big_warps` (the shapes and
+#: warps checked free of spills with ptxas on sm_80 and sm_90; channels-last spills).
 ONE_PASS_MAX_BYTES = 81920
 #: The same for the one-pass backward, which holds both x and dy.
 ONE_PASS_MAX_BWD = 8192
@@ -564,12 +564,10 @@ def _one_pass_big_warps(S: int, CG: int) -> int:
 
     ptxas -v, sm_80 and sm_90, fp16/bf16/fp32: up to 20480 elements (640x32x32: [1024, 16 + 4])
     32 warps hold the group in <= 64 registers a thread; up to 40960 in rows of S with at most 8+8
-    channel columns (320x64x64: [4096, 8 + 2]), 16 warps in 128 registers. Other shapes of that
-    size spill at 16 warps ([1024, 32 + 8], [2048, 16 + 4]) and bf16 [4096, 8 + 2] spills at 32."""
-    elements = _one_pass_elements(S, CG, False)
-    if elements <= 20480:
-        return 32
-    return 16 if elements <= 40960 and _channel_pieces(CG)[0] <= 8 else 0
+    channel columns (320x64x64: [4096, 8 + 2]) 16 warps needed exactly 128 registers with triton
+    3.8 and spilled 16-28 bytes on sm_90 with triton 3.9, so groups above 20480 take the split path:
+    a kernel at the register limit is one compiler release away from spilling."""
+    return 32 if _one_pass_elements(S, CG, False) <= 20480 else 0
 
 
 def _batches_per_program(B: int, G: int) -> int:
