@@ -66,7 +66,7 @@ def _make_bwd(batch: int, dtype: torch.dtype):
         return {
             "grad": grad,  # dL/dz [B, 4, 64, 64]
             "logvar": moments[:, 4:],  # [B, 4, 64, 64], a channel slice of moments (row stride 8*64*64)
-            "seed": torch.tensor(1234, dtype=torch.int64),  # the forward's seed, a 0-d CPU tensor
+            "seed": torch.full((1,), 1234, dtype=torch.int64, device=device),  # the forward's seed, on the device
             "graph": (out, (mean, logvar)),
         }
 

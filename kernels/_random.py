@@ -3,6 +3,16 @@
 from ._triton import tl, triton
 
 
+def seed_args(seed) -> tuple:
+    """``(seed, seed_ptr)`` kernel arguments for a seed given as an int (passed by value; the
+    pointer slot gets a dummy 0) or as an int64 tensor of one element on the kernel's device
+    (passed by pointer, ``SEED_FROM_PTR``: the kernel loads it, so a seed drawn on the device by a
+    CUDA graph or a compiled graph changes at every replay without the host reading it)."""
+    if isinstance(seed, int):
+        return seed, 0
+    return 0, seed
+
+
 @triton.jit
 def _cos_sin_2pi(u):
     """``(cos(2 pi u), sin(2 pi u))`` for u in [0, 1): quarter-turn reduction, then Taylor polynomials

@@ -57,7 +57,9 @@ tiles and several tiles per program at small sizes by setting them.
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -91,8 +93,19 @@ ACTIVATIONS = (None, "silu")
 #
 # Addresses: inside one batch item (base ``b * C * S``, int64) a tile's element offsets are
 # ``s * C + c`` (channels-last) or ``s + c * S`` (NCHW); each kernel computes the form its layout
-# flags ask for. Weight and bias are always given (the launcher passes ones / zeros for None).
+# flags ask for. A missing weight or bias (HAS_W / HAS_B false) reads as ones / zeros in-kernel,
+# so the launcher allocates and fills nothing for it.
 # SiLU is written out as z / (1 + exp(-z)) and its derivative as s * (1 + z * (1 - s)).
+
+
+@triton.jit
+def _load_param(ptr, o_c, m_c, HAS: tl.constexpr, FILL: tl.constexpr):
+    """A weight or bias ``[C]`` at channels o_c as fp32 (0 where masked); FILL (1.0 for the
+    weight, 0.0 for the bias) everywhere when the parameter is None (HAS false)."""
+    b_p = tl.where(m_c, FILL, 0.0)
+    if HAS:
+        b_p = tl.load(ptr + o_c, mask=m_c, other=0.0).to(tl.float32)
+    return b_p
 
 
 @triton.jit(do_not_specialize=["batches_per_program"])
@@ -103,6 +116,7 @@ def _group_norm_fwd_one_pass_kernel(
     B, C, S, G, batches_per_program, eps,
     CG: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_C2: tl.constexpr,
     X_CL: tl.constexpr, Y_CL: tl.constexpr, SILU: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr,
 ):
     """Program (group, batch block): for each of its batches, the whole group [S, CG] in registers,
     read once. Weight and bias are loaded once for the batch block.
@@ -123,8 +137,8 @@ def _group_norm_fwd_one_pass_kernel(
     m = m_s[:, None] & m_c[None, :]
     o_cl = o_s.to(tl.int64)[:, None] * C + o_c[None, :]
     o_nc = o_s[:, None] + o_c.to(tl.int64)[None, :] * S
-    b_w = tl.load(w_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)
-    b_bias = tl.load(b_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)
+    b_w = _load_param(w_ptr, o_c, m_c, HAS_W, 1.0)
+    b_bias = _load_param(b_ptr, o_c, m_c, HAS_B, 0.0)
     if BLOCK_C2 > 0:  # piece 2: channels i_g * CG + BLOCK_C + [0, BLOCK_C2)
         o_k2 = BLOCK_C + tl.arange(0, BLOCK_C2)
         o_c2 = i_g * CG + o_k2
@@ -132,8 +146,8 @@ def _group_norm_fwd_one_pass_kernel(
         m2 = m_s[:, None] & m_c2[None, :]
         o_cl2 = o_s.to(tl.int64)[:, None] * C + o_c2[None, :]
         o_nc2 = o_s[:, None] + o_c2.to(tl.int64)[None, :] * S
-        b_w2 = tl.load(w_ptr + o_c2, mask=m_c2, other=0.0).to(tl.float32)
-        b_bias2 = tl.load(b_ptr + o_c2, mask=m_c2, other=0.0).to(tl.float32)
+        b_w2 = _load_param(w_ptr, o_c2, m_c2, HAS_W, 1.0)
+        b_bias2 = _load_param(b_ptr, o_c2, m_c2, HAS_B, 0.0)
 
     b_begin = i_bb * batches_per_program
     for i_i in range(0, tl.minimum(batches_per_program, B - b_begin)):
@@ -263,6 +277,7 @@ def _group_norm_fwd_apply_kernel(
     C, S, G, tiles_per_program,
     CG: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
     X_CL: tl.constexpr, Y_CL: tl.constexpr, SILU: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr,
 ):
     """Program (chunk, channel block, batch): y = act((x - mean) * rstd * w + bias) over
     tiles_per_program tiles, the per-channel factors loaded once."""
@@ -274,8 +289,8 @@ def _group_norm_fwd_apply_kernel(
     o_batch = i_b.to(tl.int64) * C * S
     o_g = i_b * G + o_c // CG
     b_mean = tl.load(mean_ptr + o_g, mask=m_c, other=0.0)
-    b_a = tl.load(rstd_ptr + o_g, mask=m_c, other=0.0) * tl.load(w_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)
-    b_bias = tl.load(b_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)
+    b_a = tl.load(rstd_ptr + o_g, mask=m_c, other=0.0) * _load_param(w_ptr, o_c, m_c, HAS_W, 1.0)
+    b_bias = _load_param(b_ptr, o_c, m_c, HAS_B, 0.0)
     s_begin = i_n * tiles_per_program * BLOCK_S
     n_tiles = tl.minimum(tiles_per_program, (S - s_begin + BLOCK_S - 1) // BLOCK_S)
 
@@ -300,6 +315,7 @@ def _group_norm_bwd_one_pass_kernel(
     B, C, S, G, batches_per_program, part_plane,
     CG: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
     X_CL: tl.constexpr, DY_CL: tl.constexpr, DX_CL: tl.constexpr, SILU: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr,
 ):
     """Program (group, batch block): for each of its batches, x and dy of the group in registers,
     read once; the weight/bias gradient partials summed over the batch block."""
@@ -312,8 +328,8 @@ def _group_norm_bwd_one_pass_kernel(
     m = (o_s < S)[:, None] & m_c[None, :]
     o_cl = o_s.to(tl.int64)[:, None] * C + o_c[None, :]
     o_nc = o_s[:, None] + o_c.to(tl.int64)[None, :] * S
-    b_w = tl.load(w_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)
-    b_bias = tl.load(b_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)
+    b_w = _load_param(w_ptr, o_c, m_c, HAS_W, 1.0)
+    b_bias = _load_param(b_ptr, o_c, m_c, HAS_B, 0.0)
     n = S * CG * 1.0
 
     b_sdz = tl.zeros([BLOCK_C], tl.float32)
@@ -354,6 +370,7 @@ def _group_norm_bwd_stats_kernel(
     C, S, G, n_chunks, tiles_per_program, part_plane,
     CG: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
     X_CL: tl.constexpr, DY_CL: tl.constexpr, SILU: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr,
 ):
     """Program (chunk, channel block, batch): per-channel sums over tiles_per_program tiles."""
     i_n = tl.program_id(0)
@@ -365,8 +382,8 @@ def _group_norm_bwd_stats_kernel(
     o_g = i_b * G + o_c // CG
     b_mean = tl.load(mean_ptr + o_g, mask=m_c, other=0.0)
     b_rstd = tl.load(rstd_ptr + o_g, mask=m_c, other=0.0)
-    b_w = tl.load(w_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)
-    b_bias = tl.load(b_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)
+    b_w = _load_param(w_ptr, o_c, m_c, HAS_W, 1.0)
+    b_bias = _load_param(b_ptr, o_c, m_c, HAS_B, 0.0)
     s_begin = i_n * tiles_per_program * BLOCK_S
     n_tiles = tl.minimum(tiles_per_program, (S - s_begin + BLOCK_S - 1) // BLOCK_S)
 
@@ -392,35 +409,49 @@ def _group_norm_bwd_stats_kernel(
     tl.store(part_ptr + part_plane + o_part, b_sdzx, mask=m_c)
 
 
-@triton.jit(do_not_specialize=["n_chunks", "part_plane"])
+@triton.jit(do_not_specialize=["B", "n_chunks", "part_plane"])
 def _group_norm_bwd_finalize_kernel(
     part_ptr,  # [2, B, n_chunks, C] fp32 from the statistics kernel
     w_ptr,  # [C]
     c1_ptr, c2_ptr,  # [B, G] fp32, written
-    C, S, G, n_chunks, part_plane,
+    dw_ptr, db_ptr,  # [C] (their own dtypes), written when HAS_W / HAS_B
+    B, C, S, G, n_chunks, part_plane,
     CG: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr,
 ):
-    """One program per (batch, group): c1 = sum_c w * sum dz / N, c2 = sum_c w * sum dz * xhat / N."""
-    i_bg = tl.program_id(0)
-    i_b = i_bg // G
-    i_g = i_bg % G
+    """One program per group g, over every batch item in order: for each b,
+    c1[b, g] = sum_c w * sum dz / N and c2[b, g] = sum_c w * sum dz * xhat / N; then the group's
+    weight and bias gradients dweight[c] = sum_{b, chunk} sum dz * xhat, dbias[c] = sum_{b, chunk} sum dz
+    (a fixed order: deterministic, and no separate column-sum launch)."""
+    i_g = tl.program_id(0)
     o_k = tl.arange(0, BLOCK_C)
     o_c = i_g * CG + o_k
     m_c = o_k < CG
-    o_batch = i_b.to(tl.int64) * n_chunks * C
-    b_w = tl.load(w_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)
-
-    b_acc1 = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
-    b_acc2 = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
-    for n0 in range(0, n_chunks, BLOCK_N):
-        o_n = n0 + tl.arange(0, BLOCK_N)
-        m = (o_n < n_chunks)[:, None] & m_c[None, :]
-        p_part = part_ptr + o_batch + o_n.to(tl.int64)[:, None] * C + o_c[None, :]
-        b_acc1 += tl.load(p_part, mask=m, other=0.0)
-        b_acc2 += tl.load(p_part + part_plane, mask=m, other=0.0)
+    b_w = _load_param(w_ptr, o_c, m_c, HAS_W, 1.0)
     n = S * CG * 1.0
-    tl.store(c1_ptr + i_bg, tl.sum(b_acc1 * b_w[None, :]) / n)
-    tl.store(c2_ptr + i_bg, tl.sum(b_acc2 * b_w[None, :]) / n)
+
+    b_col1 = tl.zeros([BLOCK_C], tl.float32)
+    b_col2 = tl.zeros([BLOCK_C], tl.float32)
+    for i_b in range(0, B):
+        o_batch = i_b * n_chunks * C  # the partial buffer is small: int32
+        b_acc1 = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+        b_acc2 = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+        for n0 in range(0, n_chunks, BLOCK_N):
+            o_n = n0 + tl.arange(0, BLOCK_N)
+            m = (o_n < n_chunks)[:, None] & m_c[None, :]
+            p_part = part_ptr + o_batch + o_n.to(tl.int64)[:, None] * C + o_c[None, :]
+            b_acc1 += tl.load(p_part, mask=m, other=0.0)
+            b_acc2 += tl.load(p_part + part_plane, mask=m, other=0.0)
+        t_sdz = tl.sum(b_acc1, axis=0)
+        t_sdzx = tl.sum(b_acc2, axis=0)
+        tl.store(c1_ptr + i_b * G + i_g, tl.sum(t_sdz * b_w) / n)
+        tl.store(c2_ptr + i_b * G + i_g, tl.sum(t_sdzx * b_w) / n)
+        b_col1 += t_sdz
+        b_col2 += t_sdzx
+    if HAS_W:
+        tl.store(dw_ptr + o_c, b_col2.to(dw_ptr.dtype.element_ty), mask=m_c)
+    if HAS_B:
+        tl.store(db_ptr + o_c, b_col1.to(db_ptr.dtype.element_ty), mask=m_c)
 
 
 @triton.jit(do_not_specialize=["tiles_per_program"])
@@ -431,6 +462,7 @@ def _group_norm_bwd_apply_kernel(
     C, S, G, tiles_per_program,
     CG: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
     X_CL: tl.constexpr, DY_CL: tl.constexpr, DX_CL: tl.constexpr, SILU: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr,
 ):
     """Program (chunk, channel block, batch): dx = rstd * (dz * w - c1 - xhat * c2) over
     tiles_per_program tiles, the per-channel factors loaded once."""
@@ -445,8 +477,8 @@ def _group_norm_bwd_apply_kernel(
     b_rstd = tl.load(rstd_ptr + o_g, mask=m_c, other=0.0)
     b_c1 = tl.load(c1_ptr + o_g, mask=m_c, other=0.0)
     b_c2 = tl.load(c2_ptr + o_g, mask=m_c, other=0.0)
-    b_w = tl.load(w_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)
-    b_bias = tl.load(b_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)
+    b_w = _load_param(w_ptr, o_c, m_c, HAS_W, 1.0)
+    b_bias = _load_param(b_ptr, o_c, m_c, HAS_B, 0.0)
     s_begin = i_n * tiles_per_program * BLOCK_S
     n_tiles = tl.minimum(tiles_per_program, (S - s_begin + BLOCK_S - 1) // BLOCK_S)
 
@@ -466,23 +498,32 @@ def _group_norm_bwd_apply_kernel(
         tl.store(dx_ptr + o_batch + (o_cl if DX_CL else o_nc), b_dx.to(dx_ptr.dtype.element_ty), mask=m)
 
 
-@triton.jit(do_not_specialize=["R"])
+@triton.jit(do_not_specialize=["R", "part_plane"])
 def _column_sum_kernel(
-    part_ptr,  # [R, C] fp32, rows contiguous
-    out_ptr,  # [C], written (its own dtype)
-    R, C,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    part_ptr,  # [2, R, C] fp32, rows contiguous: plane 0 sum dz, plane 1 sum dz * xhat
+    dw_ptr, db_ptr,  # [C] (their own dtypes), written when HAS_W / HAS_B
+    R, C, part_plane,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
 ):
-    """out[c] = sum_r part[r, c], in a fixed order (deterministic weight and bias gradients)."""
+    """dbias[c] = sum_r part[0, r, c] and dweight[c] = sum_r part[1, r, c], in a fixed order
+    (deterministic weight and bias gradients), both in one launch."""
     i_c = tl.program_id(0)
     o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
     m_c = o_c < C
-    b_acc = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+    b_acc1 = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+    b_acc2 = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
     for r0 in range(0, R, BLOCK_R):
         o_r = r0 + tl.arange(0, BLOCK_R)
         m = (o_r < R)[:, None] & m_c[None, :]
-        b_acc += tl.load(part_ptr + o_r.to(tl.int64)[:, None] * C + o_c[None, :], mask=m, other=0.0)
-    tl.store(out_ptr + o_c, tl.sum(b_acc, axis=0).to(out_ptr.dtype.element_ty), mask=m_c)
+        p_part = part_ptr + o_r.to(tl.int64)[:, None] * C + o_c[None, :]
+        if HAS_B:
+            b_acc1 += tl.load(p_part, mask=m, other=0.0)
+        if HAS_W:
+            b_acc2 += tl.load(p_part + part_plane, mask=m, other=0.0)
+    if HAS_W:
+        tl.store(dw_ptr + o_c, tl.sum(b_acc2, axis=0).to(dw_ptr.dtype.element_ty), mask=m_c)
+    if HAS_B:
+        tl.store(db_ptr + o_c, tl.sum(b_acc1, axis=0).to(db_ptr.dtype.element_ty), mask=m_c)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -520,12 +561,6 @@ def _canonical(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
     if is_channels_last(x):
         return x, True
     return x.contiguous(), False
-
-
-def _dims(x: torch.Tensor, num_groups: int) -> tuple[int, int, int, int]:
-    """(B, C, S, CG) of ``x`` ``[B, C, *spatial]``."""
-    B, C = x.shape[0], x.shape[1]
-    return B, C, math.prod(x.shape[2:]), C // num_groups
 
 
 def _channel_pieces(CG: int) -> tuple[int, int]:
@@ -614,20 +649,61 @@ def _activation_flag(activation) -> bool:
     return activation == "silu"
 
 
-def _affine_or_default(weight, bias, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """weight and bias ``[C]`` contiguous, or fp32 ones / zeros in place of None."""
-    C = x.shape[1]
-    w = weight.contiguous() if weight is not None else torch.ones(C, dtype=torch.float32, device=x.device)
-    b = bias.contiguous() if bias is not None else torch.zeros(C, dtype=torch.float32, device=x.device)
-    return w, b
-
-
 def _check_out(out: torch.Tensor, x: torch.Tensor) -> None:
     if out.shape != x.shape or out.dtype != x.dtype or not (out.is_contiguous() or is_channels_last(out)):
         raise ValueError(
             f"out must be {tuple(x.shape)} {x.dtype}, NCHW-contiguous or channels-last; got "
             f"{tuple(out.shape)} {out.dtype} with strides {out.stride()}"
         )
+
+
+def _tuning() -> tuple:
+    """The module's tuning constants, part of every plan's cache key (tests change them)."""
+    return (ONE_PASS_MAX, ONE_PASS_MAX_BYTES, ONE_PASS_MAX_BWD, ONE_PASS_MIN_PROGRAMS, TILE, TARGET_PROGRAMS,
+            SPLIT_WARPS, REDUCE_BLOCK)
+
+
+class _SplitGrid(NamedTuple):
+    """A split kernel's [S-chunk, channel block, batch] grid and its tiles."""
+    grid: tuple[int, int, int]
+    tiles_per_program: int
+    n_chunks: int
+    BLOCK_S: int
+    BLOCK_C: int
+
+
+def _split_grid(B: int, C: int, S: int, any_channels_last: bool) -> _SplitGrid:
+    block_s, block_c = _split_tile(C, S, any_channels_last)
+    n_c = triton.cdiv(C, block_c)
+    tiles_per_program, n_chunks = _chunks(B, S, n_c, block_s)
+    return _SplitGrid((n_chunks, n_c, B), tiles_per_program, n_chunks, block_s, block_c)
+
+
+class _FwdPlan(NamedTuple):
+    """Every shape-dependent choice of one forward call, decided once per (shape, dtype, layouts)."""
+    one_pass: bool
+    batches_per_program: int  # one pass
+    grid: tuple  # one pass
+    meta: dict  # one pass: constexprs and num_warps
+    stats: Optional[_SplitGrid] = None  # split
+    finalize_meta: Optional[dict] = None
+    apply: Optional[_SplitGrid] = None
+
+
+@functools.lru_cache(maxsize=1024)
+def _fwd_plan(B: int, C: int, S: int, G: int, dtype: torch.dtype, x_cl: bool, y_cl: bool, tuning: tuple) -> _FwdPlan:
+    CG = C // G
+    if one_pass_fits((B, C, S), G, dtype=dtype, channels_last=x_cl or y_cl):
+        bpp = _batches_per_program(B, G)
+        block_c, block_c2 = _channel_pieces(CG)
+        elements = _one_pass_elements(S, CG, False)
+        warps = _one_pass_warps(elements) if elements <= ONE_PASS_MAX else _one_pass_big_warps(S, CG)
+        meta = dict(CG=CG, BLOCK_S=triton.next_power_of_2(S), BLOCK_C=block_c, BLOCK_C2=block_c2, num_warps=warps)
+        return _FwdPlan(True, bpp, (G, triton.cdiv(B, bpp)), meta)
+    stats = _split_grid(B, C, S, x_cl)
+    block_n, block_cg = _reduce_block(stats.n_chunks, CG)
+    finalize_meta = dict(CG=CG, BLOCK_N=block_n, BLOCK_C=block_cg, num_warps=4)
+    return _FwdPlan(False, 0, (), {}, stats, finalize_meta, _split_grid(B, C, S, x_cl or y_cl))
 
 
 def group_norm_fwd(
@@ -641,73 +717,87 @@ def group_norm_fwd(
     *,
     out=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the forward: ``(y, mean, rstd)``.
+    """Launch the forward: ``(y, mean, rstd)``. One launch on the one-pass path, three on the split
+    path (statistics, finalize, apply); no other kernel (no fills for a missing weight or bias).
 
     x: ``[B, C, *spatial]``, NCHW-contiguous or channels-last (any other layout is copied to
-    NCHW); weight, bias: ``[C]`` or None, any float dtype; ``C % num_groups == 0`` (the caller
-    checks). y: ``[B, C, *spatial]`` in x's dtype, channels-last when ``channels_last_out`` (None:
-    x's layout), or written into ``out`` (NCHW-contiguous or channels-last: its layout decides).
-    mean, rstd: ``[B, G]`` fp32, what the backward needs.
+    NCHW); weight, bias: ``[C]`` contiguous or None, any float dtype; ``C % num_groups == 0`` (the
+    caller checks). y: ``[B, C, *spatial]`` in x's dtype, channels-last when ``channels_last_out``
+    (None: x's layout), or written into ``out`` (NCHW-contiguous or channels-last: its layout
+    decides). mean, rstd: ``[B, G]`` fp32, what the backward needs.
     Eager equivalent: :func:`group_norm_reference` (mean/rstd: ``torch.ops.aten.native_group_norm``).
     """
     silu = _activation_flag(activation)
     x, x_cl = _canonical(x)
-    B, C, S, CG = _dims(x, num_groups)
+    B, C = x.shape[0], x.shape[1]
+    S = math.prod(x.shape[2:])
     G = num_groups
     if out is None:
         out = empty_nc(x.shape, x_cl if channels_last_out is None else bool(channels_last_out), x.dtype, x.device)
-    _check_out(out, x)
+    else:
+        _check_out(out, x)
     y, y_cl = out, is_channels_last(out)
     mean = torch.empty((B, G), dtype=torch.float32, device=x.device)
-    rstd = torch.empty_like(mean)
+    rstd = torch.empty((B, G), dtype=torch.float32, device=x.device)
     if x.numel() == 0:
         return y, mean, rstd
-    w, b = _affine_or_default(weight, bias, x)
-    eps = float(eps)
+    w = x if weight is None else weight.contiguous()
+    b = x if bias is None else bias.contiguous()
+    flags = dict(SILU=silu, HAS_W=weight is not None, HAS_B=bias is not None)
+    plan = _fwd_plan(B, C, S, G, x.dtype, x_cl, y_cl, _tuning())
 
-    if one_pass_fits(x.shape, G, dtype=x.dtype, channels_last=x_cl or y_cl):
-        bpp = _batches_per_program(B, G)
-        block_c, block_c2 = _channel_pieces(CG)
-        elements = _one_pass_elements(S, CG, False)
-        _group_norm_fwd_one_pass_kernel[(G, triton.cdiv(B, bpp))](
-            x, y, w, b, mean, rstd, B, C, S, G, bpp, eps,
-            CG=CG, BLOCK_S=triton.next_power_of_2(S), BLOCK_C=block_c, BLOCK_C2=block_c2,
-            X_CL=x_cl, Y_CL=y_cl, SILU=silu,
-            num_warps=_one_pass_warps(elements) if elements <= ONE_PASS_MAX else _one_pass_big_warps(S, CG),
+    if plan.one_pass:
+        _group_norm_fwd_one_pass_kernel[plan.grid](
+            x, y, w, b, mean, rstd, B, C, S, G, plan.batches_per_program, eps,
+            X_CL=x_cl, Y_CL=y_cl, **flags, **plan.meta,
         )
         return y, mean, rstd
 
-    block_s, block_c = _split_tile(C, S, x_cl)
-    n_c = triton.cdiv(C, block_c)
-    tiles_per_program, n_chunks = _chunks(B, S, n_c, block_s)
-    part = torch.empty((2, B, n_chunks, C), dtype=torch.float32, device=x.device)
-    part_plane = B * n_chunks * C
-    _group_norm_fwd_stats_kernel[(n_chunks, n_c, B)](
-        x, part, C, S, n_chunks, tiles_per_program, part_plane,
-        BLOCK_S=block_s, BLOCK_C=block_c, X_CL=x_cl, num_warps=SPLIT_WARPS,
+    st, ap = plan.stats, plan.apply
+    part = torch.empty((2, B, st.n_chunks, C), dtype=torch.float32, device=x.device)
+    part_plane = B * st.n_chunks * C
+    _group_norm_fwd_stats_kernel[st.grid](
+        x, part, C, S, st.n_chunks, st.tiles_per_program, part_plane,
+        BLOCK_S=st.BLOCK_S, BLOCK_C=st.BLOCK_C, X_CL=x_cl, num_warps=SPLIT_WARPS,
     )
-    block_n, block_cg = _reduce_block(n_chunks, CG)
     _group_norm_fwd_finalize_kernel[(B * G,)](
-        part, mean, rstd, C, S, G, n_chunks, tiles_per_program * block_s, part_plane, eps,
-        CG=CG, BLOCK_N=block_n, BLOCK_C=block_cg, num_warps=4,
+        part, mean, rstd, C, S, G, st.n_chunks, st.tiles_per_program * st.BLOCK_S, part_plane, eps,
+        **plan.finalize_meta,
     )
-    block_s, block_c = _split_tile(C, S, x_cl or y_cl)
-    n_c = triton.cdiv(C, block_c)
-    tiles_per_program, n_chunks = _chunks(B, S, n_c, block_s)
-    _group_norm_fwd_apply_kernel[(n_chunks, n_c, B)](
-        x, y, w, b, mean, rstd, C, S, G, tiles_per_program,
-        CG=CG, BLOCK_S=block_s, BLOCK_C=block_c, X_CL=x_cl, Y_CL=y_cl, SILU=silu, num_warps=SPLIT_WARPS,
+    _group_norm_fwd_apply_kernel[ap.grid](
+        x, y, w, b, mean, rstd, C, S, G, ap.tiles_per_program,
+        CG=C // G, BLOCK_S=ap.BLOCK_S, BLOCK_C=ap.BLOCK_C, X_CL=x_cl, Y_CL=y_cl, **flags, num_warps=SPLIT_WARPS,
     )
     return y, mean, rstd
 
 
-def _column_sum(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Sum an fp32 ``[R, C]`` buffer over R into a new ``[C]`` tensor of ``dtype``."""
-    R, C = part.shape
-    out = torch.empty((C,), dtype=dtype, device=part.device)
-    block_r, block_c = _reduce_block(R, min(C, 128))
-    _column_sum_kernel[(triton.cdiv(C, block_c),)](part, out, R, C, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
-    return out
+class _BwdPlan(NamedTuple):
+    """Every shape-dependent choice of one backward call, decided once per (shape, layouts)."""
+    one_pass: bool
+    batches_per_program: int  # one pass: batch items per program
+    rows: int  # rows of the partial buffer [2, rows, C]
+    grid: tuple  # one pass
+    meta: dict  # one pass: constexprs and num_warps; split: the finalize's
+    sum_meta: Optional[dict] = None  # one pass: the column sum's grid size and constexprs
+    stats: Optional[_SplitGrid] = None  # split
+    apply: Optional[_SplitGrid] = None
+
+
+@functools.lru_cache(maxsize=1024)
+def _bwd_plan(B: int, C: int, S: int, G: int, x_cl: bool, dy_cl: bool, dx_cl: bool, tuning: tuple) -> _BwdPlan:
+    CG = C // G
+    block_s, block_c = triton.next_power_of_2(S), triton.next_power_of_2(CG)
+    if block_s * block_c <= ONE_PASS_MAX_BWD:
+        bpp = _batches_per_program(B, G)
+        rows = triton.cdiv(B, bpp)
+        meta = dict(CG=CG, BLOCK_S=block_s, BLOCK_C=block_c, num_warps=_one_pass_warps(2 * block_s * block_c))
+        block_r, block_sum = _reduce_block(rows, min(C, 128))
+        sum_meta = dict(programs=triton.cdiv(C, block_sum), BLOCK_R=block_r, BLOCK_C=block_sum, num_warps=4)
+        return _BwdPlan(True, bpp, rows, (G, rows), meta, sum_meta)
+    stats = _split_grid(B, C, S, x_cl or dy_cl)
+    block_n, block_cg = _reduce_block(stats.n_chunks, CG)
+    meta = dict(CG=CG, BLOCK_N=block_n, BLOCK_C=block_cg, num_warps=4)
+    return _BwdPlan(False, 0, B * stats.n_chunks, (), meta, None, stats, _split_grid(B, C, S, x_cl or dy_cl or dx_cl))
 
 
 def group_norm_bwd(
@@ -722,7 +812,9 @@ def group_norm_bwd(
     *,
     out=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the backward: ``(dx, dweight, dbias)``.
+    """Launch the backward: ``(dx, dweight, dbias)``. Two launches on the one-pass path (the
+    kernel, then one column sum for both parameter gradients; one without parameters), three on
+    the split path (statistics, finalize with the parameter gradients, apply).
 
     dy, x: ``[B, C, *spatial]``, each NCHW-contiguous or channels-last (else copied to NCHW);
     weight, bias: ``[C]`` or None as in the forward; mean, rstd: ``[B, G]`` fp32 from
@@ -733,57 +825,54 @@ def group_norm_bwd(
     silu = _activation_flag(activation)
     x, x_cl = _canonical(x)
     dy, dy_cl = _canonical(dy)
-    B, C, S, CG = _dims(x, num_groups)
+    B, C = x.shape[0], x.shape[1]
+    S = math.prod(x.shape[2:])
     G = num_groups
     if out is None:
         out = empty_nc(x.shape, x_cl, x.dtype, x.device)
-    _check_out(out, x)
-    dx, dx_cl = out, is_channels_last(out)
-    if x.numel() == 0:
-        dw = torch.zeros_like(weight) if weight is not None else x.new_empty((0,))
-        db = torch.zeros_like(bias) if bias is not None else x.new_empty((0,))
-        return dx, dw, db
-    w, b = _affine_or_default(weight, bias, x)
-    mean, rstd = mean.contiguous(), rstd.contiguous()
-
-    block_s, block_c = triton.next_power_of_2(S), triton.next_power_of_2(CG)
-    if block_s * block_c <= ONE_PASS_MAX_BWD:
-        bpp = _batches_per_program(B, G)
-        rows = triton.cdiv(B, bpp)
-        part = torch.empty((2, rows, C), dtype=torch.float32, device=x.device)
-        _group_norm_bwd_one_pass_kernel[(G, rows)](
-            x, dy, dx, w, b, mean, rstd, part, B, C, S, G, bpp, rows * C,
-            CG=CG, BLOCK_S=block_s, BLOCK_C=block_c, X_CL=x_cl, DY_CL=dy_cl, DX_CL=dx_cl, SILU=silu,
-            num_warps=_one_pass_warps(2 * block_s * block_c),
-        )
     else:
-        block_s, block_c = _split_tile(C, S, x_cl or dy_cl)
-        n_c = triton.cdiv(C, block_c)
-        tiles_per_program, n_chunks = _chunks(B, S, n_c, block_s)
-        part = torch.empty((2, B, n_chunks, C), dtype=torch.float32, device=x.device)
-        part_plane = B * n_chunks * C
-        _group_norm_bwd_stats_kernel[(n_chunks, n_c, B)](
-            x, dy, w, b, mean, rstd, part, C, S, G, n_chunks, tiles_per_program, part_plane,
-            CG=CG, BLOCK_S=block_s, BLOCK_C=block_c, X_CL=x_cl, DY_CL=dy_cl, SILU=silu, num_warps=SPLIT_WARPS,
+        _check_out(out, x)
+    dx, dx_cl = out, is_channels_last(out)
+    has_w, has_b = weight is not None, bias is not None
+    dw = torch.empty_like(weight) if has_w else x.new_empty((0,))
+    db = torch.empty_like(bias) if has_b else x.new_empty((0,))
+    if x.numel() == 0:
+        return dx, dw.zero_(), db.zero_()
+    w = x if weight is None else weight.contiguous()
+    b = x if bias is None else bias.contiguous()
+    flags = dict(SILU=silu, HAS_W=has_w, HAS_B=has_b)
+    mean, rstd = mean.contiguous(), rstd.contiguous()
+    plan = _bwd_plan(B, C, S, G, x_cl, dy_cl, dx_cl, _tuning())
+    part = torch.empty((2, plan.rows, C), dtype=torch.float32, device=x.device)
+    part_plane = plan.rows * C
+
+    if plan.one_pass:
+        _group_norm_bwd_one_pass_kernel[plan.grid](
+            x, dy, dx, w, b, mean, rstd, part, B, C, S, G, plan.batches_per_program, part_plane,
+            X_CL=x_cl, DY_CL=dy_cl, DX_CL=dx_cl, **flags, **plan.meta,
         )
-        rows = B * n_chunks
-        c1 = torch.empty((B, G), dtype=torch.float32, device=x.device)
-        c2 = torch.empty_like(c1)
-        block_n, block_cg = _reduce_block(n_chunks, CG)
-        _group_norm_bwd_finalize_kernel[(B * G,)](
-            part, w, c1, c2, C, S, G, n_chunks, part_plane,
-            CG=CG, BLOCK_N=block_n, BLOCK_C=block_cg, num_warps=4,
-        )
-        block_s, block_c = _split_tile(C, S, x_cl or dy_cl or dx_cl)
-        n_c = triton.cdiv(C, block_c)
-        tiles_per_program, n_chunks = _chunks(B, S, n_c, block_s)
-        _group_norm_bwd_apply_kernel[(n_chunks, n_c, B)](
-            x, dy, dx, w, b, mean, rstd, c1, c2, C, S, G, tiles_per_program,
-            CG=CG, BLOCK_S=block_s, BLOCK_C=block_c, X_CL=x_cl, DY_CL=dy_cl, DX_CL=dx_cl, SILU=silu,
-            num_warps=SPLIT_WARPS,
-        )
-    dw = _column_sum(part[1].view(rows, C), weight.dtype) if weight is not None else x.new_empty((0,))
-    db = _column_sum(part[0].view(rows, C), bias.dtype) if bias is not None else x.new_empty((0,))
+        if has_w or has_b:
+            meta = dict(plan.sum_meta)
+            _column_sum_kernel[(meta.pop("programs"),)](
+                part, dw, db, plan.rows, C, part_plane, HAS_W=has_w, HAS_B=has_b, **meta,
+            )
+        return dx, dw, db
+
+    st, ap = plan.stats, plan.apply
+    _group_norm_bwd_stats_kernel[st.grid](
+        x, dy, w, b, mean, rstd, part, C, S, G, st.n_chunks, st.tiles_per_program, part_plane,
+        CG=C // G, BLOCK_S=st.BLOCK_S, BLOCK_C=st.BLOCK_C, X_CL=x_cl, DY_CL=dy_cl, **flags, num_warps=SPLIT_WARPS,
+    )
+    c1 = torch.empty((B, G), dtype=torch.float32, device=x.device)
+    c2 = torch.empty((B, G), dtype=torch.float32, device=x.device)
+    _group_norm_bwd_finalize_kernel[(G,)](
+        part, w, c1, c2, dw, db, B, C, S, G, st.n_chunks, part_plane, HAS_W=has_w, HAS_B=has_b, **plan.meta,
+    )
+    _group_norm_bwd_apply_kernel[ap.grid](
+        x, dy, dx, w, b, mean, rstd, c1, c2, C, S, G, ap.tiles_per_program,
+        CG=C // G, BLOCK_S=ap.BLOCK_S, BLOCK_C=ap.BLOCK_C, X_CL=x_cl, DY_CL=dy_cl, DX_CL=dx_cl, **flags,
+        num_warps=SPLIT_WARPS,
+    )
     return dx, dw, db
 
 

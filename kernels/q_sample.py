@@ -17,24 +17,32 @@ from __future__ import annotations
 import torch
 
 from ._layout import as_rows, row_block, row_blocks
-from ._random import randn_row_block
+from ._random import randn_row_block, seed_args
 from ._triton import tl, triton
 
 NUM_WARPS = 4
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seed", "t_value"])
 def _q_sample_kernel(
-    x0_ptr, t_ptr, abar_ptr, noise_ptr, offset_ptr,  # x0/noise [B, K] rows; t [B]; abar [T] fp32; offset [B, C] fp32
+    x0_ptr, t_ptr, abar_ptr, noise_ptr, offset_ptr,  # x0/noise [B, K] rows; t [B] (stride t_stride); abar [T]; offset [B, C] fp32
     xt_ptr, target_ptr,                               # [B, K] contiguous
-    K, S, C, x0_row_stride, noise_row_stride, n_col_blocks,
-    seed, noise_offset,
+    K, S, C, T, x0_row_stride, noise_row_stride, t_stride, t_value, n_col_blocks,
+    seed, seed_ptr, noise_offset,
     HAS_NOISE: tl.constexpr, HAS_OFFSET: tl.constexpr, TARGET_V: tl.constexpr, WRITE_TARGET: tl.constexpr,
-    BLOCK: tl.constexpr,
+    T_FROM_PTR: tl.constexpr, CHECK_T: tl.constexpr, SEED_FROM_PTR: tl.constexpr, BLOCK: tl.constexpr,
 ):
     i_row, i_col, row, o_col, m_col = row_block(n_col_blocks, K, BLOCK)
+    if SEED_FROM_PTR:  # drawn on the device (CUDA-graph replays and compiled graphs draw anew)
+        seed = tl.load(seed_ptr)
 
-    b_abar = tl.load(abar_ptr + tl.load(t_ptr + row))
+    if T_FROM_PTR:  # any integer dtype, read in place (a broadcast t has t_stride 0)
+        i_t = tl.load(t_ptr + row * t_stride).to(tl.int64)
+    else:
+        i_t = t_value
+    if CHECK_T:  # a t on the device, checked there (launched with debug=True, as torch's index asserts)
+        tl.device_assert((i_t >= 0) & (i_t < T), "q_sample: t must lie in [0, len(alphas_cumprod))")
+    b_abar = tl.load(abar_ptr + i_t).to(tl.float32)
     b_a = tl.sqrt(b_abar)
     b_s = tl.sqrt(1.0 - b_abar)
 
@@ -54,13 +62,18 @@ def _q_sample_kernel(
         tl.store(target_ptr + row * K + o_col, b_target.to(target_ptr.dtype.element_ty), mask=m_col)
 
 
-def q_sample_fwd(x0, t, alphas_cumprod, noise, offset, seed: int, noise_offset: float, target_v: bool):
+def q_sample_fwd(x0, t, alphas_cumprod, noise, offset, seed, noise_offset: float, target_v: bool, *, check_t: bool = False):
     """Launch the kernel; returns ``(x_t, target)``, each ``[B, *rest]`` contiguous in x0's dtype.
+    One launch and nothing else on the device: no copy of t, no cast of the table.
 
-    x0: ``[B, *rest]``; t: ``[B]`` integer, every value in ``[0, T)`` (checked by the caller);
-    alphas_cumprod: ``[T]``; noise: x0's shape or None (drawn in-kernel from ``seed``); offset:
-    ``[B, C]`` (C = ``x0.shape[1]``) or None. When the target is the given noise unchanged (eps
-    target, no offset) it is returned as is, not copied. Eager equivalent: :func:`q_sample_reference`.
+    x0: ``[B, *rest]``; t: an int for every row, or an integer tensor ``[B]`` or ``[]`` on x0's
+    device (any integer dtype and stride, read in place); its values lie in ``[0, T)``: checked by
+    the caller on the host, or with ``check_t`` by a device-side assertion in the kernel (no host
+    sync; a bad t then fails the launch as torch's own indexing does). alphas_cumprod: ``[T]`` on
+    x0's device, any float dtype (read as fp32); noise: x0's shape or None (drawn in-kernel from
+    ``seed``, an int or a one-element int64 tensor on the device); offset: ``[B, C]`` (C =
+    ``x0.shape[1]``) or None. When the target is the given noise unchanged (eps target, no offset)
+    it is returned as is, not copied. Eager equivalent: :func:`q_sample_reference`.
     """
     has_noise, has_offset = noise is not None, offset is not None
     write_target = target_v or has_offset or not has_noise
@@ -74,16 +87,18 @@ def q_sample_fwd(x0, t, alphas_cumprod, noise, offset, seed: int, noise_offset: 
     K = x_t.numel() // rows
     C = x0.shape[1] if x0.dim() > 1 else 1
     block, n_col_blocks, n_programs = row_blocks(rows, K)
-    t = t.to(device=x0.device).contiguous()
-    abar = alphas_cumprod.to(device=x0.device, dtype=torch.float32).contiguous()
-    offset = offset.to(device=x0.device, dtype=torch.float32).contiguous() if has_offset else abar
+    t_from_ptr = isinstance(t, torch.Tensor)
+    t_ptr, t_stride, t_value = (t, t.stride(0) if t.dim() else 0, 0) if t_from_ptr else (x0, 0, int(t))
+    abar = alphas_cumprod if alphas_cumprod.stride(0) == 1 else alphas_cumprod.contiguous()
+    offset = offset.contiguous() if has_offset else abar
     _q_sample_kernel[(n_programs,)](
-        x0, t, abar, noise_rows, offset,
+        x0, t_ptr, abar, noise_rows, offset,
         x_t, target if write_target else x_t,
-        K, K // C, C, x0_rs, noise_rs, n_col_blocks,
-        seed, float(noise_offset),
+        K, K // C, C, abar.shape[0], x0_rs, noise_rs, t_stride, t_value, n_col_blocks,
+        *seed_args(seed), float(noise_offset),
         HAS_NOISE=has_noise, HAS_OFFSET=has_offset, TARGET_V=target_v, WRITE_TARGET=write_target,
-        BLOCK=block, num_warps=NUM_WARPS,
+        T_FROM_PTR=t_from_ptr, CHECK_T=bool(check_t and t_from_ptr), SEED_FROM_PTR=isinstance(seed, torch.Tensor),
+        BLOCK=block, num_warps=NUM_WARPS, **({"debug": True} if check_t and t_from_ptr else {}),
     )
     return x_t, target
 

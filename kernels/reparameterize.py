@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ._layout import as_rows, row_block, row_blocks
-from ._random import randn_row_block
+from ._random import randn_row_block, seed_args
 from ._triton import tl, triton
 
 LOGVAR_MIN = -30.0
@@ -28,10 +28,12 @@ NUM_WARPS = 4
 def _reparameterize_fwd_kernel(
     mean_ptr, logvar_ptr, noise_ptr, z_ptr,  # [R, K] rows, row strides below; z contiguous
     K, mean_row_stride, logvar_row_stride, noise_row_stride, n_col_blocks,
-    seed, scale, shift,
-    HAS_NOISE: tl.constexpr, BLOCK: tl.constexpr,
+    seed, seed_ptr, scale, shift,
+    HAS_NOISE: tl.constexpr, SEED_FROM_PTR: tl.constexpr, BLOCK: tl.constexpr,
 ):
     i_row, i_col, row, o_col, m_col = row_block(n_col_blocks, K, BLOCK)
+    if SEED_FROM_PTR:  # drawn on the device (CUDA-graph replays and compiled graphs draw anew)
+        seed = tl.load(seed_ptr)
 
     b_mean = tl.load(mean_ptr + row * mean_row_stride + o_col, mask=m_col).to(tl.float32)
     b_logvar = tl.load(logvar_ptr + row * logvar_row_stride + o_col, mask=m_col).to(tl.float32)
@@ -48,10 +50,12 @@ def _reparameterize_fwd_kernel(
 def _reparameterize_bwd_kernel(
     grad_ptr, logvar_ptr, noise_ptr, dmean_ptr, dlogvar_ptr,  # [R, K]; dmean, dlogvar contiguous
     K, grad_row_stride, logvar_row_stride, noise_row_stride, n_col_blocks,
-    seed, scale,
-    HAS_NOISE: tl.constexpr, BLOCK: tl.constexpr,
+    seed, seed_ptr, scale,
+    HAS_NOISE: tl.constexpr, SEED_FROM_PTR: tl.constexpr, BLOCK: tl.constexpr,
 ):
     i_row, i_col, row, o_col, m_col = row_block(n_col_blocks, K, BLOCK)
+    if SEED_FROM_PTR:
+        seed = tl.load(seed_ptr)
 
     b_g = tl.load(grad_ptr + row * grad_row_stride + o_col, mask=m_col).to(tl.float32) * scale
     b_logvar = tl.load(logvar_ptr + row * logvar_row_stride + o_col, mask=m_col).to(tl.float32)
@@ -67,12 +71,13 @@ def _reparameterize_bwd_kernel(
     tl.store(dlogvar_ptr + row * K + o_col, b_dlogvar.to(dlogvar_ptr.dtype.element_ty), mask=m_col)
 
 
-def reparameterize_fwd(mean, logvar, noise, seed: int, scale: float, shift: float) -> torch.Tensor:
+def reparameterize_fwd(mean, logvar, noise, seed, scale: float, shift: float) -> torch.Tensor:
     """Launch the forward kernel.
 
     mean, logvar: ``[R, *rest]`` (same shape, same dtype, rows contiguous or copied); noise: the
-    same shape or None (then drawn in-kernel from ``seed``). Returns z, contiguous, ``[R, *rest]``,
-    in mean's dtype. Eager equivalent: :func:`reparameterize_reference`.
+    same shape or None (then drawn in-kernel from ``seed``: an int, or an int64 tensor of one
+    element on the kernel's device, read by the kernel, never by the host). Returns z, contiguous,
+    ``[R, *rest]``, in mean's dtype. Eager equivalent: :func:`reparameterize_reference`.
     """
     z = torch.empty(mean.shape, dtype=mean.dtype, device=mean.device)
     if z.numel() == 0:
@@ -87,13 +92,13 @@ def reparameterize_fwd(mean, logvar, noise, seed: int, scale: float, shift: floa
     _reparameterize_fwd_kernel[(n_programs,)](
         mean, logvar, noise, z,
         K, mean_rs, logvar_rs, noise_rs, n_col_blocks,
-        seed, float(scale), float(shift),
-        HAS_NOISE=has_noise, BLOCK=block, num_warps=NUM_WARPS,
+        *seed_args(seed), float(scale), float(shift),
+        HAS_NOISE=has_noise, SEED_FROM_PTR=isinstance(seed, torch.Tensor), BLOCK=block, num_warps=NUM_WARPS,
     )
     return z
 
 
-def reparameterize_bwd(grad, logvar, noise, seed: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def reparameterize_bwd(grad, logvar, noise, seed, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the backward kernel: ``(dmean, dlogvar)``, each ``[R, *rest]`` in logvar's dtype.
 
     grad: dL/dz, ``[R, *rest]``; logvar and noise (or None with the forward's ``seed``) as in
@@ -114,8 +119,8 @@ def reparameterize_bwd(grad, logvar, noise, seed: int, scale: float) -> tuple[to
     _reparameterize_bwd_kernel[(n_programs,)](
         grad, logvar, noise, dmean, dlogvar,
         K, grad_rs, logvar_rs, noise_rs, n_col_blocks,
-        seed, float(scale),
-        HAS_NOISE=has_noise, BLOCK=block, num_warps=NUM_WARPS,
+        *seed_args(seed), float(scale),
+        HAS_NOISE=has_noise, SEED_FROM_PTR=isinstance(seed, torch.Tensor), BLOCK=block, num_warps=NUM_WARPS,
     )
     return dmean, dlogvar
 

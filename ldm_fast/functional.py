@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import backend, ops  # noqa: F401  (ops registers torch.ops.ldm_fast.*)
+from . import backend, ops
 from .kernels import group_norm as _group_norm_kernels
 from .kernels import q_sample as _q_sample_kernels
 from .kernels import reparameterize as _reparameterize_kernels
@@ -43,15 +43,27 @@ def _check_same_device(name: str, x: Tensor, ref_name: str, ref: Tensor) -> None
         raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}; put them on one device")
 
 
-def _seed_tensor(seed: Optional[int]) -> Tensor:
-    """The seed as a 0-d int64 CPU tensor; drawn from torch's default generator when None."""
+def _check_seed(seed) -> None:
     if seed is None:
-        return torch.randint(0, 2**62, (), dtype=torch.int64)
+        return
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
     if not 0 <= seed < 2**63:
         raise ValueError(f"seed must be in [0, 2**63), got {seed}")
-    return torch.tensor(seed, dtype=torch.int64)
+
+
+def _kernel_seed(seed: Optional[int], like: Tensor):
+    """The seed a kernel gets: the given int; for None, one drawn from torch's default generators.
+
+    While a CUDA graph is captured or a graph is compiled the seed is drawn ON THE DEVICE (a
+    one-element int64 tensor the kernel loads), so every replay draws new noise, as ``torch.randn``
+    does in a graph; otherwise it is drawn on the host (no launch, no sync).
+    """
+    if seed is not None:
+        return seed
+    if torch.compiler.is_compiling() or (like.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=like.device)
+    return int(torch.randint(0, 2**62, ()))
 
 
 def _eager_randn(like: Tensor, seed: Optional[int]) -> Tensor:
@@ -67,33 +79,42 @@ def _derived_seed(seed: Optional[int], salt: int) -> Optional[int]:
     return None if seed is None else (seed ^ salt) % 2**63
 
 
-def _check_timesteps(t, batch: int, device: torch.device) -> Tensor:
-    """Check ``t``'s type and shape (an int, or an integer tensor [] or [batch]); return int64 [batch]."""
+def _check_timesteps(t, batch: int, device: torch.device, num_steps: int, sync_check: bool):
+    """Check ``t`` (an int, or an integer tensor ``[]`` or ``[batch]``); return ``(t, check_t)``.
+
+    An int, or a tensor on the CPU, has its range ``[0, num_steps)`` checked on the host (free: no
+    device is involved) and raises ValueError naming t; a CPU tensor is then moved to ``device``. A
+    tensor on the device is never read by the host (no sync, CUDA-graph safe): ``check_t`` is True
+    and the caller asserts its range on the device, unless ``sync_check`` asks for the host check
+    (a sync) with its ValueError.
+    """
     if isinstance(t, bool) or not isinstance(t, (int, Tensor)):
         raise TypeError(f"t must be an int or an integer tensor, got {type(t).__name__}")
     if isinstance(t, int):
-        return torch.full((batch,), t, dtype=torch.int64, device=device)
+        _check_range_on_host(torch.tensor([t]), num_steps)
+        return t, False
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise TypeError(f"t must hold integer timesteps, got dtype {t.dtype}")
     if t.dim() > 1 or (t.dim() == 1 and t.shape[0] != batch):
         raise ValueError(f"t must be a scalar or have shape [{batch}] (one timestep per batch row), got {tuple(t.shape)}")
-    return t.to(device=device, dtype=torch.int64).expand(batch)
+    if sync_check or (t.device.type == "cpu" and not torch.compiler.is_compiling()):
+        _check_range_on_host(t, num_steps)
+        return t.to(device), False
+    return t.to(device), True
 
 
-def check_timestep_range(t: Tensor, num_steps: int) -> None:
-    """Raise ValueError unless every value of ``t`` lies in ``[0, num_steps)``.
-
-    This reads t's values (a device sync for a CUDA t). Under torch.compile it becomes an
-    asynchronous device assertion instead, so the graph does not break.
-    """
+def _check_range_on_host(t: Tensor, num_steps: int) -> None:
+    """Raise ValueError unless every value of ``t`` lies in ``[0, num_steps)`` (reads t's values)."""
     if t.numel() == 0:
-        return
-    if torch.compiler.is_compiling():
-        torch._assert_async(((t >= 0) & (t < num_steps)).all(), "t must lie in [0, len(alphas_cumprod))")
         return
     lo, hi = (int(v) for v in torch.aminmax(t))
     if lo < 0 or hi >= num_steps:
         raise ValueError(f"t must lie in [0, {num_steps}) (len(alphas_cumprod)), got values in [{lo}, {hi}]")
+
+
+def _assert_range_on_device(t: Tensor, num_steps: int) -> None:
+    """The eager path's device-side check of a device t: an asynchronous assertion, no host sync."""
+    torch._assert_async(((t >= 0) & (t < num_steps)).all(), "q_sample: t must lie in [0, len(alphas_cumprod))")
 
 
 def _kernel_ok(*tensors: Optional[Tensor]) -> bool:
@@ -141,6 +162,7 @@ def reparameterize(
         _check_float("noise", noise)
         _check_same_shape("noise", noise, "mean", mean)
         _check_same_device("noise", noise, "mean", mean)
+    _check_seed(seed)
     scale, shift = float(scale), float(shift)
 
     use_kernel = (
@@ -150,7 +172,7 @@ def reparameterize(
         and _kernel_ok(mean, logvar, noise)
     )
     if use_kernel:
-        return torch.ops.ldm_fast.reparameterize(mean, logvar, noise, _seed_tensor(seed), scale, shift)
+        return ops.reparameterize(mean, logvar, noise, _kernel_seed(seed, mean), scale, shift)
     if noise is None:
         noise = _eager_randn(mean, seed)
     return _reparameterize_kernels.reparameterize_reference(mean, logvar, noise, scale, shift)
@@ -193,6 +215,7 @@ def q_sample(
     seed: Optional[int] = None,
     target: str = "eps",
     noise_offset: float = 0.0,
+    sync_check: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Forward diffusion of a batch: ``(x_t, target)`` with x_t and target the shape and dtype of x0.
 
@@ -207,6 +230,10 @@ def q_sample(
       returns the v-prediction target ``sqrt(abar) * eps - sqrt(1 - abar) * x0``.
     - ``noise_offset``: adds ``noise_offset * randn(B, C)`` per (sample, channel) to eps, the offset
       noise of SD fine-tuning (``C = x0.shape[1]``; drawn with torch's generator).
+    - t's range is checked without a host sync: an int or a CPU tensor on the host (ValueError), a
+      tensor on the GPU by a device-side assertion (a bad t fails the launch, as torch's indexing
+      does; CUDA-graph safe). ``sync_check=True`` reads a GPU t on the host instead (a sync) to
+      raise the ValueError. alphas_cumprod on x0's device avoids a copy per call.
 
     Eager equivalent (diffusers ``DDPMScheduler.add_noise`` in fp32): ``a = abar[t].sqrt()``,
     ``s = (1 - abar[t]).sqrt()`` broadcast over the trailing dims, ``a * x0 + s * noise``.
@@ -223,10 +250,12 @@ def q_sample(
         _check_same_device("noise", noise, "x0", x0)
     if target not in ("eps", "v"):
         raise ValueError(f"target must be 'eps' or 'v', got {target!r}")
-    t = _check_timesteps(t, x0.shape[0], x0.device)
+    _check_seed(seed)
+    num_steps = alphas_cumprod.shape[0]
+    t, check_t = _check_timesteps(t, x0.shape[0], x0.device, num_steps, sync_check)
     if x0.dim() == 1:  # one value per sample: [B] -> [B, 1]
         x_t, tgt = q_sample(x0[:, None], t, alphas_cumprod, noise=None if noise is None else noise[:, None],
-                            seed=seed, target=target, noise_offset=noise_offset)
+                            seed=seed, target=target, noise_offset=noise_offset, sync_check=sync_check)
         return x_t[:, 0], tgt[:, 0]
 
     noise_offset = float(noise_offset)
@@ -237,11 +266,14 @@ def q_sample(
     target_v = target == "v"
     needs_grad = x0.requires_grad or (noise is not None and noise.requires_grad)
     if backend.select(x0, noise) == "triton" and not needs_grad and _kernel_ok(x0, noise):
-        x_t, tgt = torch.ops.ldm_fast.q_sample(
-            x0, t, alphas_cumprod, noise, offset, _seed_tensor(seed), noise_offset, target_v
+        if alphas_cumprod.device != x0.device:
+            alphas_cumprod = alphas_cumprod.to(x0.device)
+        return ops.q_sample(
+            x0, t, alphas_cumprod, noise, offset, _kernel_seed(seed, x0), noise_offset, target_v, check_t
         )
-        return x_t, (noise if tgt.numel() == 0 and x_t.numel() else tgt)
-    check_timestep_range(t, alphas_cumprod.shape[0])
+    if check_t:
+        _assert_range_on_device(t, num_steps)
+    t = torch.full((x0.shape[0],), t, device=x0.device) if isinstance(t, int) else t.expand(x0.shape[0])
     if noise is None:
         noise = _eager_randn(x0, seed)
     return _q_sample_kernels.q_sample_reference(x0, t, alphas_cumprod, noise, offset, noise_offset, target_v)
@@ -336,12 +368,10 @@ def _group_norm(x, num_groups, weight, bias, eps, activation, out_memory_format,
     (``F.group_norm(x.float(), ...).type(x.dtype)``). The kernel computes in fp32 either way."""
     channels_last_out = _check_group_norm_args(x, num_groups, weight, bias, activation, out_memory_format)
     eps = float(eps)
-    if backend.select(x, weight, bias) == "triton" and x.numel() > 0 and _kernel_ok(x, weight, bias):
+    if (backend.select(x, weight, bias) == "triton" and x.numel() > 0 and _kernel_ok(x, weight, bias)
+            and (not torch.compiler.is_compiling() or backend.compile_uses_kernel(x.numel() // (x.shape[0] * num_groups)))):
         if channels_last_out is None:
             channels_last_out = _group_norm_kernels.is_channels_last(x)
-        y, _, _ = torch.ops.ldm_fast.group_norm(
-            x, weight, bias, num_groups, eps, activation or "", channels_last_out
-        )
-        return y
+        return ops.group_norm(x, weight, bias, num_groups, eps, activation, channels_last_out)
     y = _group_norm_kernels.group_norm_reference(x, num_groups, weight, bias, eps, activation, upcast=upcast)
     return y if channels_last_out is None else _to_layout(y, channels_last_out)

@@ -1,18 +1,24 @@
-"""torch.library registrations of the Triton kernels (``torch.ops.ldm_fast.*``).
+"""How a kernel is called: directly in eager mode, and as a ``torch.library`` op under torch.compile.
 
-Each op is a ``torch.library.custom_op`` with a fake implementation (``register_fake``) for
-tracing and an autograd formula (``register_autograd``), so ``torch.compile(fullgraph=True)``
-traces models that use them without graph breaks, with the kernel opaque inside the graph. The
-op bodies call the kernel launchers; :mod:`ldm_fast.functional` validates arguments and decides
-whether to call these ops or the eager references.
+Every op has two call paths, chosen by :func:`ldm_fast.functional`'s ops once per call:
 
-Random seeds travel as 0-d int64 CPU tensors so that a new seed never recompiles a graph, and so
-that the backward can draw the forward's noise again instead of storing it.
+* **eager** (the hot path users run): the kernel launcher is called directly, or, when autograd
+  must record the call, through a ``torch.autograd.Function`` around the launchers. No
+  ``torch.library`` dispatch: a ``custom_op`` costs tens of µs of host time per call, more than
+  the kernels themselves at diffusion shapes (../shared/reference/h100-baseline.md).
+* **compiled** (``torch.compiler.is_compiling()``): the ``torch.ops.ldm_fast.*`` custom ops below,
+  with fake implementations (``register_fake``) and autograd formulas (``register_autograd``), so
+  ``torch.compile(fullgraph=True)`` captures each op as one node without graph breaks.
+
+Random seeds: an int is passed to the kernel by value; a seed drawn on the device (inside a CUDA
+graph capture, or in a compiled graph) is a one-element int64 tensor the kernel loads, so every
+replay draws new noise without the host reading it. The backward draws the forward's noise again
+from the same seed instead of storing it.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -22,37 +28,77 @@ from .kernels import group_norm as _group_norm_kernels
 from .kernels import q_sample as _q_sample_kernels
 from .kernels import reparameterize as _reparameterize_kernels
 
+Seed = Union[int, Tensor]
 
-def _launch(op: str, launcher, *args):
-    """Call a kernel launcher, counting the launch (tests read the count to prove the kernel ran)."""
+
+def _launch(op: str, launcher, *args, **kwargs):
+    """Call a kernel launcher, counting the call (tests read the count to prove the kernel ran)."""
     backend.kernel_launches[op] += 1
-    return launcher(*args)
+    return launcher(*args, **kwargs)
+
+
+def _needs_grad(*tensors: Optional[Tensor]) -> bool:
+    """Whether autograd records a call on these tensors."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 # ---------------------------------------------------------------------------------------------
 # reparameterize
 
 
+class _ReparameterizeFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, mean, logvar, noise, seed, scale, shift):
+        ctx.save_for_backward(logvar, noise, seed if isinstance(seed, Tensor) else None)
+        ctx.seed, ctx.scale = seed, scale
+        return _launch("reparameterize", _reparameterize_kernels.reparameterize_fwd, mean, logvar, noise, seed, scale, shift)
+
+    @staticmethod
+    def backward(ctx, grad):
+        logvar, noise, seed_t = ctx.saved_tensors
+        seed = ctx.seed if seed_t is None else seed_t
+        dmean, dlogvar = _launch(
+            "reparameterize", _reparameterize_kernels.reparameterize_bwd, grad, logvar, noise, seed, ctx.scale
+        )
+        return dmean, dlogvar, None, None, None, None
+
+
+def reparameterize(mean: Tensor, logvar: Tensor, noise: Optional[Tensor], seed: Seed, scale: float, shift: float) -> Tensor:
+    """The kernel call of :func:`ldm_fast.functional.reparameterize` (arguments already checked)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.ldm_fast.reparameterize(mean, logvar, noise, _seed_as_tensor(seed, mean), scale, shift)
+    if _needs_grad(mean, logvar):
+        return _ReparameterizeFunction.apply(mean, logvar, noise, seed, scale, shift)
+    return _launch("reparameterize", _reparameterize_kernels.reparameterize_fwd, mean, logvar, noise, seed, scale, shift)
+
+
+def _seed_as_tensor(seed: Seed, like: Tensor) -> Tensor:
+    """A seed for the registered ops: a one-element int64 tensor on ``like``'s device."""
+    if isinstance(seed, Tensor):
+        return seed
+    return torch.full((1,), seed, dtype=torch.int64, device=like.device)
+
+
 @torch.library.custom_op("ldm_fast::reparameterize", mutates_args=())
-def reparameterize(
+def _reparameterize_op(
     mean: Tensor, logvar: Tensor, noise: Optional[Tensor], seed: Tensor, scale: float, shift: float
 ) -> Tensor:
-    return _launch("reparameterize", _reparameterize_kernels.reparameterize_fwd, mean, logvar, noise, int(seed), scale, shift)
+    return _launch("reparameterize", _reparameterize_kernels.reparameterize_fwd, mean, logvar, noise, seed, scale, shift)
 
 
-@reparameterize.register_fake
+@_reparameterize_op.register_fake
 def _(mean, logvar, noise, seed, scale, shift):
     return torch.empty(mean.shape, dtype=mean.dtype, device=mean.device)
 
 
 @torch.library.custom_op("ldm_fast::reparameterize_backward", mutates_args=())
-def reparameterize_backward(
+def _reparameterize_backward_op(
     grad: Tensor, logvar: Tensor, noise: Optional[Tensor], seed: Tensor, scale: float
 ) -> tuple[Tensor, Tensor]:
-    return _launch("reparameterize", _reparameterize_kernels.reparameterize_bwd, grad, logvar, noise, int(seed), scale)
+    return _launch("reparameterize", _reparameterize_kernels.reparameterize_bwd, grad, logvar, noise, seed, scale)
 
 
-@reparameterize_backward.register_fake
+@_reparameterize_backward_op.register_fake
 def _(grad, logvar, noise, seed, scale):
     out = torch.empty(logvar.shape, dtype=logvar.dtype, device=logvar.device)
     return out, torch.empty_like(out)
@@ -66,19 +112,37 @@ def _reparameterize_setup(ctx, inputs, output):
 
 def _reparameterize_grad(ctx, grad):
     logvar, noise, seed = ctx.saved_tensors
-    dmean, dlogvar = reparameterize_backward(grad, logvar, noise, seed, ctx.scale)
+    dmean, dlogvar = _reparameterize_backward_op(grad, logvar, noise, seed, ctx.scale)
     return dmean, dlogvar, None, None, None, None
 
 
-reparameterize.register_autograd(_reparameterize_grad, setup_context=_reparameterize_setup)
+_reparameterize_op.register_autograd(_reparameterize_grad, setup_context=_reparameterize_setup)
 
 
 # ---------------------------------------------------------------------------------------------
 # q_sample (forward only: a call whose inputs need gradients runs the eager reference)
 
 
+def q_sample(x0, t, alphas_cumprod, noise, offset, seed: Seed, noise_offset: float, target_v: bool,
+             check_t: bool) -> tuple[Tensor, Tensor]:
+    """The kernel call of :func:`ldm_fast.functional.q_sample` (arguments already checked; t an int
+    or an integer tensor on x0's device; ``check_t``: assert t's range on the device)."""
+    if torch.compiler.is_compiling():
+        t = t if isinstance(t, Tensor) else torch.full((1,), t, dtype=torch.int64, device=x0.device)
+        x_t, target = torch.ops.ldm_fast.q_sample(
+            x0, t, alphas_cumprod, noise, offset, _seed_as_tensor(seed, x0), noise_offset, target_v, check_t
+        )
+        # A custom op may not return one of its inputs: when the target is the given noise
+        # unchanged the op returns an empty tensor in its place.
+        return x_t, (noise if target.numel() == 0 and x_t.numel() else target)
+    return _launch(
+        "q_sample", _q_sample_kernels.q_sample_fwd, x0, t, alphas_cumprod, noise, offset, seed, noise_offset,
+        target_v, check_t=check_t,
+    )
+
+
 @torch.library.custom_op("ldm_fast::q_sample", mutates_args=())
-def q_sample(
+def _q_sample_op(
     x0: Tensor,
     t: Tensor,
     alphas_cumprod: Tensor,
@@ -87,31 +151,65 @@ def q_sample(
     seed: Tensor,
     noise_offset: float,
     target_v: bool,
+    check_t: bool,
 ) -> tuple[Tensor, Tensor]:
-    from .functional import check_timestep_range  # the kernel would read out of bounds: check here, eagerly
-
-    check_timestep_range(t, alphas_cumprod.shape[0])
     x_t, target = _launch(
-        "q_sample", _q_sample_kernels.q_sample_fwd, x0, t, alphas_cumprod, noise, offset, int(seed), noise_offset, target_v
+        "q_sample", _q_sample_kernels.q_sample_fwd, x0, t.expand(x0.shape[0]), alphas_cumprod, noise, offset, seed,
+        noise_offset, target_v, check_t=check_t,
     )
-    # A custom op may not return one of its inputs: when the target is the given noise unchanged
-    # the op returns an empty tensor in its place and ldm_fast.functional.q_sample returns the noise.
     return x_t, x_t.new_empty(0) if target is noise else target
 
 
-@q_sample.register_fake
-def _(x0, t, alphas_cumprod, noise, offset, seed, noise_offset, target_v):
+@_q_sample_op.register_fake
+def _(x0, t, alphas_cumprod, noise, offset, seed, noise_offset, target_v, check_t):
     x_t = torch.empty(x0.shape, dtype=x0.dtype, device=x0.device)
     writes_target = noise is None or offset is not None or target_v
     return x_t, torch.empty_like(x_t) if writes_target else x_t.new_empty(0)
 
 
 # ---------------------------------------------------------------------------------------------
-# group_norm (forward returns y plus the fp32 mean/rstd [B, G] the backward needs)
+# group_norm (forward returns y; the fp32 mean/rstd [B, G] are saved for the backward)
+
+
+class _GroupNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, num_groups, eps, activation, channels_last_out):
+        y, mean, rstd = _launch(
+            "group_norm", _group_norm_kernels.group_norm_fwd, x, weight, bias, num_groups, eps, activation,
+            channels_last_out,
+        )
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.num_groups, ctx.activation = num_groups, activation
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        dx, dweight, dbias = _launch(
+            "group_norm", _group_norm_kernels.group_norm_bwd, grad, x, weight, bias, mean, rstd, ctx.num_groups,
+            ctx.activation,
+        )
+        return (dx, dweight if weight is not None else None, dbias if bias is not None else None,
+                None, None, None, None)
+
+
+def group_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_groups: int, eps: float,
+               activation: Optional[str], channels_last_out: bool) -> Tensor:
+    """The kernel call of :func:`ldm_fast.functional.group_norm` (arguments already checked)."""
+    if torch.compiler.is_compiling():
+        y, _, _ = torch.ops.ldm_fast.group_norm(x, weight, bias, num_groups, eps, activation or "", channels_last_out)
+        return y
+    if _needs_grad(x, weight, bias):
+        return _GroupNormFunction.apply(x, weight, bias, num_groups, eps, activation, channels_last_out)
+    y, _, _ = _launch(
+        "group_norm", _group_norm_kernels.group_norm_fwd, x, weight, bias, num_groups, eps, activation,
+        channels_last_out,
+    )
+    return y
 
 
 @torch.library.custom_op("ldm_fast::group_norm", mutates_args=())
-def group_norm(
+def _group_norm_op(
     x: Tensor,
     weight: Optional[Tensor],
     bias: Optional[Tensor],
@@ -126,7 +224,7 @@ def group_norm(
     )
 
 
-@group_norm.register_fake
+@_group_norm_op.register_fake
 def _(x, weight, bias, num_groups, eps, activation, channels_last_out):
     y = _group_norm_kernels.empty_nc(x.shape, channels_last_out, x.dtype, x.device)
     mean = x.new_empty((x.shape[0], num_groups), dtype=torch.float32)
@@ -134,7 +232,7 @@ def _(x, weight, bias, num_groups, eps, activation, channels_last_out):
 
 
 @torch.library.custom_op("ldm_fast::group_norm_backward", mutates_args=())
-def group_norm_backward(
+def _group_norm_backward_op(
     grad: Tensor,
     x: Tensor,
     weight: Optional[Tensor],
@@ -150,7 +248,7 @@ def group_norm_backward(
     )
 
 
-@group_norm_backward.register_fake
+@_group_norm_backward_op.register_fake
 def _(grad, x, weight, bias, mean, rstd, num_groups, activation):
     dx = _group_norm_kernels.empty_nc(x.shape, _group_norm_kernels.is_channels_last(x), x.dtype, x.device)
     dweight = torch.empty_like(weight) if weight is not None else x.new_empty(0)
@@ -169,7 +267,7 @@ def _group_norm_setup(ctx, inputs, output):
 
 def _group_norm_grad(ctx, grad, _grad_mean, _grad_rstd):
     x, weight, bias, mean, rstd = ctx.saved_tensors
-    dx, dweight, dbias = group_norm_backward(grad, x, weight, bias, mean, rstd, ctx.num_groups, ctx.activation)
+    dx, dweight, dbias = _group_norm_backward_op(grad, x, weight, bias, mean, rstd, ctx.num_groups, ctx.activation)
     return (
         dx,
         dweight if weight is not None else None,
@@ -178,4 +276,4 @@ def _group_norm_grad(ctx, grad, _grad_mean, _grad_rstd):
     )
 
 
-group_norm.register_autograd(_group_norm_grad, setup_context=_group_norm_setup)
+_group_norm_op.register_autograd(_group_norm_grad, setup_context=_group_norm_setup)

@@ -416,8 +416,10 @@ def test_group_norm32_semantics(dtype, triton_backend):
     assert_close_to_exact(y, exact, expected)
 
 
-def test_torch_compile_fullgraph_block(triton_backend):
-    """conv -> GroupNorm(silu) -> conv traced by torch.compile(fullgraph=True), forward and backward."""
+def test_torch_compile_fullgraph_block(triton_backend, monkeypatch):
+    """conv -> GroupNorm(silu) -> conv traced by torch.compile(fullgraph=True), forward and backward,
+    with the kernel in the graph (LDM_FAST_COMPILE=kernel; auto leaves groups this small to Inductor)."""
+    monkeypatch.setenv("LDM_FAST_COMPILE", "kernel")
     torch.compiler.reset()
     torch.manual_seed(0)
     block = torch.nn.Sequential(

@@ -1,0 +1,236 @@
+"""The call path: what an eager call dispatches and launches, what torch.compile captures, and that
+validation never reads a device tensor on the host (the CUDA-graph and no-sync contract)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import triton.runtime.interpreter as interpreter
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import ldm_fast
+from ldm_fast import backend
+from ldm_fast import functional as F
+from ldm_fast.kernels import group_norm as gn
+
+# aten ops that only allocate or describe memory: no kernel on a GPU.
+_NO_KERNEL = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "view", "_unsafe_view",
+              "as_strided", "slice", "select", "split", "split_with_sizes", "chunk", "expand", "t", "permute",
+              "transpose", "unsqueeze", "squeeze", "alias", "detach", "lift_fresh", "_reshape_alias", "movedim",
+              "unbind", "is_same_size", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset"}
+
+
+class _Record(TorchDispatchMode):
+    """Every op an eager call dispatches, outside the kernels (the interpreter's own tensor work
+    while a kernel runs is not the op's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+        self.launches: list[str] = []
+        self.in_kernel = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.in_kernel:
+            self.ops.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def recording(monkeypatch):
+    """Record dispatched ops and Triton launches (kernel names) of the calls inside the block."""
+    rec = _Record()
+    run = interpreter.InterpretedFunction.run
+
+    def counted_run(self, *args, **kwargs):
+        rec.launches.append(self.fn.__name__)
+        rec.in_kernel = True
+        try:
+            return run(self, *args, **kwargs)
+        finally:
+            rec.in_kernel = False
+
+    monkeypatch.setattr(interpreter.InterpretedFunction, "run", counted_run)
+    with rec:
+        yield rec
+
+
+def _kernel_work(ops: list[str]) -> list[str]:
+    """The ops that would launch a GPU kernel (everything but allocation and views)."""
+    return [op for op in ops if op.split("::")[-1] not in _NO_KERNEL]
+
+
+def _gn_inputs(shape, groups=4, requires_grad=False):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g)
+    w, b = 1 + torch.randn(shape[1], generator=g), torch.randn(shape[1], generator=g)
+    return tuple(t.requires_grad_(requires_grad) for t in (x, w, b))
+
+
+# ---------------------------------------------------------------------------------------------
+# (a) no torch.library dispatch in eager; one op in a compiled graph
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
+def test_eager_calls_do_not_dispatch_custom_ops(triton_backend, monkeypatch, grad):
+    x, w, b = _gn_inputs((2, 8, 3, 3), requires_grad=grad)
+    moments = torch.randn(2, 8, 4, 4, requires_grad=grad)
+    table = ldm_fast.make_schedule().alphas_cumprod
+    with recording(monkeypatch) as rec:
+        y = F.group_norm(x, 4, w, b, activation="silu")
+        z = F.reparameterize_moments(moments, scale=0.18215)
+        F.q_sample(torch.randn(2, 4, 3, 3), torch.tensor([1, 5]), table)
+        if grad:
+            (y.sum() + z.sum()).backward()
+    assert not [op for op in rec.ops if op.startswith("ldm_fast::")], rec.ops
+    assert triton_backend("group_norm") and triton_backend("reparameterize") and triton_backend("q_sample")
+
+
+def _graph_ops(fn, *args):
+    """The ops of the FX graph torch.compile(fullgraph=True) captures for ``fn(*args)``."""
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch.compiler.reset()
+    torch.compile(fn, fullgraph=True, backend=capture)(*args)
+    assert len(graphs) == 1
+    return [str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"]
+
+
+def test_compile_captures_group_norm_as_one_op(triton_backend, monkeypatch):
+    monkeypatch.setenv("LDM_FAST_COMPILE", "kernel")
+    x, w, b = _gn_inputs((2, 8, 3, 3))
+    ops = _graph_ops(lambda x: F.group_norm(x, 4, w, b, activation="silu"), x)
+    assert ops.count("ldm_fast.group_norm") == 1, ops
+
+
+def test_compile_auto_leaves_small_groups_to_inductor(triton_backend, monkeypatch):
+    """LDM_FAST_COMPILE=auto: U-Net-sized groups are traced as plain PyTorch (the graph torch.compile
+    builds without ldm_fast), groups of COMPILE_KERNEL_MIN_GROUP elements and up take the kernel."""
+    monkeypatch.delenv("LDM_FAST_COMPILE", raising=False)
+    x, w, b = _gn_inputs((2, 8, 3, 3))  # groups of 2 * 9 = 18 elements
+    fn = lambda x: F.group_norm(x, 4, w, b, activation="silu")  # noqa: E731
+    assert not [op for op in _graph_ops(fn, x) if "ldm_fast" in op]
+    monkeypatch.setattr(backend, "COMPILE_KERNEL_MIN_GROUP", 18)
+    assert _graph_ops(fn, x).count("ldm_fast.group_norm") == 1
+    monkeypatch.setenv("LDM_FAST_COMPILE", "inductor")
+    assert not [op for op in _graph_ops(fn, x) if "ldm_fast" in op]
+    monkeypatch.setenv("LDM_FAST_COMPILE", "fast")
+    with pytest.raises(Exception, match="LDM_FAST_COMPILE must be one of"):
+        _graph_ops(fn, x)
+
+
+def test_compile_captures_reparameterize_and_q_sample(triton_backend):
+    table = ldm_fast.make_schedule().alphas_cumprod
+    ops = _graph_ops(lambda m, t: F.q_sample(F.reparameterize_moments(m), t, table), torch.randn(2, 8, 2, 2),
+                     torch.tensor([3, 4]))
+    assert ops.count("ldm_fast.reparameterize") == 1 and ops.count("ldm_fast.q_sample") == 1, ops
+
+
+# ---------------------------------------------------------------------------------------------
+# (d) launch counts: the Triton kernels and nothing else that would launch on a GPU
+
+
+@pytest.mark.parametrize(
+    "shape, split, fwd_launches, bwd_launches",
+    [
+        ((2, 8, 3, 3), False, 1, 2),  # one pass: the kernel; backward kernel + one column sum
+        ((2, 8, 13, 11), True, 3, 3),  # split: stats, finalize, apply; backward stats, finalize (+ dw, db), apply
+    ],
+    ids=["one-pass", "split"],
+)
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
+def test_group_norm_launches_only_its_kernels(triton_backend, monkeypatch, shape, split, fwd_launches, bwd_launches,
+                                             affine):
+    if split:
+        for name in ("ONE_PASS_MAX", "ONE_PASS_MAX_BYTES", "ONE_PASS_MAX_BWD"):
+            monkeypatch.setattr(gn, name, 0)
+        monkeypatch.setattr(gn, "TILE", 32)
+    x, w, b = _gn_inputs(shape, requires_grad=True)
+    if not affine:
+        w = b = None
+    with recording(monkeypatch) as rec:
+        y = F.group_norm(x, 4, w, b, activation="silu")
+    assert len(rec.launches) == fwd_launches, rec.launches
+    assert not _kernel_work(rec.ops), rec.ops
+    grad = torch.randn_like(y)
+    with recording(monkeypatch) as rec:
+        y.backward(grad)
+    expected_bwd = bwd_launches if affine or split else 1
+    assert len(rec.launches) == expected_bwd, rec.launches
+    # autograd's own bookkeeping (accumulating grads into .grad) is not the op's
+    assert not [op for op in _kernel_work(rec.ops) if op not in ("aten::ones_like",)], rec.ops
+
+
+def test_reparameterize_and_q_sample_launch_one_kernel_and_nothing_else(triton_backend, monkeypatch):
+    moments = torch.randn(2, 8, 4, 4)
+    table = ldm_fast.make_schedule().alphas_cumprod
+    x0 = torch.randn(2, 4, 3, 3)
+    for call in (
+        lambda: F.reparameterize_moments(moments, seed=3, scale=0.18215),
+        lambda: F.reparameterize_moments(moments, scale=0.18215),  # seed from torch's generator, on the host
+        lambda: F.q_sample(x0, 7, table, seed=1),  # int t: no fill of a t tensor
+        lambda: F.q_sample(x0, torch.tensor(7), table, seed=1),  # 0-d t: read in place with stride 0
+        lambda: F.q_sample(x0, torch.tensor([7, 9], dtype=torch.int32), table, target="v"),  # no cast of t
+    ):
+        with recording(monkeypatch) as rec:
+            call()
+        assert len(rec.launches) == 1, rec.launches
+        # allowed: drawing a seed on the host, and the host range check of a t that lives on the CPU
+        # (here every t does; a t on the GPU is checked in the kernel, see the meta-tensor test)
+        host_only = ("aten::randint", "aten::random_", "aten::aminmax", "aten::_local_scalar_dense")
+        assert not [op for op in _kernel_work(rec.ops) if op not in host_only], rec.ops
+
+
+# ---------------------------------------------------------------------------------------------
+# (b) validation never reads device data on the host; graph-safe seeds
+
+
+def test_validation_of_a_device_t_reads_no_data():
+    """Meta tensors raise on any data access: q_sample's checks of a t that lives on a device must
+    not touch it (no sync, so the call can be captured in a CUDA graph)."""
+    x0 = torch.empty(2, 4, 8, 8, device="meta")
+    table = torch.empty(1000, device="meta")
+    t = torch.empty(2, dtype=torch.int64, device="meta")
+    t_checked, check_t = F._check_timesteps(t, 2, x0.device, 1000, sync_check=False)
+    assert check_t and t_checked.device.type == "meta"
+    x_t, target = F.q_sample(x0, t, table, noise=torch.empty_like(x0))  # the eager path on meta, end to end
+    assert x_t.shape == x0.shape and target.shape == x0.shape
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        F._check_timesteps(t, 2, x0.device, 1000, sync_check=True)  # the opt-in sync check does read t
+
+
+def test_group_norm_and_reparameterize_validation_read_no_data():
+    x = torch.empty(2, 64, 8, 8, device="meta")
+    w = torch.empty(64, device="meta")
+    assert F.group_norm(x, 32, w, w, activation="silu").shape == x.shape
+    moments = torch.empty(2, 8, 4, 4, device="meta")
+    assert F.reparameterize_moments(moments, noise=torch.empty(2, 4, 4, 4, device="meta")).shape == (2, 4, 4, 4)
+
+
+def test_cpu_t_out_of_range_still_raises_value_error(triton_backend):
+    table = ldm_fast.make_schedule().alphas_cumprod
+    for t in (1000, -1, torch.tensor([0, 1000])):
+        with pytest.raises(ValueError, match=r"t must lie in \[0, 1000\)"):
+            F.q_sample(torch.randn(2, 4), t, table)
+
+
+def test_seed_drawn_on_the_device_is_read_by_the_kernel(triton_backend):
+    """A seed given as a device tensor (what a CUDA-graph capture or a compiled graph draws) gives
+    the same numbers as the same seed passed by value: replays that redraw it redraw the noise."""
+    from ldm_fast.kernels.reparameterize import reparameterize_fwd
+
+    mean, logvar = torch.zeros(3, 37), torch.zeros(3, 37)
+    by_value = reparameterize_fwd(mean, logvar, None, 1234, 1.0, 0.0)
+    by_pointer = reparameterize_fwd(mean, logvar, None, torch.tensor([1234]), 1.0, 0.0)
+    assert torch.equal(by_value, by_pointer)
+    x0 = torch.zeros(3, 4, 5)
+    table = torch.full((10,), 0.25)
+    x_t, eps = ldm_fast.ops.q_sample(x0, 2, table, None, None, torch.tensor([99]), 0.0, False, False)
+    x_t2, eps2 = ldm_fast.ops.q_sample(x0, 2, table, None, None, 99, 0.0, False, False)
+    assert torch.equal(eps, eps2) and torch.equal(x_t, x_t2)
