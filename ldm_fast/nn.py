@@ -6,6 +6,7 @@ from the torch module loads unchanged (and back), and ``isinstance(m, torch.nn.G
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
@@ -15,6 +16,11 @@ from . import functional
 from .functional import GROUP_NORM_ACTIVATIONS
 
 __all__ = ["GroupNorm", "GroupNorm32"]
+
+
+def _torch_group_norm_takes_bias() -> bool:
+    """Whether ``torch.nn.GroupNorm.__init__`` has the ``bias`` argument (torch >= 2.12)."""
+    return "bias" in inspect.signature(torch.nn.GroupNorm.__init__).parameters
 
 
 class GroupNorm(torch.nn.GroupNorm):
@@ -40,7 +46,12 @@ class GroupNorm(torch.nn.GroupNorm):
     ) -> None:
         if activation not in GROUP_NORM_ACTIVATIONS:
             raise ValueError(f"activation must be one of {GROUP_NORM_ACTIVATIONS}, got {activation!r}")
-        super().__init__(num_groups, num_channels, eps, affine, device, dtype, bias=bias)
+        if _torch_group_norm_takes_bias():
+            super().__init__(num_groups, num_channels, eps, affine, device, dtype, bias=bias)
+        else:  # torch < 2.12: no ``bias`` argument; an affine norm without bias drops it as torch does
+            super().__init__(num_groups, num_channels, eps, affine, device, dtype)
+            if affine and not bias:
+                self.register_parameter("bias", None)
         self.activation = activation
 
     def forward(self, input: Tensor) -> Tensor:

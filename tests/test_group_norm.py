@@ -392,6 +392,24 @@ def test_module_options_and_repr():
     torch.testing.assert_close(no_bias(x), TF.group_norm(x, 4, no_bias.weight))
 
 
+def test_module_on_a_torch_without_the_bias_argument(monkeypatch):
+    """torch 2.11's nn.GroupNorm.__init__ has no ``bias`` argument (added in 2.12): the module still
+    builds, with and without bias, and keeps torch's state_dict."""
+    torch_init = torch.nn.GroupNorm.__init__
+
+    def init_2_11(self, num_groups, num_channels, eps=1e-5, affine=True, device=None, dtype=None):
+        torch_init(self, num_groups, num_channels, eps, affine, device, dtype)
+
+    monkeypatch.setattr(torch.nn.GroupNorm, "__init__", init_2_11)
+    m = ldm_fast.nn.GroupNorm(4, 8, activation="silu")
+    assert list(m.state_dict()) == ["weight", "bias"] and m.activation == "silu"
+    no_bias = ldm_fast.nn.GroupNorm(4, 8, bias=False)
+    assert no_bias.bias is None and list(no_bias.state_dict()) == ["weight"]
+    x = torch.randn(2, 8, 3, 3)
+    torch.testing.assert_close(no_bias(x), TF.group_norm(x, 4, no_bias.weight))
+    assert ldm_fast.nn.GroupNorm32(4, 8).weight.shape == (8,)
+
+
 def test_module_runs_the_kernel(triton_backend):
     m = ldm_fast.nn.GroupNorm(32, 64, activation="silu")
     x = torch.randn(1, 64, 3, 3)
