@@ -31,6 +31,14 @@ def _fused(inputs):
     return F.q_sample(inputs["x0"], inputs["t"], inputs["alphas_cumprod"], seed=1234)
 
 
+def _fused_device_t(inputs):
+    """What a call with t on the GPU runs: t checked by the kernel's device-side assertion (the
+    variant compiled with ``debug=True``), so the audit covers it; on a CPU it is forced here."""
+    from ldm_fast import ops
+
+    return ops.q_sample(inputs["x0"], inputs["t"], inputs["alphas_cumprod"], None, None, 1234, 0.0, False, True)
+
+
 def _eager(inputs):
     # diffusers: train_text_to_image.py + DDPMScheduler.add_noise
     x0, t = inputs["x0"], inputs["t"]
@@ -51,9 +59,13 @@ def _min_bytes(inputs):
 
 def cases() -> list[Case]:
     return [
-        Case("q_sample", f"sd-latent-b{b}-{name}", _make(b, dtype), _fused, _eager, _min_bytes, traffic_target=1.0)
+        Case("q_sample", f"sd-latent-b{b}-{name}", _make(b, dtype), _fused, _eager, _min_bytes, traffic_target=1.0,
+             quick=b == 1)
         for b in (1, 2, 8)
         for name, dtype in DTYPES.items()
+    ] + [
+        Case("q_sample", "sd-latent-b8-fp16-device-t", _make(8, torch.float16), _fused_device_t, _eager, _min_bytes,
+             traffic_target=1.0, quick=True),
     ]
 
 
