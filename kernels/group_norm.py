@@ -84,6 +84,8 @@ TARGET_PROGRAMS = 1024
 SPLIT_WARPS = 8
 #: Rows of the partial buffer a finalize / column-sum program reads per step.
 REDUCE_BLOCK = 2048
+#: Chunk partials of one group the forward apply kernel merges per step.
+MERGE_BLOCK = 256
 
 ACTIVATIONS = (None, "silu")
 
@@ -179,117 +181,126 @@ def _group_norm_fwd_one_pass_kernel(
         tl.store(rstd_ptr + i_b * G + i_g, b_rstd)
 
 
-@triton.jit(do_not_specialize=["n_chunks", "tiles_per_program", "part_plane"])
+@triton.jit(do_not_specialize=["n_chunks", "tiles_per_chunk", "part_plane"])
 def _group_norm_fwd_stats_kernel(
     x_ptr,  # [B, C, S], layout X_CL
-    part_ptr,  # [2, B, n_chunks, C] fp32, written: per-channel mean and M2 of each S-chunk
-    C, S, n_chunks, tiles_per_program, part_plane,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, X_CL: tl.constexpr,
+    part_ptr,  # [2, B, G, n_chunks] fp32, written: mean and M2 of each chunk of each group
+    C, S, G, n_chunks, tiles_per_chunk, part_plane,
+    CG: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, X_CL: tl.constexpr,
 ):
-    """Program (chunk, channel block, batch): per-channel mean and M2 over tiles_per_program tiles."""
-    i_n = tl.program_id(0)
-    i_c = tl.program_id(1)
-    i_b = tl.program_id(2)
-    o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    m_c = o_c < C
-    o_batch = i_b.to(tl.int64) * C * S
-    s_begin = i_n * tiles_per_program * BLOCK_S
-    n_tiles = tl.minimum(tiles_per_program, (S - s_begin + BLOCK_S - 1) // BLOCK_S)
+    """Program (chunk, group, batch): mean and M2 of one chunk of one group, over its tiles.
 
-    b_mean = tl.zeros([BLOCK_C], tl.float32)
-    b_m2 = tl.zeros([BLOCK_C], tl.float32)
-    for i_t in range(0, n_tiles):
-        s0 = s_begin + i_t * BLOCK_S
-        o_s = s0 + tl.arange(0, BLOCK_S)
-        m = (o_s < S)[:, None] & m_c[None, :]
+    Chunks are tiles_per_chunk * BLOCK_S units long (a multiple of the tile, so tiles stay aligned
+    for 128-bit loads). NCHW: a group is one contiguous run of N = CG * S elements, chunk i is
+    elements [i * chunk_len, (i + 1) * chunk_len), read in 1-d tiles of BLOCK_S. Channels-last:
+    chunk i is positions [i * chunk_len, (i + 1) * chunk_len) of the group's CG channels, read in
+    [BLOCK_S, BLOCK_C] tiles. Tiles are merged by Chan's update (two passes within a tile)."""
+    i_n = tl.program_id(0)
+    i_g = tl.program_id(1)
+    i_b = tl.program_id(2)
+    n_units = S * CG if not X_CL else S  # elements (NCHW) or positions (channels-last) of the group
+    u_begin = i_n * tiles_per_chunk * BLOCK_S
+    u_end = tl.minimum(u_begin + tiles_per_chunk * BLOCK_S, n_units)
+    if X_CL:
+        o_base = i_b.to(tl.int64) * C * S + i_g * CG
+        o_k = tl.arange(0, BLOCK_C)
+        m_k = o_k < CG
+    else:
+        o_base = i_b.to(tl.int64) * C * S + i_g.to(tl.int64) * CG * S
+
+    b_n = 0.0
+    b_mean = 0.0
+    b_m2 = 0.0
+    for u0 in range(u_begin, u_end, BLOCK_S):
+        o_u = u0 + tl.arange(0, BLOCK_S)
+        m_u = o_u < u_end
         if X_CL:
-            p_x = x_ptr + o_batch + o_s.to(tl.int64)[:, None] * C + o_c[None, :]
+            m = m_u[:, None] & m_k[None, :]
+            b_x = tl.load(x_ptr + o_base + o_u.to(tl.int64)[:, None] * C + o_k[None, :], mask=m, other=0.0)
+            t_n = (tl.minimum(u_end - u0, BLOCK_S) * CG).to(tl.float32)
         else:
-            p_x = x_ptr + o_batch + o_s[:, None] + o_c.to(tl.int64)[None, :] * S
-        b_x = tl.load(p_x, mask=m, other=0.0).to(tl.float32)
-        # this tile: two passes over registers
-        t_n = tl.minimum(S - s0, BLOCK_S).to(tl.float32)
-        t_mean = tl.sum(b_x, axis=0) / t_n
-        b_d = tl.where(m, b_x - t_mean[None, :], 0.0)
-        t_m2 = tl.sum(b_d * b_d, axis=0)
-        # merged with the tiles before it (all full, so n_old = i_t * BLOCK_S)
-        n_old = i_t * BLOCK_S * 1.0
-        n_new = n_old + t_n
+            m = m_u
+            b_x = tl.load(x_ptr + o_base + o_u, mask=m, other=0.0)
+            t_n = tl.minimum(u_end - u0, BLOCK_S).to(tl.float32)
+        b_x = b_x.to(tl.float32)
+        t_mean = tl.sum(b_x) / t_n
+        b_d = tl.where(m, b_x - t_mean, 0.0)
+        t_m2 = tl.sum(b_d * b_d)
+        n_new = b_n + t_n
         b_delta = t_mean - b_mean
         b_mean += b_delta * (t_n / n_new)
-        b_m2 += t_m2 + b_delta * b_delta * (n_old * t_n / n_new)
+        b_m2 += t_m2 + b_delta * b_delta * (b_n * t_n / n_new)
+        b_n = n_new
 
-    o_part = (i_b.to(tl.int64) * n_chunks + i_n) * C + o_c
-    tl.store(part_ptr + o_part, b_mean, mask=m_c)
-    tl.store(part_ptr + part_plane + o_part, b_m2, mask=m_c)
+    o_part = (i_b * G + i_g) * n_chunks + i_n
+    tl.store(part_ptr + o_part, b_mean)
+    tl.store(part_ptr + part_plane + o_part, b_m2)
 
 
-@triton.jit(do_not_specialize=["n_chunks", "chunk_rows", "part_plane"])
-def _group_norm_fwd_finalize_kernel(
-    part_ptr,  # [2, B, n_chunks, C] fp32 from the statistics kernel
-    mean_ptr, rstd_ptr,  # [B, G] fp32, written
-    C, S, G, n_chunks, chunk_rows, part_plane, eps,
-    CG: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """One program per (batch, group): the chunks' (n_i, mean_i, M2_i) combined, each read once.
-
-    Chunk i covers n_i = min(chunk_rows, S - i * chunk_rows) positions of each channel. Each lane of
-    the [BLOCK_N, BLOCK_C] block merges the partials it visits (Chan's update), then the lanes are
-    combined exactly: mean = sum n_l mean_l / N, M2 = sum M2_l + n_l (mean_l - mean)^2.
-    """
-    i_bg = tl.program_id(0)
-    i_b = i_bg // G
-    i_g = i_bg % G
-    o_k = tl.arange(0, BLOCK_C)
-    o_c = i_g * CG + o_k
-    m_c = o_k < CG
-    o_batch = i_b.to(tl.int64) * n_chunks * C
-
-    b_n = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
-    b_mean = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
-    b_m2 = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+@triton.jit
+def _merge_chunks(p_part, part_plane, n_chunks, chunk_count, N, BLOCK_N: tl.constexpr):
+    """``(mean, M2)`` of a whole group from its n_chunks chunk partials (mean at ``p_part + i``, M2
+    ``part_plane`` further): chunk i holds min(chunk_count, N - i * chunk_count) elements. Each lane
+    merges the chunks it visits (Chan's update), then the lanes are combined exactly:
+    mean = sum n_l mean_l / N, M2 = sum M2_l + n_l (mean_l - mean)^2."""
+    b_n = tl.zeros([BLOCK_N], tl.float32)
+    b_mean = tl.zeros([BLOCK_N], tl.float32)
+    b_m2 = tl.zeros([BLOCK_N], tl.float32)
     for n0 in range(0, n_chunks, BLOCK_N):
         o_n = n0 + tl.arange(0, BLOCK_N)
-        m = (o_n < n_chunks)[:, None] & m_c[None, :]
-        p_mean = part_ptr + o_batch + o_n.to(tl.int64)[:, None] * C + o_c[None, :]
-        t_mean = tl.load(p_mean, mask=m, other=0.0)
-        t_m2 = tl.load(p_mean + part_plane, mask=m, other=0.0)
-        t_n = tl.where(m, tl.minimum(chunk_rows, S - o_n * chunk_rows).to(tl.float32)[:, None], 0.0)
+        m = o_n < n_chunks
+        t_mean = tl.load(p_part + o_n, mask=m, other=0.0)
+        t_m2 = tl.load(p_part + part_plane + o_n, mask=m, other=0.0)
+        t_n = tl.where(m, tl.minimum(chunk_count, N - o_n * chunk_count).to(tl.float32), 0.0)
         n_new = b_n + t_n
         b_ratio = t_n / tl.maximum(n_new, 1.0)  # 0 on lanes that hold no partial yet
         b_delta = t_mean - b_mean
         b_mean += b_delta * b_ratio
         b_m2 += t_m2 + b_delta * b_delta * b_n * b_ratio
         b_n = n_new
-
-    n = S * CG * 1.0
-    b_group_mean = tl.sum(b_n * b_mean) / n
-    b_d = b_mean - b_group_mean
-    tl.store(mean_ptr + i_bg, b_group_mean)
-    tl.store(rstd_ptr + i_bg, tl.rsqrt(tl.sum(b_m2 + b_n * b_d * b_d) / n + eps))
+    g_mean = tl.sum(b_n * b_mean) / N
+    b_d = b_mean - g_mean
+    return g_mean, tl.sum(b_m2 + b_n * b_d * b_d)
 
 
-@triton.jit(do_not_specialize=["tiles_per_program"])
+@triton.jit(do_not_specialize=["tiles_per_program", "n_chunks", "chunk_count", "part_plane"])
 def _group_norm_fwd_apply_kernel(
     x_ptr, y_ptr,  # [B, C, S], layouts X_CL and Y_CL; y written
     w_ptr, b_ptr,  # [C]
-    mean_ptr, rstd_ptr,  # [B, G] fp32
-    C, S, G, tiles_per_program,
-    CG: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    part_ptr,  # [2, B, G, n_chunks] fp32 from the statistics kernel
+    mean_ptr, rstd_ptr,  # [B, G] fp32, written (each group by one program)
+    C, S, G, tiles_per_program, n_chunks, chunk_count, part_plane, eps,
+    CG: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
     X_CL: tl.constexpr, Y_CL: tl.constexpr, SILU: tl.constexpr,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr,
 ):
-    """Program (chunk, channel block, batch): y = act((x - mean) * rstd * w + bias) over
-    tiles_per_program tiles, the per-channel factors loaded once."""
+    """Program (chunk, channel block, batch): first the statistics of the groups its channels belong
+    to, from their chunk partials (the finalize, done here so the split path is two launches; the
+    partials are a few hundred bytes per group), then y = act((x - mean) * rstd * w + bias) over
+    tiles_per_program tiles. The chunk-0 program holding a group's first channel writes its
+    mean/rstd for the backward."""
     i_n = tl.program_id(0)
     i_c = tl.program_id(1)
     i_b = tl.program_id(2)
     o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
     m_c = o_c < C
+    o_cg = o_c // CG
+    N = S * CG
+    b_mean = tl.zeros([BLOCK_C], tl.float32)
+    b_rstd = tl.zeros([BLOCK_C], tl.float32)
+    c_first = i_c * BLOCK_C
+    for i_g in range(c_first // CG, (tl.minimum(c_first + BLOCK_C, C) - 1) // CG + 1):
+        g_mean, g_m2 = _merge_chunks(part_ptr + (i_b * G + i_g) * n_chunks, part_plane, n_chunks, chunk_count, N,
+                                     BLOCK_N)
+        g_rstd = tl.rsqrt(g_m2 / N + eps)
+        b_mean = tl.where(o_cg == i_g, g_mean, b_mean)
+        b_rstd = tl.where(o_cg == i_g, g_rstd, b_rstd)
+        m_write = (i_n == 0) & (i_g * CG >= c_first)
+        tl.store(mean_ptr + i_b * G + i_g, g_mean, mask=m_write)
+        tl.store(rstd_ptr + i_b * G + i_g, g_rstd, mask=m_write)
+
     o_batch = i_b.to(tl.int64) * C * S
-    o_g = i_b * G + o_c // CG
-    b_mean = tl.load(mean_ptr + o_g, mask=m_c, other=0.0)
-    b_a = tl.load(rstd_ptr + o_g, mask=m_c, other=0.0) * _load_param(w_ptr, o_c, m_c, HAS_W, 1.0)
+    b_a = b_rstd * _load_param(w_ptr, o_c, m_c, HAS_W, 1.0)
     b_bias = _load_param(b_ptr, o_c, m_c, HAS_B, 0.0)
     s_begin = i_n * tiles_per_program * BLOCK_S
     n_tiles = tl.minimum(tiles_per_program, (S - s_begin + BLOCK_S - 1) // BLOCK_S)
@@ -660,7 +671,7 @@ def _check_out(out: torch.Tensor, x: torch.Tensor) -> None:
 def _tuning() -> tuple:
     """The module's tuning constants, part of every plan's cache key (tests change them)."""
     return (ONE_PASS_MAX, ONE_PASS_MAX_BYTES, ONE_PASS_MAX_BWD, ONE_PASS_MIN_PROGRAMS, TILE, TARGET_PROGRAMS,
-            SPLIT_WARPS, REDUCE_BLOCK)
+            SPLIT_WARPS, REDUCE_BLOCK, MERGE_BLOCK)
 
 
 class _SplitGrid(NamedTuple):
@@ -679,15 +690,40 @@ def _split_grid(B: int, C: int, S: int, any_channels_last: bool) -> _SplitGrid:
     return _SplitGrid((n_chunks, n_c, B), tiles_per_program, n_chunks, block_s, block_c)
 
 
+class _StatsChunks(NamedTuple):
+    """The forward statistics kernel's [chunk, group, batch] grid: chunks of ``chunk_len`` units
+    (elements of the group for NCHW, positions for channels-last) read in tiles of
+    ``[BLOCK_S, BLOCK_C]``; ``chunk_count`` elements per full chunk."""
+    grid: tuple[int, int, int]
+    n_chunks: int
+    chunk_len: int
+    chunk_count: int
+    BLOCK_S: int
+    BLOCK_C: int
+
+
+def _stats_chunks(B: int, G: int, S: int, CG: int, x_cl: bool) -> _StatsChunks:
+    if x_cl:
+        block_c = triton.next_power_of_2(CG)
+        block_s, units = max(1, TILE // block_c), S
+    else:  # a group is one contiguous run of CG * S elements
+        block_c, block_s, units = 1, TILE, S * CG
+    n_tiles = triton.cdiv(units, block_s)
+    tiles_per_chunk = triton.cdiv(n_tiles, min(n_tiles, max(1, TARGET_PROGRAMS // (B * G))))
+    chunk_len = tiles_per_chunk * block_s
+    n_chunks = triton.cdiv(units, chunk_len)
+    return _StatsChunks((n_chunks, G, B), n_chunks, chunk_len, chunk_len * (CG if x_cl else 1), block_s, block_c)
+
+
 class _FwdPlan(NamedTuple):
     """Every shape-dependent choice of one forward call, decided once per (shape, dtype, layouts)."""
     one_pass: bool
     batches_per_program: int  # one pass
     grid: tuple  # one pass
     meta: dict  # one pass: constexprs and num_warps
-    stats: Optional[_SplitGrid] = None  # split
-    finalize_meta: Optional[dict] = None
+    stats: Optional[_StatsChunks] = None  # split
     apply: Optional[_SplitGrid] = None
+    BLOCK_N: int = 0  # split: chunk partials the apply kernel merges at a time
 
 
 @functools.lru_cache(maxsize=1024)
@@ -700,10 +736,9 @@ def _fwd_plan(B: int, C: int, S: int, G: int, dtype: torch.dtype, x_cl: bool, y_
         warps = _one_pass_warps(elements) if elements <= ONE_PASS_MAX else _one_pass_big_warps(S, CG)
         meta = dict(CG=CG, BLOCK_S=triton.next_power_of_2(S), BLOCK_C=block_c, BLOCK_C2=block_c2, num_warps=warps)
         return _FwdPlan(True, bpp, (G, triton.cdiv(B, bpp)), meta)
-    stats = _split_grid(B, C, S, x_cl)
-    block_n, block_cg = _reduce_block(stats.n_chunks, CG)
-    finalize_meta = dict(CG=CG, BLOCK_N=block_n, BLOCK_C=block_cg, num_warps=4)
-    return _FwdPlan(False, 0, (), {}, stats, finalize_meta, _split_grid(B, C, S, x_cl or y_cl))
+    stats = _stats_chunks(B, G, S, CG, x_cl)
+    block_n = min(triton.next_power_of_2(stats.n_chunks), MERGE_BLOCK)
+    return _FwdPlan(False, 0, (), {}, stats, _split_grid(B, C, S, x_cl or y_cl), block_n)
 
 
 def group_norm_fwd(
@@ -717,8 +752,9 @@ def group_norm_fwd(
     *,
     out=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the forward: ``(y, mean, rstd)``. One launch on the one-pass path, three on the split
-    path (statistics, finalize, apply); no other kernel (no fills for a missing weight or bias).
+    """Launch the forward: ``(y, mean, rstd)``. One launch on the one-pass path, two on the split
+    path (statistics per chunk of each group; apply, which first merges its groups' chunks); no
+    other kernel (no fills for a missing weight or bias).
 
     x: ``[B, C, *spatial]``, NCHW-contiguous or channels-last (any other layout is copied to
     NCHW); weight, bias: ``[C]`` contiguous or None, any float dtype; ``C % num_groups == 0`` (the
@@ -754,19 +790,16 @@ def group_norm_fwd(
         return y, mean, rstd
 
     st, ap = plan.stats, plan.apply
-    part = torch.empty((2, B, st.n_chunks, C), dtype=torch.float32, device=x.device)
-    part_plane = B * st.n_chunks * C
+    part = torch.empty((2, B, G, st.n_chunks), dtype=torch.float32, device=x.device)
+    part_plane = B * G * st.n_chunks
     _group_norm_fwd_stats_kernel[st.grid](
-        x, part, C, S, st.n_chunks, st.tiles_per_program, part_plane,
-        BLOCK_S=st.BLOCK_S, BLOCK_C=st.BLOCK_C, X_CL=x_cl, num_warps=SPLIT_WARPS,
-    )
-    _group_norm_fwd_finalize_kernel[(B * G,)](
-        part, mean, rstd, C, S, G, st.n_chunks, st.tiles_per_program * st.BLOCK_S, part_plane, eps,
-        **plan.finalize_meta,
+        x, part, C, S, G, st.n_chunks, st.chunk_len // st.BLOCK_S, part_plane,
+        CG=C // G, BLOCK_S=st.BLOCK_S, BLOCK_C=st.BLOCK_C, X_CL=x_cl, num_warps=SPLIT_WARPS,
     )
     _group_norm_fwd_apply_kernel[ap.grid](
-        x, y, w, b, mean, rstd, C, S, G, ap.tiles_per_program,
-        CG=C // G, BLOCK_S=ap.BLOCK_S, BLOCK_C=ap.BLOCK_C, X_CL=x_cl, Y_CL=y_cl, **flags, num_warps=SPLIT_WARPS,
+        x, y, w, b, part, mean, rstd, C, S, G, ap.tiles_per_program, st.n_chunks, st.chunk_count, part_plane, eps,
+        CG=C // G, BLOCK_S=ap.BLOCK_S, BLOCK_C=ap.BLOCK_C, BLOCK_N=plan.BLOCK_N, X_CL=x_cl, Y_CL=y_cl, **flags,
+        num_warps=SPLIT_WARPS,
     )
     return y, mean, rstd
 

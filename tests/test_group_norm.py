@@ -104,6 +104,7 @@ def force_split(monkeypatch):
         monkeypatch.setattr(gn, "ONE_PASS_MAX_BWD", 0)
         monkeypatch.setattr(gn, "TILE", tile)
         monkeypatch.setattr(gn, "TARGET_PROGRAMS", target_programs)
+        monkeypatch.setattr(gn, "MERGE_BLOCK", 2)  # the apply kernel merges a group's chunks in several steps
 
     return force
 
@@ -262,6 +263,11 @@ def test_split_tiles_cover_several_chunks(force_split):
         block_s, block_c = gn._split_tile(4, S, channels_last)
         tiles_per_program, n_chunks = gn._chunks(2, S, -(-4 // block_c), block_s)
         assert tiles_per_program > 1 and n_chunks > 1 and S % block_s, (channels_last, block_s, tiles_per_program)
+        # the forward statistics: several chunks per group (more than MERGE_BLOCK), several tiles per
+        # chunk, a partial last chunk
+        st = gn._stats_chunks(2, 2, S, 2, channels_last)
+        units = S if channels_last else 2 * S
+        assert st.n_chunks > gn.MERGE_BLOCK and st.chunk_len > st.BLOCK_S and units % st.chunk_len, st
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
