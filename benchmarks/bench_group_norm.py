@@ -9,7 +9,9 @@ Baseline: ``F.silu(F.group_norm(x, 32, w, b, eps))``, eager (diffusers' ResnetBl
 ``self.norm1`` then ``self.nonlinearity``). Minimum traffic: read x, weight and bias once, write y
 once. The fused kernel holds a group on chip when ``next_pow2(H*W) * next_pow2(C/32)`` elements fit
 (``ONE_PASS_MAX``): it then reads x once (target 1.0); larger groups are split across programs and
-x is read twice, once for the statistics and once to normalize (target 1.5).
+x is read twice, once for the statistics and once to normalize, in two launches: the apply kernel
+first merges the chunk statistics of the groups it normalizes (8 bytes per chunk, re-read by every
+program of the group; 0.1-0.9% of the minimum at these shapes, from L2), hence the target 1.51.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from ldm_fast.kernels.group_norm import one_pass_fits
 from .common import DTYPES, Case, benchmark_tests, nbytes
 
 GROUPS = 32
+SPLIT_TARGET = 1.51  # x read twice, plus each apply program's read of its groups' chunk statistics
 UNET = [(320, 64), (640, 32), (1280, 16), (1280, 8)]  # (channels, side); eps 1e-5
 VAE = [(128, 512), (256, 256), (512, 128), (512, 64)]  # eps 1e-6
 
@@ -67,7 +70,7 @@ def _case(kind: str, batch: int, channels: int, side: int, dtype_name: str, quic
         _fused(eps),
         _eager(eps),
         _min_bytes,
-        traffic_target=1.0 if one_pass_fits(shape, GROUPS, dtype=DTYPES[dtype_name]) else 1.5,
+        traffic_target=1.0 if one_pass_fits(shape, GROUPS, dtype=DTYPES[dtype_name]) else SPLIT_TARGET,
         quick=quick,
     )
 

@@ -260,9 +260,12 @@ def q_sample(
 
     noise_offset = float(noise_offset)
     offset = None
-    if noise_offset != 0.0:
-        generator = None if seed is None else torch.Generator().manual_seed(_derived_seed(seed, _OFFSET_SALT))
-        offset = torch.randn(x0.shape[0], x0.shape[1], generator=generator).to(x0.device)
+    if noise_offset != 0.0:  # seed None: drawn on x0's device (graph-safe); a seed: a CPU generator, then copied
+        if seed is None:
+            offset = torch.randn(x0.shape[0], x0.shape[1], device=x0.device)
+        else:
+            generator = torch.Generator().manual_seed(_derived_seed(seed, _OFFSET_SALT))
+            offset = torch.randn(x0.shape[0], x0.shape[1], generator=generator).to(x0.device)
     target_v = target == "v"
     needs_grad = x0.requires_grad or (noise is not None and noise.requires_grad)
     if backend.select(x0, noise) == "triton" and not needs_grad and _kernel_ok(x0, noise):
