@@ -15,6 +15,8 @@ Prints one table (columns explained in ``benchmarks/README.md``) and writes ``ta
 ``report.json`` and ``report.png`` to ``benchmarks/results/latest/``. Exits 1 when any case fails
 its traffic target or the audit. Options: ``--quick`` (the quick subset of each bench file),
 ``--ops a,b`` (only these bench files), ``--jobs N`` (worker processes), ``--out DIR``.
+``--host`` and ``--e2e`` run only the host-cost instrument (:mod:`benchmarks.host`) and/or the
+end-to-end one (:mod:`benchmarks.e2e`) instead (``--e2e-compile``, ``--e2e-scenarios a,b``).
 """
 
 from __future__ import annotations
@@ -250,7 +252,19 @@ def main(argv=None) -> int:
     parser.add_argument("--traffic-max-mb", type=float, default=None,
                         help="measure traffic (and audit) only cases whose minimum traffic is at most this many MB; "
                              "the interpreter takes minutes on the largest shapes (default: every case)")
+    parser.add_argument("--host", action="store_true",
+                        help="only the host-cost instrument (benchmarks/host.py): host us per call of ldm_fast and "
+                             "eager beside the launch floors; writes host.json")
+    parser.add_argument("--e2e", action="store_true",
+                        help="only the end-to-end instrument (benchmarks/e2e.py): diffusers U-Net / VAE with random "
+                             "weights, eager vs ldm_fast.optimize vs torch.compile; writes e2e.json")
+    parser.add_argument("--e2e-compile", action="store_true",
+                        help="with --e2e on a CPU: run the torch.compile variants too (minutes on 2 cores)")
+    parser.add_argument("--e2e-scenarios", default="",
+                        help="with --e2e: comma-separated scenario names (default: all)")
     args = parser.parse_args(argv)
+    if args.host or args.e2e:
+        return _host_e2e(args, argv)
     started = time.perf_counter()
 
     ops = [o.strip() for o in args.ops.split(",") if o.strip()] or None
@@ -359,6 +373,24 @@ def main(argv=None) -> int:
     log(f"wrote {out / 'table.txt'}, {out / 'report.json'}, {out / 'report.png'} "
         f"({time.perf_counter() - started:.0f}s)")
     return 1 if failures else 0
+
+
+def _host_e2e(args, argv) -> int:
+    """``--host`` and/or ``--e2e``: those instruments only (exit 1 when a case or variant errored)."""
+    ops = [o.strip() for o in args.ops.split(",") if o.strip()] or None
+    status = 0
+    if args.host:
+        from . import host
+
+        rep = host.run(ops, args.quick, Path(args.out), max_mb=args.traffic_max_mb)
+        status |= int(any("error" in r for r in rep["cases"]))
+    if args.e2e:
+        from . import e2e
+
+        scenarios = [s.strip() for s in args.e2e_scenarios.split(",") if s.strip()] or None
+        rep = e2e.run(scenarios=scenarios, compile_on_cpu=args.e2e_compile, out_dir=Path(args.out))
+        status |= int(bool(rep["unavailable"]) or any(r["status"] == "error" for r in rep["results"]))
+    return status
 
 
 if __name__ == "__main__":
