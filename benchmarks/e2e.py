@@ -15,7 +15,7 @@ The scenarios of ../shared/reference/h100-baseline.md, built from diffusers conf
 Each scenario runs in these variants, each on a fresh copy of one randomly initialized model:
 
 * ``eager``: the diffusers model as is;
-* ``optimize``: ``ldm_fast.optimize.optimize(model)``, then the same call;
+* ``optimize``: ``ldm_fast.optimize(model)``, then the same call;
 * ``optimize+cuda_graph``: ``optimize(model, channels_last=True, cuda_graph=True)`` (CUDA only;
   of ``model.decoder`` for the VAE, since the graph serves ``forward`` and ``decode`` calls the
   decoder; with autograd, training, the graph is not used; ``cuda_graph_stats`` records its
@@ -35,7 +35,7 @@ Without a GPU a TINY config of each scenario runs in fp32 on the CPU (every time
 nothing about a GPU follows from them); the CUDA-graph variant is skipped, the torch.compile
 variants too unless ``--e2e-compile`` (compiling on 2 cores takes minutes); and the optimized tiny
 U-Net and VAE run once with the kernels forced (Triton's interpreter) to check the swap against
-eager. ``optimize`` is being written (ldm_fast/optimize.py): while it does not import, its variants
+eager. If ``ldm_fast.optimize`` does not import (a broken install), its variants
 are skipped with the reason. diffusers is a benchmark/test extra, never a dependency of ldm_fast.
 
 Writes ``benchmarks/results/latest/e2e.json`` and, on CUDA, merges into
@@ -204,10 +204,10 @@ def make_scenarios(tiny: bool) -> list[Scenario]:
 
 
 def _optimize_api():
-    """``(optimize, restore)`` from ldm_fast.optimize, or the reason they cannot be used."""
+    """``(optimize, restore)`` from ldm_fast, or the reason they cannot be used."""
     try:
-        from ldm_fast.optimize import optimize, restore
-    except Exception as e:  # not written yet, or broken: its variants are skipped with this reason
+        from ldm_fast import optimize, restore
+    except Exception as e:  # a broken install: its variants are skipped with this reason
         return None, f"ldm_fast.optimize is not importable ({type(e).__name__}: {e})"
     return (optimize, restore), None
 
@@ -241,7 +241,7 @@ def graph_stats(model) -> Optional[dict]:
     """``CUDAGraphForward.stats`` of every module whose forward optimize replaced by one (graph
     replays, captures, plain calls per reason): whether the graphs were really used."""
     try:
-        from ldm_fast.optimize import CUDAGraphForward
+        from ldm_fast.optimization import CUDAGraphForward
     except ImportError:
         return None
     root = getattr(model, "_orig_mod", model)

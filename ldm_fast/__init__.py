@@ -3,6 +3,7 @@
     import ldm_fast
     z = ldm_fast.functional.reparameterize_moments(moments, scale=0.18215)
     x_t, noise = ldm_fast.functional.q_sample(z, t, schedule.alphas_cumprod)
+    report = ldm_fast.optimize(unet)   # an existing model's GroupNorms (+SiLU) fused, in place
 
 See README.md for the backends, the error bounds and the benchmarks.
 """
@@ -10,8 +11,10 @@ See README.md for the backends, the error bounds and the benchmarks.
 from . import backend, functional, nn, schedules
 from .backend import use_backend
 from .latent_diffusion import LatentDiffusion
+from .optimization import OptimizeReport, optimize, restore
 from .schedules import Schedule, make_schedule
 
 __version__ = "0.1.0"
 
-__all__ = ["LatentDiffusion", "Schedule", "backend", "functional", "make_schedule", "nn", "schedules", "use_backend", "__version__"]
+__all__ = ["LatentDiffusion", "OptimizeReport", "Schedule", "backend", "functional", "make_schedule", "nn", "optimize",
+           "restore", "schedules", "use_backend", "__version__"]

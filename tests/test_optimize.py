@@ -1,0 +1,642 @@
+"""ldm_fast.optimize / restore: diffusers UNet and VAE, CompVis-style Sequentials, identity of modules
+and parameters, hooks, optimizers, gradients, channels_last, and the CUDA-graph cache logic
+(emulated on CPU: there is no GPU here)."""
+
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import ldm_fast
+from ldm_fast import optimization as opt_mod
+from ldm_fast.nn import GroupNorm as LdmGroupNorm
+from ldm_fast.nn import GroupNorm32 as LdmGroupNorm32
+from ldm_fast import optimize, restore
+
+diffusers = pytest.importorskip("diffusers")
+from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
+from diffusers.models.resnet import ResnetBlock2D  # noqa: E402
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput  # noqa: E402
+
+# Whole-model tolerance with the Triton kernels (interpreted, fp32): each GroupNorm's statistics
+# are computed in fp32 in another order than ATen's (chunked two-pass sums), ~1e-6 relative per
+# norm; ~20 norms, convolutions and attention in sequence amplify that to a few 1e-6..1e-5. 1e-4
+# relative to the output's scale leaves an order of magnitude of margin yet catches any real
+# mistake (a missing SiLU or a wrong group is O(1)).
+TRITON_RTOL = 1e-4
+
+
+def _unet(seed=0):
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        norm_num_groups=8, cross_attention_dim=32, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    ).eval()
+
+
+def _unet_inputs(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 500]), torch.randn(2, 3, 32, generator=g)
+
+
+def _vae(seed=0):
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        norm_num_groups=8, sample_size=16,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    ).eval()
+
+
+def _image(seed=2):
+    return torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
+
+
+def _run_unet(unet, inputs):
+    with torch.no_grad():
+        return unet(*inputs).sample
+
+
+def _run_vae(vae, image):
+    with torch.no_grad():
+        return vae(image, sample_posterior=False).sample
+
+
+def _assert_close_rel(actual, expected, rtol):
+    scale = expected.abs().max().item()
+    err = (actual - expected).abs().max().item()
+    assert err <= rtol * scale, f"max abs error {err:.3g} > {rtol} * {scale:.3g}"
+
+
+class GroupNorm32(nn.GroupNorm):
+    """The CompVis / SD ``ldm.modules.diffusionmodules.util.GroupNorm32``, verbatim."""
+
+    def forward(self, x):
+        return super().forward(x.float()).type(x.dtype)
+
+
+class ScaledGroupNorm(nn.GroupNorm):
+    """A subclass whose forward optimize cannot know."""
+
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def _compvis_block(ch=16):
+    """CompVis ResBlock's ``in_layers``: ``nn.Sequential(normalization(ch), nn.SiLU(), conv_nd(...))``."""
+    return nn.Sequential(GroupNorm32(4, ch), nn.SiLU(), nn.Conv2d(ch, ch, 3, padding=1))
+
+
+# ---------------------------------------------------------------------------------------------
+# diffusers models: outputs, report, restore
+
+
+def test_unet_default_backend_exact_and_restore_round_trip():
+    unet = _unet()
+    inputs = _unet_inputs()
+    ref = _run_unet(unet, inputs)
+    norms = {name: type(m) for name, m in unet.named_modules() if isinstance(m, nn.GroupNorm)}
+    report = optimize(unet)
+
+    assert report.counts["GroupNorm -> ldm_fast GroupNorm"] == len(norms) == 21
+    # every ResnetBlock2D (down, mid, up) is fused, both norms
+    blocks = [name for name, m in unet.named_modules() if isinstance(m, ResnetBlock2D)]
+    assert sorted(report.paths(opt_mod.RESNET_FORWARD)) == sorted(blocks)
+    assert sorted(report.paths(opt_mod.FUSED)) == sorted(f"{b}.{n}" for b in blocks for n in ("norm1", "norm2"))
+    assert report.left == []
+    text = str(report)
+    assert "21 GroupNorm -> ldm_fast" in text and f"{2 * len(blocks)} GroupNorm+SiLU fused" in text
+    assert "cuda_graph: off" in text and "channels_last: off" in text
+    block = unet.down_blocks[0].resnets[0]
+    assert type(block.norm1) is LdmGroupNorm and block.norm1.activation == "silu"
+    assert type(unet.conv_norm_out) is LdmGroupNorm and unet.conv_norm_out.activation is None  # no SiLU fused
+    assert type(block.nonlinearity) is nn.SiLU  # still applied to temb
+    assert opt_mod.report_of(unet) is report
+
+    # eager backend on CPU: F.silu(F.group_norm(...)), the very ops the original ran
+    assert torch.equal(_run_unet(unet, inputs), ref)
+
+    assert restore(unet) is unet
+    assert {name: type(m) for name, m in unet.named_modules() if isinstance(m, nn.GroupNorm)} == norms
+    assert all("activation" not in m.__dict__ and "forward" not in m.__dict__ for m in unet.modules())
+    assert opt_mod.report_of(unet) is None
+    assert torch.equal(_run_unet(unet, inputs), ref)
+
+
+def test_unet_triton_kernels_match():
+    unet = _unet()
+    inputs = _unet_inputs()
+    ref = _run_unet(unet, inputs)
+    optimize(unet)
+    before = ldm_fast.backend.kernel_launches["group_norm"]
+    with ldm_fast.use_backend("triton"):
+        out = _run_unet(unet, inputs)
+    # 21 norms, each at least one launch (the kernels ran, under the interpreter)
+    assert ldm_fast.backend.kernel_launches["group_norm"] - before >= 21
+    _assert_close_rel(out, ref, TRITON_RTOL)
+
+
+def test_vae_default_backend_exact_and_triton_kernels_match():
+    vae = _vae()
+    image = _image()
+    ref = _run_vae(vae, image)
+    report = optimize(vae)
+    n_norms = sum(isinstance(m, nn.GroupNorm) for m in vae.modules())
+    assert report.counts["GroupNorm -> ldm_fast GroupNorm"] == n_norms
+    n_blocks = sum(isinstance(m, ResnetBlock2D) for m in vae.modules())
+    assert report.counts[opt_mod.RESNET_FORWARD] == n_blocks and report.counts[opt_mod.FUSED] == 2 * n_blocks
+    assert torch.equal(_run_vae(vae, image), ref)
+
+    before = ldm_fast.backend.kernel_launches["group_norm"]
+    with ldm_fast.use_backend("triton"):
+        out = _run_vae(vae, image)
+    assert ldm_fast.backend.kernel_launches["group_norm"] - before >= n_norms
+    _assert_close_rel(out, ref, TRITON_RTOL)
+    restore(vae)
+    assert torch.equal(_run_vae(vae, image), ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# identity: parameters, state dict, hooks, optimizer, gradients
+
+
+def test_parameter_identity_state_dict_hooks_and_optimizer():
+    unet = _unet()
+    inputs = _unet_inputs()
+    ids = [id(p) for p in unet.parameters()]
+    keys = list(unet.state_dict().keys())
+    module_ids = [id(m) for m in unet.modules()]
+    seen = []
+    unet.conv_norm_out.register_forward_hook(lambda m, i, o: seen.append("conv_norm_out"))
+    hooked = unet.down_blocks[0].resnets[0].norm1
+    hooked.register_forward_hook(lambda m, i, o: seen.append(o.clone()))
+    sgd = torch.optim.SGD(unet.parameters(), lr=0.1)
+
+    report = optimize(unet)
+    assert [id(p) for p in unet.parameters()] == ids
+    assert list(unet.state_dict().keys()) == keys
+    assert [id(m) for m in unet.modules()] == module_ids
+    # the hooked norm is converted but not fused (its hook would see the SiLU output); reported
+    assert type(hooked) is LdmGroupNorm and hooked.activation is None
+    left = {item.path: item.reason for item in report.left}
+    assert "forward hooks" in left["down_blocks.0.resnets.0.norm1"]
+    assert "down_blocks.0.resnets.0.norm2" in report.paths(opt_mod.FUSED)
+
+    out = unet(*inputs).sample
+    assert "conv_norm_out" in seen
+    hooked_out = [s for s in seen if isinstance(s, torch.Tensor)]
+    assert len(hooked_out) == 1 and hooked_out[0].min() < -0.5  # a norm's output, no SiLU applied (SiLU >= -0.28)
+
+    # an optimizer built before optimize still drives the parameters the model uses
+    loss = out.square().mean()
+    loss.backward()
+    sgd.step()
+    with torch.no_grad():
+        assert not torch.allclose(unet(*inputs).sample, out)
+
+    restore(unet)
+    assert [id(p) for p in unet.parameters()] == ids
+    assert list(unet.state_dict().keys()) == keys
+
+
+def test_gradients_match_original():
+    ref_model = _unet()
+    model = copy.deepcopy(ref_model)
+    optimize(model)
+    inputs = _unet_inputs()
+    ref_model(*inputs).sample.square().mean().backward()
+    model(*inputs).sample.square().mean().backward()
+    ref_grads = dict(ref_model.named_parameters())
+    n = 0
+    for name, p in model.named_parameters():
+        g = ref_grads[name].grad
+        if g is None:
+            assert p.grad is None
+            continue
+        n += 1
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7, msg=name)
+    assert n > 100
+
+
+def test_deepcopy_and_pickle_of_an_optimized_model_restore_on_their_own():
+    unet = _unet()
+    inputs = _unet_inputs()
+    ref = _run_unet(unet, inputs)
+    optimize(unet, cuda_graph=True)
+    twin = copy.deepcopy(unet)
+    buf = io.BytesIO()
+    torch.save(unet, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    for m in (twin, loaded):
+        assert isinstance(m.forward, opt_mod.CUDAGraphForward) and m.forward.model is m
+        assert m.down_blocks[0].resnets[0].forward.block is m.down_blocks[0].resnets[0]
+        assert torch.equal(_run_unet(m, inputs), ref)
+        restore(m)
+        assert all(type(x) is not LdmGroupNorm and "forward" not in x.__dict__ for x in m.modules())
+        assert torch.equal(_run_unet(m, inputs), ref)
+    assert type(unet.conv_norm_out) is LdmGroupNorm  # the original is untouched by the copies' restore
+
+
+# ---------------------------------------------------------------------------------------------
+# pass rules
+
+
+def test_sequential_fused_and_restored():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.GroupNorm(4, 16), nn.SiLU(), nn.Conv2d(16, 8, 3, padding=1))
+    silu = model[1]
+    x = torch.randn(2, 16, 8, 8)
+    ref = model(x).detach()
+    report = optimize(model)
+    assert report.paths(opt_mod.FUSED) == ["0"] and report.paths(opt_mod.SEQUENTIAL_SILU) == ["1"]
+    assert type(model[0]) is LdmGroupNorm and model[0].activation == "silu" and type(model[1]) is nn.Identity
+    assert list(model.state_dict().keys()) == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert torch.equal(model(x), ref)
+    before = ldm_fast.backend.kernel_launches["group_norm"]
+    with ldm_fast.use_backend("triton"):
+        out = model(x)
+    assert ldm_fast.backend.kernel_launches["group_norm"] > before
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    restore(model)
+    assert model[1] is silu and type(model[0]) is nn.GroupNorm and "activation" not in model[0].__dict__
+    assert torch.equal(model(x), ref)
+
+
+def test_compvis_group_norm32_becomes_ldm_group_norm32_and_fuses():
+    torch.manual_seed(0)
+    model = nn.Sequential(_compvis_block(), _compvis_block())
+    for block in model:  # CompVis convert_to_fp16: convolutions in half precision, norms stay fp32
+        block[2].to(torch.bfloat16)
+    x = torch.randn(2, 16, 8, 8, dtype=torch.bfloat16)
+    ref = model(x).detach()
+    report = optimize(model)
+    assert report.counts["GroupNorm32 -> ldm_fast GroupNorm32"] == 2
+    assert report.paths(opt_mod.FUSED) == ["0.0", "1.0"]
+    assert all(type(block[0]) is LdmGroupNorm32 and block[0].activation == "silu" for block in model)
+    assert torch.equal(model(x), ref)  # eager GroupNorm32: fp32 norm, cast, SiLU in bf16, as before
+    restore(model)
+    assert all(type(block[0]) is GroupNorm32 and type(block[1]) is nn.SiLU for block in model)
+
+
+def test_unknown_subclass_left_with_reason():
+    model = nn.Sequential(ScaledGroupNorm(4, 16), nn.SiLU(), nn.GroupNorm(2, 16))
+    x = torch.randn(1, 16, 4, 4)
+    ref = model(x).detach()
+    report = optimize(model)
+    assert type(model[0]) is ScaledGroupNorm and type(model[1]) is nn.SiLU and type(model[2]) is LdmGroupNorm
+    left = {item.path: item for item in report.left}
+    # one item per module, with the root cause (not also "not fused" for the Sequential pattern)
+    assert len(report.left) == 1 and left["0"].what == "ScaledGroupNorm"
+    assert "whose forward is not known" in left["0"].reason
+    assert "left: 0 (ScaledGroupNorm)" in str(report)
+    assert torch.equal(model(x), ref)
+
+
+def test_group_norm32_with_another_forward_left():
+    class GroupNorm32(nn.GroupNorm):  # same name, not the CompVis forward (no upcast)
+        def forward(self, x):
+            return super().forward(x).type(x.dtype)
+
+    model = nn.Sequential(GroupNorm32(4, 16), nn.SiLU())
+    report = optimize(model)
+    assert type(model[0]) is GroupNorm32 and type(model[1]) is nn.SiLU
+    assert "whose forward is not known" in report.left[0].reason
+    restore(model)
+
+
+def test_shared_norm_and_instance_forward_not_fused():
+    shared = nn.GroupNorm(4, 16)
+    hooked_forward = nn.GroupNorm(4, 16)
+    hooked_forward.forward = lambda x: nn.GroupNorm.forward(hooked_forward, x)  # as accelerate does
+    model = nn.Sequential(nn.Sequential(shared, nn.SiLU()), nn.Sequential(shared), nn.Sequential(hooked_forward, nn.SiLU()))
+    x = torch.randn(1, 16, 4, 4)
+    ref = model(x).detach()
+    report = optimize(model)
+    left = {item.path: item.reason for item in report.left}
+    assert "shared" in left["0.0"] and "instance-level forward" in left["2.0"]
+    assert type(hooked_forward) is nn.GroupNorm and type(shared) is LdmGroupNorm and shared.activation is None
+    assert report.counts.get(opt_mod.FUSED, 0) == 0
+    assert torch.equal(model(x), ref)
+    restore(model)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(time_embedding_norm="scale_shift"),
+    dict(time_embedding_norm="default", up=True),
+    dict(time_embedding_norm="default", down=True, out_channels=32),
+])
+def test_resnet_block_variants(kwargs):
+    torch.manual_seed(0)
+    block = ResnetBlock2D(in_channels=16, temb_channels=8, groups=4, **kwargs).eval()
+    x, temb = torch.randn(2, 16, 8, 8), torch.randn(2, 8)
+    ref = block(x, temb).detach()
+    report = optimize(block)
+    scale_shift = kwargs["time_embedding_norm"] == "scale_shift"
+    assert report.paths(opt_mod.FUSED) == (["norm1"] if scale_shift else ["norm1", "norm2"])
+    if scale_shift:
+        assert "scale_shift" in {i.path: i.reason for i in report.left}["norm2"]
+        assert block.norm2.activation is None
+    assert block.forward.fuse_norm1 and block.forward.fuse_norm2 is not scale_shift
+    assert torch.equal(block(x, temb), ref)
+    with ldm_fast.use_backend("triton"):
+        torch.testing.assert_close(block(x, temb), ref, rtol=1e-5, atol=1e-5)
+    restore(block)
+    assert "forward" not in block.__dict__
+    assert torch.equal(block(x, temb), ref)
+
+
+def test_resnet_block_other_activation_or_other_forward_not_fused(monkeypatch):
+    block = ResnetBlock2D(in_channels=16, temb_channels=8, groups=4, non_linearity="mish")
+    report = optimize(block)
+    assert "Mish" in report.left[0].reason and report.counts.get(opt_mod.FUSED, 0) == 0
+    assert report.counts["GroupNorm -> ldm_fast GroupNorm"] == 2  # still converted, just not fused
+    restore(block)
+
+    # another diffusers version's ResnetBlock2D.forward: never run through the 0.42 reimplementation
+    monkeypatch.setattr(opt_mod, "_RESNET_FORWARD_AST_SHA256", set())
+    block = ResnetBlock2D(in_channels=16, temb_channels=8, groups=4)
+    report = optimize(block)
+    assert "differs from the diffusers 0.42 forward" in report.left[0].reason
+    assert "forward" not in block.__dict__ and block.norm1.activation is None
+    assert report.counts["GroupNorm -> ldm_fast GroupNorm"] == 2
+
+
+def test_swap_sets_up_the_whole_ldm_fast_state():
+    """A swapped module holds exactly what a freshly built ldm_fast GroupNorm holds (if ldm_fast.nn
+    grows new state, the class swap must learn it: optimize refuses meanwhile)."""
+    assert opt_mod._unknown_state(LdmGroupNorm) == () and opt_mod._unknown_state(LdmGroupNorm32) == ()
+    swapped = nn.GroupNorm(4, 16)
+    optimize(swapped)
+    fresh = LdmGroupNorm(4, 16)
+    assert set(swapped.__dict__) - {opt_mod._STATE_ATTR} == set(fresh.__dict__)
+    assert repr(swapped) == repr(fresh)
+    assert type(restore(swapped)) is nn.GroupNorm and set(swapped.__dict__) == set(nn.GroupNorm(4, 16).__dict__)
+
+
+def test_optimize_twice_raises_and_restore_unoptimized_raises():
+    model = _compvis_block()
+    with pytest.raises(ValueError, match="was not optimized"):
+        restore(model)
+    optimize(model)
+    with pytest.raises(RuntimeError, match="already optimized"):
+        optimize(model)
+    outer = nn.Sequential(model)
+    with pytest.raises(RuntimeError, match="submodule '0' is already optimized"):
+        optimize(outer)
+    restore(model)
+    with pytest.raises(ValueError, match="already restored"):
+        restore(model)
+    optimize(model, channels_last=True)  # after restore, optimize again with other options
+    restore(model)
+    with pytest.raises(TypeError, match="channels_last must be a bool"):
+        optimize(model, channels_last="yes")
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        optimize(lambda x: x)
+
+
+def test_restore_refuses_when_a_change_was_replaced():
+    model = _compvis_block()
+    optimize(model)
+    model[1] = nn.ReLU()  # the Identity optimize put there was replaced by the user
+    with pytest.raises(ValueError, match="entry '1'.*replaced after optimize"):
+        restore(model)
+    assert type(model[0]) is LdmGroupNorm32  # nothing was undone
+
+
+def test_group_norm_false_changes_nothing():
+    model = _compvis_block()
+    report = optimize(model, group_norm=False)
+    assert report.changed == [] and type(model[0]) is GroupNorm32
+    restore(model)
+
+
+# ---------------------------------------------------------------------------------------------
+# channels_last
+
+
+def test_channels_last_identity_and_output():
+    unet = _unet()
+    inputs = _unet_inputs()
+    ref = _run_unet(unet, inputs)
+    params = list(unet.parameters())
+    conv = unet.conv_in.weight
+    report = optimize(unet, channels_last=True)
+    assert [id(p) for p in unet.parameters()] == [id(p) for p in params]
+    assert unet.conv_in.weight is conv and conv.is_contiguous(memory_format=torch.channels_last)
+    assert not conv.is_contiguous()
+    assert any(n.startswith("channels_last: ") and "stored channels-last" in n for n in report.notes)
+    # convolutions in another layout: another summation order on CPU, so not bit-identical
+    torch.testing.assert_close(_run_unet(unet, inputs), ref, rtol=1e-5, atol=1e-5)
+    restore(unet)
+    assert unet.conv_in.weight is conv and conv.is_contiguous()
+    assert all(p.is_contiguous() for p in unet.parameters())
+    assert torch.equal(_run_unet(unet, inputs), ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# cuda_graph: on CPU the plain forward; the cache logic through a CPU emulation of the CUDA calls
+
+
+def test_cuda_graph_on_cpu_falls_back_and_reports():
+    unet = _unet()
+    inputs = _unet_inputs()
+    ref = _run_unet(unet, inputs)
+    report = optimize(unet, cuda_graph=True)
+    note = next(n for n in report.notes if n.startswith("cuda_graph:"))
+    if torch.cuda.is_available():  # pragma: no cover - CPU-only CI
+        assert "not on CUDA" in note
+    else:
+        assert "CUDA is not available" in note
+    assert isinstance(unet.forward, opt_mod.CUDAGraphForward)
+    assert "encoder_hidden_states" in str(__import__("inspect").signature(unet.forward))
+    assert torch.equal(_run_unet(unet, inputs), ref)
+    assert unet.forward.stats == {"plain: inputs not on CUDA": 1}
+    # gradients flow through the wrapper too (plain forward)
+    unet(*inputs).sample.sum().backward()
+    assert unet.conv_in.weight.grad is not None
+    restore(unet)
+    assert "forward" not in unet.__dict__
+
+
+def test_graph_key():
+    x = torch.randn(2, 4, 8, 8)
+    key, tensors = opt_mod.graph_key((x, 3), {"b": None, "a": {"s": 1.5, "t": [x]}})
+    assert tensors == [x, x]
+    same, _ = opt_mod.graph_key((torch.randn(2, 4, 8, 8), 3), {"a": {"s": 1.5, "t": [torch.zeros(2, 4, 8, 8)]}, "b": None})
+    assert key == same  # values of tensors and the order of kwargs do not matter
+    variants = [
+        ((torch.randn(2, 4, 8, 9), 3), {}),  # shape
+        ((x.double(), 3), {}),  # dtype
+        ((x.contiguous(memory_format=torch.channels_last), 3), {}),  # layout (strides)
+        ((x.requires_grad_(False).clone().requires_grad_(), 3), {}),  # requires_grad
+        ((x, 4), {}),  # a non-tensor argument by value
+        ((x, 3.0), {}),  # ... and type
+        ((x, 3), {"return_dict": False}),
+    ]
+    keys = {opt_mod.graph_key(a, k)[0] for a, k in variants} | {opt_mod.graph_key((x, 3), {})[0]}
+    assert len(keys) == len(variants) + 1
+    with pytest.raises(opt_mod._NotGraphable, match="Generator"):
+        opt_mod.graph_key((x,), {"generator": torch.Generator()})
+
+
+def test_map_output_rebuilds_types():
+    t = torch.randn(3)
+    out = UNet2DConditionOutput(sample=t)
+    rebuilt = opt_mod.map_output(torch.clone, out)
+    assert type(rebuilt) is UNet2DConditionOutput and rebuilt.sample is not t and torch.equal(rebuilt.sample, t)
+    assert rebuilt[0] is rebuilt.sample and rebuilt["sample"] is rebuilt.sample
+    nested = opt_mod.map_output(torch.clone, ({"a": [t, None, 2]}, t))
+    assert type(nested) is tuple and torch.equal(nested[0]["a"][0], t) and nested[0]["a"][1:] == [None, 2]
+    assert nested[1] is not t
+    with pytest.raises(opt_mod._NotGraphable):
+        opt_mod.map_output(torch.clone, object())
+
+
+class _FakeGraph:
+    """A CPU stand-in for a captured graph: replay recomputes the captured function and writes the
+    results into the captured output tensors (a real graph rewrites the same memory)."""
+
+    def __init__(self, fn, output):
+        self.fn, self.output = fn, output
+
+    def replay(self):
+        fresh = []
+        opt_mod.map_output(lambda t: fresh.append(t) or t, self.fn())
+        it = iter(fresh)
+        opt_mod.map_output(lambda t: t.copy_(next(it)), self.output)
+
+
+class _FakeAPI(opt_mod.CUDAGraphAPI):
+    device_type = "cpu"
+
+    def __init__(self, fail=False):
+        self.fail, self.warmups, self.captures = fail, 0, 0
+
+    def is_capturing(self):
+        return False
+
+    def warmup(self, device, fn, iters):
+        self.warmups += iters
+        for _ in range(iters):
+            out = fn()
+        return out
+
+    def capture(self, device, fn):
+        self.captures += 1
+        if self.fail:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        out = fn()
+        return _FakeGraph(fn, out), out
+
+
+class _Tiny(nn.Module):
+    def __init__(self, inplace=False, output="tensor"):
+        super().__init__()
+        self.norm = nn.GroupNorm(2, 4)
+        self.conv = nn.Conv2d(4, 4, 1)
+        self.inplace, self.output = inplace, output
+
+    def forward(self, x, scale=1.0):
+        if self.inplace:
+            x.mul_(1.0)
+        y = self.conv(self.norm(x)) * scale
+        if self.output == "dict":
+            return {"y": y, "n": None}
+        if self.output == "base":
+            return UNet2DConditionOutput(sample=y)
+        return y
+
+
+def _graphed(model, api):
+    optimize(model, cuda_graph=True)
+    model.forward.api = api
+    return model
+
+
+def test_cuda_graph_cache_logic_emulated():
+    api = _FakeAPI()
+    model = _graphed(_Tiny(), api)
+    x1, x2 = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    with torch.no_grad():
+        r1, r2 = type(model).forward(model, x1), type(model).forward(model, x2)
+        y1 = model(x1)
+        y2 = model(x2)
+        assert api.captures == 1 and api.warmups == 3
+        assert torch.equal(y1, r1) and torch.equal(y2, r2)  # y1 not overwritten by the second replay
+        y3 = model(torch.randn(1, 4, 3, 3))  # new shape: a new graph
+        model(x1, scale=2.0)  # new non-tensor value: a new graph
+        assert api.captures == 3 and y3.shape[0] == 1
+        assert model.forward.stats["graph replay"] == 4 and model.forward.stats["graph capture"] == 3
+        # a parameter re-assigned (as .to()/.half() do): every graph dropped, captured again
+        model.conv.weight.data = model.conv.weight.data.clone()
+        assert torch.equal(model(x1), r1) and model.forward.stats["reset: parameters re-assigned"] == 1
+        assert api.captures == 4
+        # in-place updates are seen by the (emulated and real) graph
+        model.conv.bias.add_(1.0)
+        assert torch.allclose(model(x1), r1 + 1.0)
+    # autograd needed: the plain forward
+    out = model(x1)
+    assert out.requires_grad and model.forward.stats["plain: autograd needed (grad enabled and something requires grad)"] == 1
+
+
+@pytest.mark.parametrize("output", ["dict", "base"])
+def test_cuda_graph_output_types_emulated(output):
+    model = _graphed(_Tiny(output=output), _FakeAPI())
+    x = torch.randn(1, 4, 2, 2)
+    with torch.no_grad():
+        a = model(x)
+        b = model(x * 2)
+    assert type(a) is type(b) and (dict if output == "dict" else UNet2DConditionOutput) is type(a)
+    ya, yb = (a["y"], b["y"]) if output == "dict" else (a.sample, b.sample)
+    assert not torch.equal(ya, yb) and model.forward.stats["graph replay"] == 2
+
+
+def test_cuda_graph_ungraphable_calls_warn_once_and_run_plainly():
+    model = _graphed(_Tiny(inplace=True), _FakeAPI())
+    x = torch.randn(1, 4, 2, 2)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ref = type(model).forward(model, x.clone())
+        assert torch.equal(model(x.clone()), ref) and torch.equal(model(x.clone()), ref)
+    assert [str(w.message) for w in caught if "in place" in str(w.message)] != []
+    assert len([w for w in caught if "ldm_fast cuda_graph" in str(w.message)]) == 1
+
+    api = _FakeAPI(fail=True)
+    model = _graphed(_Tiny(), api)
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="capture failed: RuntimeError"):
+        assert torch.equal(model(x), type(model).forward(model, x))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")  # remembered: no second warning, no second capture
+        model(x)
+    assert api.captures == 1
+
+    model = _graphed(_Tiny(), _FakeAPI())
+    model.forward.max_signatures = 1
+    with torch.no_grad():
+        model(x)
+        with pytest.warns(RuntimeWarning, match="more than 1 call signatures"):
+            model(torch.randn(1, 4, 3, 3))
+
+
+def test_cuda_graph_unet_emulated():
+    """The whole diffusers UNet through the graph path (emulated): UNet2DConditionOutput rebuilt,
+    outputs equal to the plain model's, the caller's output not overwritten by the next replay."""
+    unet = _unet()
+    a, b = _unet_inputs(1), _unet_inputs(2)
+    ref_a, ref_b = _run_unet(unet, a), _run_unet(unet, b)
+    api = _FakeAPI()
+    _graphed(unet, api)
+    with torch.no_grad():
+        out_a = unet(*a)
+        out_b = unet(*b)
+    assert type(out_a) is UNet2DConditionOutput and api.captures == 1
+    assert torch.equal(out_a.sample, ref_a) and torch.equal(out_b.sample, ref_b)
+    assert unet.forward.stats["graph replay"] == 2
