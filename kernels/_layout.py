@@ -6,9 +6,11 @@ grid; device side, :func:`row_block` maps a program to its row and block of colu
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from ._triton import tl, triton
+from ._triton import cdiv, next_pow2, tl, triton
 
 MAX_BLOCK = 1024
 
@@ -23,21 +25,26 @@ def as_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     if x.dim() <= 1:
         x = x.contiguous()
         return x, x.numel()
-    rows = x.shape[0]
-    inner = x[0] if rows > 0 else x
-    if rows > 0 and inner.is_contiguous():
-        return x, (x.stride(0) if rows > 1 else inner.numel())
-    x = x.contiguous()
-    return x, x[0].numel() if rows > 0 else 0
+    shape, stride = x.shape, x.stride()
+    K = 1  # the row's elements so far, from the last dim: what a contiguous row's stride must be
+    rows_contiguous = True
+    for size, step in zip(reversed(shape[1:]), reversed(stride[1:])):
+        if size != 1 and step != K:
+            rows_contiguous = False
+        K *= size
+    if rows_contiguous and shape[0] > 0:
+        return x, (stride[0] if shape[0] > 1 else K)
+    return x.contiguous(), K
 
 
+@functools.lru_cache(maxsize=1024)
 def row_blocks(rows: int, K: int) -> tuple[int, int, int]:
     """``(BLOCK, column blocks per row, programs)`` for a grid of one program per block of one row.
 
     BLOCK is at least 16 (a multiple of 4, as the in-kernel noise needs) and at most 1024.
     """
-    block = min(MAX_BLOCK, max(16, triton.next_power_of_2(K)))
-    n_col_blocks = triton.cdiv(K, block)
+    block = min(MAX_BLOCK, max(16, next_pow2(K)))
+    n_col_blocks = cdiv(K, block)
     return block, n_col_blocks, rows * n_col_blocks
 
 

@@ -16,4 +16,16 @@ except ImportError:  # pragma: no cover - exercised by tests in a subprocess tha
     triton = types.SimpleNamespace(jit=_decorator, heuristics=lambda *_a, **_k: _decorator, cdiv=lambda a, b: -(-a // b))
     tl = types.SimpleNamespace(constexpr=object)
 
-__all__ = ["triton", "tl"]
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for host code (``triton.cdiv`` is a JIT function: microseconds a call)."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1), for host code (as ``triton.next_power_of_2``)."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
+__all__ = ["cdiv", "next_pow2", "triton", "tl"]

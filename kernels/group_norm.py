@@ -64,7 +64,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from ._triton import tl, triton
+from ._triton import cdiv, next_pow2, tl, triton
 
 #: Largest group (next_pow2(S) x the channel pieces, elements) the one-pass forward holds on chip
 #: in any layout and dtype (16 warps).
@@ -114,11 +114,11 @@ def _load_param(ptr, o_c, m_c, HAS: tl.constexpr, FILL: tl.constexpr):
 def _group_norm_fwd_one_pass_kernel(
     x_ptr, y_ptr,  # [B, C, S], layouts X_CL and Y_CL; y written
     w_ptr, b_ptr,  # [C]
-    mean_ptr, rstd_ptr,  # [B, G] fp32, written
+    mean_ptr, rstd_ptr,  # [B, G] fp32, written when WRITE_STATS (what the backward needs)
     B, C, S, G, batches_per_program, eps,
     CG: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_C2: tl.constexpr,
     X_CL: tl.constexpr, Y_CL: tl.constexpr, SILU: tl.constexpr,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, WRITE_STATS: tl.constexpr,
 ):
     """Program (group, batch block): for each of its batches, the whole group [S, CG] in registers,
     read once. Weight and bias are loaded once for the batch block.
@@ -177,8 +177,9 @@ def _group_norm_fwd_one_pass_kernel(
             if SILU:
                 b_y2 = b_y2 / (1.0 + tl.exp(-b_y2))
             tl.store(y_ptr + o_batch + (o_cl2 if Y_CL else o_nc2), b_y2.to(y_ptr.dtype.element_ty), mask=m2)
-        tl.store(mean_ptr + i_b * G + i_g, b_mean)
-        tl.store(rstd_ptr + i_b * G + i_g, b_rstd)
+        if WRITE_STATS:
+            tl.store(mean_ptr + i_b * G + i_g, b_mean)
+            tl.store(rstd_ptr + i_b * G + i_g, b_rstd)
 
 
 @triton.jit(do_not_specialize=["n_chunks", "tiles_per_chunk", "part_plane"])
@@ -268,11 +269,11 @@ def _group_norm_fwd_apply_kernel(
     x_ptr, y_ptr,  # [B, C, S], layouts X_CL and Y_CL; y written
     w_ptr, b_ptr,  # [C]
     part_ptr,  # [2, B, G, n_chunks] fp32 from the statistics kernel
-    mean_ptr, rstd_ptr,  # [B, G] fp32, written (each group by one program)
+    mean_ptr, rstd_ptr,  # [B, G] fp32, written when WRITE_STATS (each group by one program)
     C, S, G, tiles_per_program, n_chunks, chunk_count, part_plane, eps,
     CG: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
     X_CL: tl.constexpr, Y_CL: tl.constexpr, SILU: tl.constexpr,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, WRITE_STATS: tl.constexpr,
 ):
     """Program (chunk, channel block, batch): first the statistics of the groups its channels belong
     to, from their chunk partials (the finalize, done here so the split path is two launches; the
@@ -295,9 +296,10 @@ def _group_norm_fwd_apply_kernel(
         g_rstd = tl.rsqrt(g_m2 / N + eps)
         b_mean = tl.where(o_cg == i_g, g_mean, b_mean)
         b_rstd = tl.where(o_cg == i_g, g_rstd, b_rstd)
-        m_write = (i_n == 0) & (i_g * CG >= c_first)
-        tl.store(mean_ptr + i_b * G + i_g, g_mean, mask=m_write)
-        tl.store(rstd_ptr + i_b * G + i_g, g_rstd, mask=m_write)
+        if WRITE_STATS:
+            m_write = (i_n == 0) & (i_g * CG >= c_first)
+            tl.store(mean_ptr + i_b * G + i_g, g_mean, mask=m_write)
+            tl.store(rstd_ptr + i_b * G + i_g, g_rstd, mask=m_write)
 
     o_batch = i_b.to(tl.int64) * C * S
     b_a = b_rstd * _load_param(w_ptr, o_c, m_c, HAS_W, 1.0)
@@ -546,6 +548,8 @@ def is_channels_last(x: torch.Tensor) -> bool:
     spatial dims in order: NHWC, NDHWC) and is not also NCHW-contiguous."""
     if x.dim() < 3 or x.is_contiguous():
         return False
+    if x.dim() in (4, 5):  # torch's own check: no view to build (host µs matter per call)
+        return x.is_contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
     return x.movedim(1, -1).is_contiguous()
 
 
@@ -579,14 +583,14 @@ def _channel_pieces(CG: int) -> tuple[int, int]:
     BLOCK_C <= CG and the rest padded to a power of two (0 when CG is a power of two)."""
     block_c = 1 << (CG.bit_length() - 1)
     rest = CG - block_c
-    return block_c, (triton.next_power_of_2(rest) if rest else 0)
+    return block_c, (next_pow2(rest) if rest else 0)
 
 
 def _one_pass_elements(S: int, CG: int, backward: bool) -> int:
     """Elements one group occupies on chip in the one-pass kernel (padded to its blocks)."""
     if backward:
-        return triton.next_power_of_2(S) * triton.next_power_of_2(CG)
-    return triton.next_power_of_2(S) * sum(_channel_pieces(CG))
+        return next_pow2(S) * next_pow2(CG)
+    return next_pow2(S) * sum(_channel_pieces(CG))
 
 
 def one_pass_fits(shape, num_groups: int, *, backward: bool = False, dtype=None, channels_last: bool = False) -> bool:
@@ -620,38 +624,38 @@ def _batches_per_program(B: int, G: int) -> int:
     """Batch items per one-pass program: doubled while G * cdiv(B, n) stays >= ONE_PASS_MIN_PROGRAMS,
     so weight and bias are read once per batch block rather than once per (batch, group)."""
     n = 1
-    while n * 2 <= B and G * triton.cdiv(B, n * 2) >= ONE_PASS_MIN_PROGRAMS:
+    while n * 2 <= B and G * cdiv(B, n * 2) >= ONE_PASS_MIN_PROGRAMS:
         n *= 2
     return n
 
 
 def _one_pass_warps(tile: int) -> int:
-    return max(4, min(16, triton.next_power_of_2(tile) // 512))
+    return max(4, min(16, next_pow2(tile) // 512))
 
 
 def _split_tile(C: int, S: int, any_channels_last: bool) -> tuple[int, int]:
     """(BLOCK_S, BLOCK_C) of the split kernels: long S rows for NCHW, 64-channel rows otherwise."""
     if any_channels_last:
-        block_c = min(64, triton.next_power_of_2(C))
-        block_s = max(1, min(TILE // block_c, triton.next_power_of_2(S)))
+        block_c = min(64, next_pow2(C))
+        block_s = max(1, min(TILE // block_c, next_pow2(S)))
     else:
-        block_s = min(1024, TILE, triton.next_power_of_2(S))
-        block_c = max(1, min(TILE // block_s, triton.next_power_of_2(C)))
+        block_s = min(1024, TILE, next_pow2(S))
+        block_c = max(1, min(TILE // block_s, next_pow2(C)))
     return block_s, block_c
 
 
 def _chunks(B: int, S: int, n_c: int, block_s: int) -> tuple[int, int]:
     """(tiles per program, S-chunks) of a split kernel over [chunk, channel block, batch]: about
     TARGET_PROGRAMS programs in all, each looping over its chunk's tiles."""
-    n_tiles = triton.cdiv(S, block_s)
+    n_tiles = cdiv(S, block_s)
     tiles_per_program = max(1, (B * n_c * n_tiles) // max(1, TARGET_PROGRAMS))
-    return tiles_per_program, triton.cdiv(n_tiles, tiles_per_program)
+    return tiles_per_program, cdiv(n_tiles, tiles_per_program)
 
 
 def _reduce_block(rows: int, C: int) -> tuple[int, int]:
     """(BLOCK_N, BLOCK_C) for reading an fp32 [rows, C] partial buffer."""
-    block_c = triton.next_power_of_2(C)
-    return max(1, min(triton.next_power_of_2(rows), REDUCE_BLOCK // block_c)), block_c
+    block_c = next_pow2(C)
+    return max(1, min(next_pow2(rows), REDUCE_BLOCK // block_c)), block_c
 
 
 def _activation_flag(activation) -> bool:
@@ -685,7 +689,7 @@ class _SplitGrid(NamedTuple):
 
 def _split_grid(B: int, C: int, S: int, any_channels_last: bool) -> _SplitGrid:
     block_s, block_c = _split_tile(C, S, any_channels_last)
-    n_c = triton.cdiv(C, block_c)
+    n_c = cdiv(C, block_c)
     tiles_per_program, n_chunks = _chunks(B, S, n_c, block_s)
     return _SplitGrid((n_chunks, n_c, B), tiles_per_program, n_chunks, block_s, block_c)
 
@@ -704,14 +708,14 @@ class _StatsChunks(NamedTuple):
 
 def _stats_chunks(B: int, G: int, S: int, CG: int, x_cl: bool) -> _StatsChunks:
     if x_cl:
-        block_c = triton.next_power_of_2(CG)
+        block_c = next_pow2(CG)
         block_s, units = max(1, TILE // block_c), S
     else:  # a group is one contiguous run of CG * S elements
         block_c, block_s, units = 1, TILE, S * CG
-    n_tiles = triton.cdiv(units, block_s)
-    tiles_per_chunk = triton.cdiv(n_tiles, min(n_tiles, max(1, TARGET_PROGRAMS // (B * G))))
+    n_tiles = cdiv(units, block_s)
+    tiles_per_chunk = cdiv(n_tiles, min(n_tiles, max(1, TARGET_PROGRAMS // (B * G))))
     chunk_len = tiles_per_chunk * block_s
-    n_chunks = triton.cdiv(units, chunk_len)
+    n_chunks = cdiv(units, chunk_len)
     return _StatsChunks((n_chunks, G, B), n_chunks, chunk_len, chunk_len * (CG if x_cl else 1), block_s, block_c)
 
 
@@ -734,10 +738,10 @@ def _fwd_plan(B: int, C: int, S: int, G: int, dtype: torch.dtype, x_cl: bool, y_
         block_c, block_c2 = _channel_pieces(CG)
         elements = _one_pass_elements(S, CG, False)
         warps = _one_pass_warps(elements) if elements <= ONE_PASS_MAX else _one_pass_big_warps(S, CG)
-        meta = dict(CG=CG, BLOCK_S=triton.next_power_of_2(S), BLOCK_C=block_c, BLOCK_C2=block_c2, num_warps=warps)
-        return _FwdPlan(True, bpp, (G, triton.cdiv(B, bpp)), meta)
+        meta = dict(CG=CG, BLOCK_S=next_pow2(S), BLOCK_C=block_c, BLOCK_C2=block_c2, num_warps=warps)
+        return _FwdPlan(True, bpp, (G, cdiv(B, bpp)), meta)
     stats = _stats_chunks(B, G, S, CG, x_cl)
-    block_n = min(triton.next_power_of_2(stats.n_chunks), MERGE_BLOCK)
+    block_n = min(next_pow2(stats.n_chunks), MERGE_BLOCK)
     return _FwdPlan(False, 0, (), {}, stats, _split_grid(B, C, S, x_cl or y_cl), block_n)
 
 
@@ -751,7 +755,8 @@ def group_norm_fwd(
     channels_last_out=None,
     *,
     out=None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    stats: bool = True,
+) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Launch the forward: ``(y, mean, rstd)``. One launch on the one-pass path, two on the split
     path (statistics per chunk of each group; apply, which first merges its groups' chunks); no
     other kernel (no fills for a missing weight or bias).
@@ -760,7 +765,8 @@ def group_norm_fwd(
     NCHW); weight, bias: ``[C]`` contiguous or None, any float dtype; ``C % num_groups == 0`` (the
     caller checks). y: ``[B, C, *spatial]`` in x's dtype, channels-last when ``channels_last_out``
     (None: x's layout), or written into ``out`` (NCHW-contiguous or channels-last: its layout
-    decides). mean, rstd: ``[B, G]`` fp32, what the backward needs.
+    decides). mean, rstd: ``[B, G]`` fp32, what the backward needs; None with ``stats=False``
+    (inference: neither allocated nor written).
     Eager equivalent: :func:`group_norm_reference` (mean/rstd: ``torch.ops.aten.native_group_norm``).
     """
     silu = _activation_flag(activation)
@@ -773,18 +779,19 @@ def group_norm_fwd(
     else:
         _check_out(out, x)
     y, y_cl = out, is_channels_last(out)
-    mean = torch.empty((B, G), dtype=torch.float32, device=x.device)
-    rstd = torch.empty((B, G), dtype=torch.float32, device=x.device)
+    mean = torch.empty((B, G), dtype=torch.float32, device=x.device) if stats else None
+    rstd = torch.empty((B, G), dtype=torch.float32, device=x.device) if stats else None
     if x.numel() == 0:
         return y, mean, rstd
     w = x if weight is None else weight.contiguous()
     b = x if bias is None else bias.contiguous()
-    flags = dict(SILU=silu, HAS_W=weight is not None, HAS_B=bias is not None)
+    flags = dict(SILU=silu, HAS_W=weight is not None, HAS_B=bias is not None, WRITE_STATS=stats)
+    mean_p, rstd_p = (mean, rstd) if stats else (y, y)
     plan = _fwd_plan(B, C, S, G, x.dtype, x_cl, y_cl, _tuning())
 
     if plan.one_pass:
         _group_norm_fwd_one_pass_kernel[plan.grid](
-            x, y, w, b, mean, rstd, B, C, S, G, plan.batches_per_program, eps,
+            x, y, w, b, mean_p, rstd_p, B, C, S, G, plan.batches_per_program, eps,
             X_CL=x_cl, Y_CL=y_cl, **flags, **plan.meta,
         )
         return y, mean, rstd
@@ -797,7 +804,7 @@ def group_norm_fwd(
         CG=C // G, BLOCK_S=st.BLOCK_S, BLOCK_C=st.BLOCK_C, X_CL=x_cl, num_warps=SPLIT_WARPS,
     )
     _group_norm_fwd_apply_kernel[ap.grid](
-        x, y, w, b, part, mean, rstd, C, S, G, ap.tiles_per_program, st.n_chunks, st.chunk_count, part_plane, eps,
+        x, y, w, b, part, mean_p, rstd_p, C, S, G, ap.tiles_per_program, st.n_chunks, st.chunk_count, part_plane, eps,
         CG=C // G, BLOCK_S=ap.BLOCK_S, BLOCK_C=ap.BLOCK_C, BLOCK_N=plan.BLOCK_N, X_CL=x_cl, Y_CL=y_cl, **flags,
         num_warps=SPLIT_WARPS,
     )
@@ -819,13 +826,13 @@ class _BwdPlan(NamedTuple):
 @functools.lru_cache(maxsize=1024)
 def _bwd_plan(B: int, C: int, S: int, G: int, x_cl: bool, dy_cl: bool, dx_cl: bool, tuning: tuple) -> _BwdPlan:
     CG = C // G
-    block_s, block_c = triton.next_power_of_2(S), triton.next_power_of_2(CG)
+    block_s, block_c = next_pow2(S), next_pow2(CG)
     if block_s * block_c <= ONE_PASS_MAX_BWD:
         bpp = _batches_per_program(B, G)
-        rows = triton.cdiv(B, bpp)
+        rows = cdiv(B, bpp)
         meta = dict(CG=CG, BLOCK_S=block_s, BLOCK_C=block_c, num_warps=_one_pass_warps(2 * block_s * block_c))
         block_r, block_sum = _reduce_block(rows, min(C, 128))
-        sum_meta = dict(programs=triton.cdiv(C, block_sum), BLOCK_R=block_r, BLOCK_C=block_sum, num_warps=4)
+        sum_meta = dict(programs=cdiv(C, block_sum), BLOCK_R=block_r, BLOCK_C=block_sum, num_warps=4)
         return _BwdPlan(True, bpp, rows, (G, rows), meta, sum_meta)
     stats = _split_grid(B, C, S, x_cl or dy_cl)
     block_n, block_cg = _reduce_block(stats.n_chunks, CG)

@@ -35,6 +35,7 @@ Environment variables (read here and nowhere else):
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import importlib.util
 import os
@@ -126,17 +127,26 @@ def select(*tensors: torch.Tensor | None) -> str:
     return "triton" if on_cuda else "eager"
 
 
+@functools.lru_cache(maxsize=None)
 def interpreting() -> bool:
-    """True when kernels run under Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
+    """True when kernels run under Triton's CPU interpreter (``TRITON_INTERPRET=1``). Read once:
+    Triton makes the choice when the kernels are decorated, at import."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 def can_run_kernel(*tensors: torch.Tensor | None) -> bool:
-    """Whether a kernel can run on these tensors in this process (CUDA, or CPU under the interpreter)."""
-    devices = {t.device.type for t in tensors if t is not None}
-    if len(devices) != 1:
+    """Whether a kernel can run on these tensors in this process (all on one device: CUDA, or the
+    CPU under the interpreter)."""
+    device = None
+    for t in tensors:
+        if t is None:
+            continue
+        if device is None:
+            device = t.device
+        elif t.device != device:
+            return False
+    if device is None:
         return False
-    device = devices.pop()
-    if device == "cuda":
+    if device.type == "cuda":
         return not interpreting()
-    return device == "cpu" and interpreting()
+    return device.type == "cpu" and interpreting()

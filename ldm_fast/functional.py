@@ -119,10 +119,10 @@ def _assert_range_on_device(t: Tensor, num_steps: int) -> None:
 
 def _kernel_ok(*tensors: Optional[Tensor]) -> bool:
     """Whether the Triton kernels can take these tensors (dtype, device) in this process."""
-    present = [t for t in tensors if t is not None]
-    if any(t.dtype not in KERNEL_DTYPES for t in present):
-        return False
-    return backend.can_run_kernel(*present)
+    for t in tensors:
+        if t is not None and t.dtype not in KERNEL_DTYPES:
+            return False
+    return backend.can_run_kernel(*tensors)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -203,7 +203,7 @@ def group_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_
         return _GroupNormFunction.apply(x, weight, bias, num_groups, eps, activation, channels_last_out)
     y, _, _ = _launch(
         "group_norm", _group_norm_kernels.group_norm_fwd, x, weight, bias, num_groups, eps, activation,
-        channels_last_out,
+        channels_last_out, stats=False,
     )
     return y
 
