@@ -389,7 +389,7 @@ def _host_e2e(args, argv) -> int:
 
         scenarios = [s.strip() for s in args.e2e_scenarios.split(",") if s.strip()] or None
         rep = e2e.run(scenarios=scenarios, compile_on_cpu=args.e2e_compile, out_dir=Path(args.out))
-        status |= int(bool(rep["unavailable"]) or any(r["status"] == "error" for r in rep["results"]))
+        status |= int(bool(rep["unavailable"]) or any(r["status"] == "error" for r in rep["cases"]))
     return status
 
 

@@ -58,7 +58,7 @@ import torch
 
 import ldm_fast
 
-from .host import RESULTS, environment, log, merge_gpu_file, no_gpu_reason, use_cuda
+from .host import RESULTS, environment, log, no_gpu_reason, use_cuda, write_report
 
 VARIANTS = ("eager", "optimize", "optimize+cuda_graph", "compile", "compile+optimize")
 DIFFUSERS_MISSING = ("diffusers is not installed: the end-to-end benchmark needs it (a benchmark/test extra, never "
@@ -570,24 +570,13 @@ def run(scenarios: Optional[list[str]] = None, variants: Optional[list[str]] = N
         "environment": env,
         "timing_label": "CUDA" if cuda else "CPU (TINY configs, fp32)",
         "variants": variants,
-        "results": results,
+        "cases": results,
         "unavailable": unavailable,
         "notes": notes,
         "seconds": round(time.perf_counter() - started, 1),
     }
     if write:
-        out_dir = Path(out_dir) if out_dir else RESULTS / "latest"
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / "e2e.json"
-        import json
-
-        path.write_text(json.dumps(report, indent=1, default=str))
-        written = [path]
-        if cuda:
-            gpu_report = dict(report, cases=report["results"])
-            gpu_report.pop("results")
-            written.append(merge_gpu_file(gpu_report, "e2e", key=lambda r: f"{r['scenario']}/{r['variant']}"))
-        log(f"wrote {', '.join(map(str, written))} ({time.perf_counter() - started:.0f}s)")
+        write_report(report, "e2e", out_dir, cuda, started, key=lambda r: f"{r['scenario']}/{r['variant']}")
     return report
 
 
@@ -602,7 +591,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()] or None  # noqa: E731
     report = run(split(args.scenarios), split(args.variants), args.compile, Path(args.out))
-    return 1 if report["unavailable"] or any(r["status"] == "error" for r in report["results"]) else 0
+    return 1 if report["unavailable"] or any(r["status"] == "error" for r in report["cases"]) else 0
 
 
 if __name__ == "__main__":

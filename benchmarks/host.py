@@ -662,15 +662,23 @@ def _run(cases, notes, cuda, device, quick, out_dir, write, started, max_mb) -> 
         "seconds": round(time.perf_counter() - started, 1),
     }
     if write:
-        out_dir = Path(out_dir) if out_dir else RESULTS / "latest"
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / "host.json"
-        path.write_text(json.dumps(report, indent=1, default=str))
-        written = [path]
-        if cuda:
-            written.append(merge_gpu_file(report, "host"))
-        log(f"wrote {', '.join(map(str, written))} ({time.perf_counter() - started:.0f}s)")
+        write_report(report, "host", out_dir, cuda, started)
     return report
+
+
+def write_report(report: dict, suffix: str, out_dir, cuda: bool, started: float,
+                 key: Callable[[dict], str] = lambda rec: rec["case"]) -> list[Path]:
+    """Write ``report`` to ``<out_dir or results/latest>/<suffix>.json`` and, on CUDA, merge its
+    ``cases`` into ``results/<gpu-name>-<suffix>.json`` (:func:`merge_gpu_file`); log the paths."""
+    out_dir = Path(out_dir) if out_dir else RESULTS / "latest"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{suffix}.json"
+    path.write_text(json.dumps(report, indent=1, default=str))
+    written = [path]
+    if cuda:
+        written.append(merge_gpu_file(report, suffix, key))
+    log(f"wrote {', '.join(map(str, written))} ({time.perf_counter() - started:.0f}s)")
+    return written
 
 
 def merge_gpu_file(report: dict, suffix: str, key: Callable[[dict], str] = lambda rec: rec["case"]) -> Path:

@@ -121,8 +121,8 @@ def test_e2e_unet_step_cpu(tmp_path):
     env = data["environment"]
     for key in ("date", "device", "torch", "triton", "diffusers", "cpu", "platform"):
         assert env[key], key
-    results = {r["variant"]: r for r in data["results"]}
-    assert set(results) == {"eager", "optimize"} and all(r["scenario"] == "unet-step-b1" for r in data["results"])
+    results = {r["variant"]: r for r in data["cases"]}
+    assert set(results) == {"eager", "optimize"} and all(r["scenario"] == "unet-step-b1" for r in data["cases"])
     eager = results["eager"]
     assert eager["status"] == "ok", eager.get("error")
     assert eager["ms"] > 0 and eager["host_ms"] > 0 and eager["first_call_s"] > 0
@@ -161,10 +161,10 @@ def test_e2e_cli_flag(tmp_path):
     pytest.importorskip("diffusers", reason="the end-to-end benchmark needs diffusers (a bench/test extra)")
     assert bench_main(["--e2e", "--e2e-scenarios", "vae-decode-512", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "e2e.json").read_text())
-    by_variant = {r["variant"]: r for r in data["results"]}
+    by_variant = {r["variant"]: r for r in data["cases"]}
     assert set(by_variant) == set(e2e.VARIANTS)
     assert by_variant["eager"]["status"] == "ok"
-    for r in data["results"]:
+    for r in data["cases"]:
         assert r["status"] in ("ok", "skipped"), r
         if r["status"] == "skipped":
             assert r["reason"]
