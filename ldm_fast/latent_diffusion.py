@@ -145,6 +145,7 @@ class LatentDiffusion(torch.nn.Module):
         # a seed of its own for the diffusion noise, so it is independent of the posterior sample's
         z_t, tgt = F.q_sample(z0, t, self.alphas_cumprod, seed=F._derived_seed(seed, _NOISE_SALT), target=target,
                               noise_offset=noise_offset)
-        t_rows = t if isinstance(t, Tensor) and t.dim() == 1 else torch.full((z0.shape[0],), int(t), device=z0.device)
+        # one timestep per row for the denoiser, without reading a device t on the host
+        t_rows = t.expand(z0.shape[0]) if isinstance(t, Tensor) else torch.full((z0.shape[0],), t, device=z0.device)
         pred = denoiser(z_t, t_rows) if cond is None else denoiser(z_t, t_rows, cond)
         return torch.nn.functional.mse_loss(pred.float(), tgt.float())
