@@ -1,0 +1,122 @@
+"""On a CUDA GPU: every op captured in a CUDA graph replays correctly, noise stays random under
+replay, a t on the GPU is checked on the device. Needs a GPU and compiled kernels, so run it there as
+
+    TRITON_INTERPRET=0 python -m pytest tests/test_cuda_graphs.py
+
+Without one each test is skipped with that reason (the CPU suite proves the same call path's pieces:
+tests/test_call_path.py).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import ldm_fast
+from ldm_fast import backend
+from ldm_fast import functional as F
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() or backend.interpreting(),
+    reason="needs a CUDA GPU with compiled kernels: run TRITON_INTERPRET=0 python -m pytest tests/test_cuda_graphs.py",
+)
+
+
+def _capture(fn):
+    """Warm up ``fn`` on a side stream, capture it in a CUDA graph; return (graph, its output)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
+@pytest.mark.parametrize("shape", [(2, 640, 16, 16), (1, 320, 64, 64)], ids=["one-pass", "split"])
+def test_group_norm_replays(shape):
+    x = torch.randn(shape, device="cuda", dtype=torch.float16)
+    w = torch.randn(shape[1], device="cuda", dtype=torch.float16)
+    graph, y = _capture(lambda: F.group_norm(x, 32, w, w, 1e-5, activation="silu"))
+    for _ in range(2):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        with ldm_fast.use_backend("eager"):
+            ref = F.group_norm(x.float(), 32, w.float(), w.float(), 1e-5, activation="silu")
+        torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_unseeded_noise_is_fresh_at_every_replay_and_a_seed_reproduces():
+    moments = torch.randn(2, 8, 64, 64, device="cuda")
+    graph, z = _capture(lambda: F.reparameterize_moments(moments, scale=0.18215))
+    graph.replay()
+    first = z.clone()
+    graph.replay()
+    assert not torch.equal(first, z)
+    graph, z = _capture(lambda: F.reparameterize_moments(moments, seed=7, scale=0.18215))
+    graph.replay()
+    first = z.clone()
+    graph.replay()
+    assert torch.equal(first, z) and torch.equal(z, F.reparameterize_moments(moments, seed=7, scale=0.18215))
+
+
+def test_q_sample_with_a_gpu_t_captures_and_replays():
+    table = ldm_fast.make_schedule().alphas_cumprod.cuda()
+    x0 = torch.randn(4, 4, 32, 32, device="cuda")
+    noise = torch.randn_like(x0)
+    t = torch.tensor([0, 10, 500, 999], device="cuda")
+    graph, (x_t, _) = _capture(lambda: F.q_sample(x0, t, table, noise=noise))
+    for values in ([1, 2, 3, 4], [999, 0, 400, 7]):
+        t.copy_(torch.tensor(values))
+        graph.replay()
+        abar = table[t].view(-1, 1, 1, 1)
+        torch.testing.assert_close(x_t, abar.sqrt() * x0 + (1 - abar).sqrt() * noise, rtol=1e-5, atol=1e-5)
+    graph, (_, eps) = _capture(lambda: F.q_sample(x0, t, table))
+    graph.replay()
+    first = eps.clone()
+    graph.replay()
+    assert not torch.equal(first, eps)
+
+
+def test_a_gpu_t_out_of_range_fails_on_the_device():
+    """As torch's own indexing: a device-side assertion, raised at the next synchronization (it
+    leaves the CUDA context unusable, so it runs in a child process)."""
+    code = textwrap.dedent(
+        """
+        import torch, ldm_fast
+        from ldm_fast import functional as F
+        table = ldm_fast.make_schedule().alphas_cumprod.cuda()
+        F.q_sample(torch.randn(2, 4, 8, 8, device="cuda"), torch.tensor([3, 1000], device="cuda"), table)
+        torch.cuda.synchronize()
+        """
+    )
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode != 0
+    assert "t must lie in" in result.stderr or "device-side assert" in result.stderr, result.stderr[-2000:]
+
+
+def test_optimize_cuda_graph_replays_a_diffusers_unet():
+    diffusers = pytest.importorskip("diffusers", reason="diffusers (the test extra) runs this model")
+    unet = diffusers.UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=32,
+        attention_head_dim=8, sample_size=16, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    ).cuda().eval()
+    x = torch.randn(2, 4, 16, 16, device="cuda")
+    context = torch.randn(2, 7, 32, device="cuda")
+    with torch.no_grad():
+        ref = unet(x, 500, encoder_hidden_states=context).sample
+        ldm_fast.optimize(unet, channels_last=True, cuda_graph=True)
+        outs = [unet(x, 500, encoder_hidden_states=context).sample for _ in range(3)]
+    for out in outs:
+        torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)
+    ldm_fast.restore(unet)
