@@ -1,6 +1,6 @@
 """End to end on diffusers models with random weights (nothing downloaded): ``python -m benchmarks --e2e``.
 
-The scenarios of ../shared/reference/h100-baseline.md, built from diffusers configs:
+The scenarios of benchmarks/results/h100-2026-11-22-baseline-797cde7.md, built from diffusers configs:
 
 ==================  ============================================================================
 ``unet-step-b1``    SD 1.5 ``UNet2DConditionModel(sample_size=64, cross_attention_dim=768,

@@ -2,7 +2,7 @@
 
 At diffusion shapes a fused kernel runs in 2-20 µs on an H100, so what a user sees is often the
 host's time per call: the Python, the dispatch and the Triton launch machinery between the call and
-the GPU (../shared/reference/h100-baseline.md). This instrument measures, in ONE run on one machine,
+the GPU (benchmarks/results/h100-2026-11-22-baseline-797cde7.md). This instrument measures, in ONE run on one machine,
 for each case of the bench files (the forward cases; the ``bwd-*`` cases call the torch.library
 backward op directly, which is the torch.compile path, so they are replaced here by GroupNorm
 forward+backward cases that run the user's path, autograd through ``functional.group_norm``):

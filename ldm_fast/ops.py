@@ -5,7 +5,7 @@ Every op has two call paths, chosen by :func:`ldm_fast.functional`'s ops once pe
 * **eager** (the hot path users run): the kernel launcher is called directly, or, when autograd
   must record the call, through a ``torch.autograd.Function`` around the launchers. No
   ``torch.library`` dispatch: a ``custom_op`` costs tens of µs of host time per call, more than
-  the kernels themselves at diffusion shapes (../shared/reference/h100-baseline.md).
+  the kernels themselves at diffusion shapes (benchmarks/results/h100-2026-11-22-baseline-797cde7.md).
 * **compiled** (``torch.compiler.is_compiling()``): the ``torch.ops.ldm_fast.*`` custom ops below,
   with fake implementations (``register_fake``) and autograd formulas (``register_autograd``), so
   ``torch.compile(fullgraph=True)`` captures each op as one node without graph breaks.
