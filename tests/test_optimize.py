@@ -640,3 +640,45 @@ def test_cuda_graph_unet_emulated():
     assert type(out_a) is UNet2DConditionOutput and api.captures == 1
     assert torch.equal(out_a.sample, ref_a) and torch.equal(out_b.sample, ref_b)
     assert unet.forward.stats["graph replay"] == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile over an optimized model
+
+
+def _compiled_graph_ops(model, sample, t, context):
+    """The call_function targets of every FX graph torch.compile builds for one U-Net call, and the
+    number of graphs (one: no graph break)."""
+    import collections
+
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch.compiler.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=capture)(sample, t, encoder_hidden_states=context)
+    ops = collections.Counter(str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function")
+    return ops, len(graphs)
+
+
+def test_compile_over_optimize_builds_the_graph_compile_builds_without(monkeypatch):
+    """LDM_FAST_COMPILE=auto at U-Net-sized groups: torch.compile of the optimized U-Net traces
+    exactly the ops it traces for the plain one, in one graph, so Inductor compiles the same code
+    (compile with ldm_fast is never slower there). With LDM_FAST_COMPILE=kernel every fused norm is
+    one ldm_fast op in the graph."""
+    monkeypatch.delenv("LDM_FAST_COMPILE", raising=False)
+    model = _unet()
+    sample, t, context = _unet_inputs()
+    with ldm_fast.use_backend("triton"):
+        plain, n_plain = _compiled_graph_ops(model, sample, t, context)
+        report = optimize(model)
+        ours, n_ours = _compiled_graph_ops(model, sample, t, context)
+        assert n_plain == n_ours == 1 and ours == plain
+        monkeypatch.setenv("LDM_FAST_COMPILE", "kernel")
+        kernel_ops, _ = _compiled_graph_ops(model, sample, t, context)
+    norms = sum(1 for m in model.modules() if isinstance(m, torch.nn.GroupNorm))
+    assert kernel_ops["ldm_fast.group_norm"] == norms and report.counts
+    restore(model)
