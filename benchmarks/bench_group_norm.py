@@ -81,7 +81,7 @@ def cases() -> list[Case]:
         _case("unet", 1, 1280, 8, "fp16", quick=True),
         _case("unet", 1, 640, 32, "bf16", quick=True),
         _case("unet", 1, 1280, 16, "fp32", quick=True),
-        _case("unet", 1, 320, 64, "fp32", quick=True),  # split forward: stats, finalize, apply
+        _case("unet", 1, 320, 64, "fp32", quick=True),  # split forward: stats, apply (merging the chunks)
     ]
     for batch in (1, 8):
         for channels, side in UNET:
@@ -112,7 +112,7 @@ def cases() -> list[Case]:
 #   one pass (one_pass_fits(shape, 32, backward=True)): x and dy read once, dx written once, plus
 #     the per-channel partials (sum dz, sum dz * xhat) [2, batch blocks <= B, C] fp32 written once
 #     and read once by the column sum:  target = 1 + 16 * B * C / min;
-#   split: statistics (x, dy) -> finalize -> apply (x, dy again, dx): x and dy read twice,
+#   split: statistics (x, dy) -> finalize (+ dweight, dbias) -> apply (x, dy again, dx): x and dy read twice,
 #     target = (min + |x| + |dy|) / min (= (2 + 2 + 1) / 3 = 1.67 for one dtype) + 0.02 for the
 #     fp32 partials [2, B, chunks, C] (written once, read twice) and the per-program reloads of
 #     weight, bias, mean, rstd, c1, c2 (about 1% of min at these shapes).
@@ -171,7 +171,7 @@ def _backward_cases() -> list[Case]:
     out = []
     for kind, channels, side, dtype_name, quick in (
         ("unet", 1280, 8, "fp16", True),  # one pass
-        ("unet", 640, 32, "bf16", True),  # split: statistics, finalize, apply, column sums
+        ("unet", 640, 32, "bf16", True),  # split: statistics, finalize with the parameter gradients, apply
         ("unet", 320, 64, "fp16", False),
         ("vae", 512, 64, "fp16", False),
     ):
