@@ -91,7 +91,7 @@ def _check_timesteps(t, batch: int, device: torch.device, num_steps: int, sync_c
     if isinstance(t, bool) or not isinstance(t, (int, Tensor)):
         raise TypeError(f"t must be an int or an integer tensor, got {type(t).__name__}")
     if isinstance(t, int):
-        _check_range_on_host(torch.tensor([t]), num_steps)
+        _check_range(t, t, num_steps)
         return t, False
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise TypeError(f"t must hold integer timesteps, got dtype {t.dtype}")
@@ -105,9 +105,11 @@ def _check_timesteps(t, batch: int, device: torch.device, num_steps: int, sync_c
 
 def _check_range_on_host(t: Tensor, num_steps: int) -> None:
     """Raise ValueError unless every value of ``t`` lies in ``[0, num_steps)`` (reads t's values)."""
-    if t.numel() == 0:
-        return
-    lo, hi = (int(v) for v in torch.aminmax(t))
+    if t.numel():
+        _check_range(*(int(v) for v in torch.aminmax(t)), num_steps)
+
+
+def _check_range(lo: int, hi: int, num_steps: int) -> None:
     if lo < 0 or hi >= num_steps:
         raise ValueError(f"t must lie in [0, {num_steps}) (len(alphas_cumprod)), got values in [{lo}, {hi}]")
 
@@ -371,8 +373,10 @@ def _group_norm(x, num_groups, weight, bias, eps, activation, out_memory_format,
     (``F.group_norm(x.float(), ...).type(x.dtype)``). The kernel computes in fp32 either way."""
     channels_last_out = _check_group_norm_args(x, num_groups, weight, bias, activation, out_memory_format)
     eps = float(eps)
-    if (backend.select(x, weight, bias) == "triton" and x.numel() > 0 and _kernel_ok(x, weight, bias)
-            and (not torch.compiler.is_compiling() or backend.compile_uses_kernel(x.numel() // (x.shape[0] * num_groups)))):
+    use_kernel = backend.select(x, weight, bias) == "triton" and x.numel() > 0 and _kernel_ok(x, weight, bias)
+    if use_kernel and torch.compiler.is_compiling():  # LDM_FAST_COMPILE: the kernel, or Inductor's own code
+        use_kernel = backend.compile_uses_kernel(x.numel() // (x.shape[0] * num_groups))
+    if use_kernel:
         if channels_last_out is None:
             channels_last_out = _group_norm_kernels.is_channels_last(x)
         return ops.group_norm(x, weight, bias, num_groups, eps, activation, channels_last_out)
