@@ -818,7 +818,8 @@ class _BwdPlan(NamedTuple):
     rows: int  # rows of the partial buffer [2, rows, C]
     grid: tuple  # one pass
     meta: dict  # one pass: constexprs and num_warps; split: the finalize's
-    sum_meta: Optional[dict] = None  # one pass: the column sum's grid size and constexprs
+    sum_grid: tuple = ()  # one pass: the column sum's grid
+    sum_meta: Optional[dict] = None  # one pass: the column sum's constexprs and num_warps
     stats: Optional[_SplitGrid] = None  # split
     apply: Optional[_SplitGrid] = None
 
@@ -832,12 +833,12 @@ def _bwd_plan(B: int, C: int, S: int, G: int, x_cl: bool, dy_cl: bool, dx_cl: bo
         rows = cdiv(B, bpp)
         meta = dict(CG=CG, BLOCK_S=block_s, BLOCK_C=block_c, num_warps=_one_pass_warps(2 * block_s * block_c))
         block_r, block_sum = _reduce_block(rows, min(C, 128))
-        sum_meta = dict(programs=cdiv(C, block_sum), BLOCK_R=block_r, BLOCK_C=block_sum, num_warps=4)
-        return _BwdPlan(True, bpp, rows, (G, rows), meta, sum_meta)
+        sum_meta = dict(BLOCK_R=block_r, BLOCK_C=block_sum, num_warps=4)
+        return _BwdPlan(True, bpp, rows, (G, rows), meta, (cdiv(C, block_sum),), sum_meta)
     stats = _split_grid(B, C, S, x_cl or dy_cl)
     block_n, block_cg = _reduce_block(stats.n_chunks, CG)
     meta = dict(CG=CG, BLOCK_N=block_n, BLOCK_C=block_cg, num_warps=4)
-    return _BwdPlan(False, 0, B * stats.n_chunks, (), meta, None, stats, _split_grid(B, C, S, x_cl or dy_cl or dx_cl))
+    return _BwdPlan(False, 0, B * stats.n_chunks, (), meta, (), None, stats, _split_grid(B, C, S, x_cl or dy_cl or dx_cl))
 
 
 def group_norm_bwd(
@@ -892,9 +893,8 @@ def group_norm_bwd(
             X_CL=x_cl, DY_CL=dy_cl, DX_CL=dx_cl, **flags, **plan.meta,
         )
         if has_w or has_b:
-            meta = dict(plan.sum_meta)
-            _column_sum_kernel[(meta.pop("programs"),)](
-                part, dw, db, plan.rows, C, part_plane, HAS_W=has_w, HAS_B=has_b, **meta,
+            _column_sum_kernel[plan.sum_grid](
+                part, dw, db, plan.rows, C, part_plane, HAS_W=has_w, HAS_B=has_b, **plan.sum_meta,
             )
         return dx, dw, db
 

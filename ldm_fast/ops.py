@@ -49,16 +49,15 @@ def _needs_grad(*tensors: Optional[Tensor]) -> bool:
 class _ReparameterizeFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mean, logvar, noise, seed, scale, shift):
-        ctx.save_for_backward(logvar, noise, seed if isinstance(seed, Tensor) else None)
-        ctx.seed, ctx.scale = seed, scale
+        ctx.save_for_backward(logvar, noise)
+        ctx.seed, ctx.scale = seed, scale  # an int, or the device seed tensor (never written after its draw)
         return _launch("reparameterize", _reparameterize_kernels.reparameterize_fwd, mean, logvar, noise, seed, scale, shift)
 
     @staticmethod
     def backward(ctx, grad):
-        logvar, noise, seed_t = ctx.saved_tensors
-        seed = ctx.seed if seed_t is None else seed_t
+        logvar, noise = ctx.saved_tensors
         dmean, dlogvar = _launch(
-            "reparameterize", _reparameterize_kernels.reparameterize_bwd, grad, logvar, noise, seed, ctx.scale
+            "reparameterize", _reparameterize_kernels.reparameterize_bwd, grad, logvar, noise, ctx.seed, ctx.scale
         )
         return dmean, dlogvar, None, None, None, None
 

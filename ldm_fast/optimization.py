@@ -180,13 +180,18 @@ _MISSING = _Missing()
 
 @dataclass
 class _SetAttr:
-    """A plain (non-module) instance attribute set; undo puts back the old value or deletes it."""
+    """A plain (non-module) instance attribute set, e.g. ``activation`` or an instance-level
+    ``forward``; undo puts back the old value or deletes it. With ``new`` given, restore refuses
+    when the attribute no longer holds that object (it was replaced after optimize)."""
 
     module: nn.Module
     name: str
     old: Any = _MISSING
+    new: Any = _MISSING
 
     def conflict(self) -> Optional[str]:
+        if self.new is not _MISSING and self.module.__dict__.get(self.name, _MISSING) is not self.new:
+            return f"the {self.name} of a {type(self.module).__name__} was replaced after optimize"
         return None
 
     def undo(self) -> None:
@@ -194,26 +199,6 @@ class _SetAttr:
             self.module.__dict__.pop(self.name, None)
         else:
             self.module.__dict__[self.name] = self.old
-
-
-@dataclass
-class _SetForward:
-    """An instance-level ``forward`` installed; undo puts back the previous one (or removes it)."""
-
-    module: nn.Module
-    new: Any
-    old: Any = _MISSING
-
-    def conflict(self) -> Optional[str]:
-        if self.module.__dict__.get("forward", _MISSING) is not self.new:
-            return f"the forward of a {type(self.module).__name__} was replaced after optimize"
-        return None
-
-    def undo(self) -> None:
-        if self.old is _MISSING:
-            self.module.__dict__.pop("forward", None)
-        else:
-            self.module.__dict__["forward"] = self.old
 
 
 @dataclass
@@ -612,7 +597,7 @@ def _fuse_resnet_block(ctx: _Context, block: nn.Module) -> None:
     if fuse2_reason is None:
         _set_silu(ctx, block.norm2)
     forward = _FusedResnetForward(block, fuse1_reason is None, fuse2_reason is None)
-    ctx.record(_SetForward(block, forward))
+    ctx.record(_SetAttr(block, "forward", block.__dict__.get("forward", _MISSING), forward))
     block.__dict__["forward"] = forward
     ctx.changed(block, RESNET_FORWARD)
 
@@ -996,7 +981,7 @@ def _cuda_graph_pass(ctx: _Context) -> None:
     model = ctx.model
     old = model.__dict__.get("forward", _MISSING)
     wrapper = CUDAGraphForward(model, None if old is _MISSING else old)
-    ctx.record(_SetForward(model, wrapper, old))
+    ctx.record(_SetAttr(model, "forward", old, wrapper))
     model.__dict__["forward"] = wrapper
     ctx.report.changed.append(ReportItem("<root>", CUDA_GRAPH))
     devices = _model_device_types(model)
