@@ -25,6 +25,9 @@ Environment variables (read here and nowhere else):
                        baseline measured Inductor's GroupNorm at ~2.5x the kernel's time) and
                        Inductor below (the U-Net's levels, where Inductor fuses GroupNorm with its
                        neighbours). reparameterize and q_sample always use their kernel op.
+``LDM_FAST_ATTENTION`` ``auto``, ``triton`` or ``sdpa``: overrides the ``impl`` argument of
+                       :func:`ldm_fast.functional.attention` (and every module and processor that
+                       calls it). Unset: each call's own ``impl`` (default ``auto``).
 ``TRITON_INTERPRET``   Triton's own switch, read when a kernel is decorated. Importing ldm_fast
                        (its ``ldm_fast.kernels`` package) sets it to ``1`` when no CUDA device
                        exists and the variable is unset: without a GPU a kernel can only run, on
@@ -92,6 +95,21 @@ def compile_policy() -> str:
     if name not in COMPILE_POLICIES:
         raise ValueError(f"LDM_FAST_COMPILE must be one of {COMPILE_POLICIES}, got {name!r}")
     return name
+
+
+ATTENTION_IMPLS = ("auto", "triton", "sdpa")
+
+
+def attention_impl(impl: str) -> str:
+    """The attention implementation asked for: ``LDM_FAST_ATTENTION`` when set, else ``impl``."""
+    name = os.environ.get("LDM_FAST_ATTENTION", "").strip().lower()
+    if name:
+        if name not in ATTENTION_IMPLS:
+            raise ValueError(f"LDM_FAST_ATTENTION must be one of {ATTENTION_IMPLS}, got {name!r}")
+        return name
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention: impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    return impl
 
 
 def compile_uses_kernel(group_elements: int) -> bool:

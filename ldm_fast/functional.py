@@ -7,19 +7,23 @@ is always correct. Bad arguments raise ``TypeError`` or ``ValueError`` naming th
 
 from __future__ import annotations
 
+import functools
+import json
+from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from . import backend, ops
+from .kernels import attention as _attention_kernels
 from .kernels import group_norm as _group_norm_kernels
 from .kernels import q_sample as _q_sample_kernels
 from .kernels import reparameterize as _reparameterize_kernels
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-__all__ = ["reparameterize", "reparameterize_moments", "q_sample", "group_norm"]
+__all__ = ["reparameterize", "reparameterize_moments", "q_sample", "group_norm", "attention"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,3 +386,140 @@ def _group_norm(x, num_groups, weight, bias, eps, activation, out_memory_format,
         return ops.group_norm(x, weight, bias, num_groups, eps, activation, channels_last_out)
     y = _group_norm_kernels.group_norm_reference(x, num_groups, weight, bias, eps, activation, upcast=upcast)
     return y if channels_last_out is None else _to_layout(y, channels_last_out)
+
+
+# ---------------------------------------------------------------------------------------------
+# attention
+
+ATTENTION_ROUTES_FILE = Path(__file__).with_name("attention_routes.json")
+
+
+def _check_attention_args(q, k, v, heads, scale) -> tuple[int, float]:
+    """Validate attention's arguments (errors name the argument); return ``(heads, scale)``."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check_float(name, x)
+    if not q.dim() == k.dim() == v.dim() or q.dim() not in (3, 4):
+        raise ValueError(
+            "attention: q, k and v must all be [B, N, heads*D] or all [B, H, N, D], got shapes "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"attention: q, k and v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    _check_same_device("k", k, "q", q)
+    _check_same_device("v", v, "q", q)
+    if heads is not None and (isinstance(heads, bool) or not isinstance(heads, int) or heads < 1):
+        raise ValueError(f"attention: heads must be a positive int or None, got {heads!r}")
+    if q.dim() == 4:
+        if heads is not None and heads != q.shape[1]:
+            raise ValueError(f"attention: heads={heads} but q [B, H, N, D] has H={q.shape[1]}")
+        heads = q.shape[1]
+        if k.shape[1] != heads or v.shape[1] != heads:
+            raise ValueError(f"attention: k and v must have q's {heads} heads, got shapes {tuple(k.shape)}, {tuple(v.shape)}")
+    else:
+        heads = 1 if heads is None else heads
+        if q.shape[2] % heads:
+            raise ValueError(f"attention: q's last dim ({q.shape[2]}) must be divisible by heads ({heads})")
+        if k.shape[2] != q.shape[2]:
+            raise ValueError(f"attention: k's last dim must equal q's ({q.shape[2]} = heads*D), got {k.shape[2]}")
+        if v.shape[2] % heads:
+            raise ValueError(f"attention: v's last dim ({v.shape[2]}) must be divisible by heads ({heads})")
+    if k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0]:
+        raise ValueError(f"attention: q, k and v must have one batch size, got {q.shape[0]}, {k.shape[0]}, {v.shape[0]}")
+    seq = -2 if q.dim() == 4 else 1
+    if k.shape[seq] != v.shape[seq]:
+        raise ValueError(f"attention: k and v must have one sequence length, got {k.shape[seq]} and {v.shape[seq]}")
+    head_dim = q.shape[-1] if q.dim() == 4 else q.shape[2] // heads
+    if q.dim() == 4 and k.shape[-1] != head_dim:
+        raise ValueError(f"attention: k's head dim must equal q's ({head_dim}), got {k.shape[-1]}")
+    if scale is None:
+        return heads, head_dim ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"attention: scale must be a float or None, got {type(scale).__name__}")
+    return heads, float(scale)
+
+
+@functools.lru_cache(maxsize=None)
+def _attention_routes() -> dict:
+    """``attention_routes.json``: per GPU name, the cases where the GPU benchmark measured the Triton
+    kernel faster than SDPA (``python -m benchmarks.bench_attention --write-routes`` writes it)."""
+    routes: dict = {}
+    for entry in json.loads(ATTENTION_ROUTES_FILE.read_text())["routes"]:
+        routes.setdefault(entry["device"], []).append(entry)
+    return routes
+
+
+@functools.lru_cache(maxsize=None)
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def attention_route(device: torch.device, dtype: torch.dtype, head_dim: int, nq: int, nk: int) -> str:
+    """What ``impl="auto"`` runs for this case: ``"triton"`` where a measurement on this GPU (by name)
+    says the kernel is faster than SDPA for this dtype and head dim at these sequence lengths or
+    longer, else ``"sdpa"``."""
+    for entry in _attention_routes().get(_device_name(device), ()):
+        if (entry["dtype"] == str(dtype).removeprefix("torch.") and entry["head_dim"] == head_dim
+                and nq >= entry["min_q"] and nk >= entry["min_k"]):
+            return "triton"
+    return "sdpa"
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, heads: Optional[int] = None, scale: Optional[float] = None,
+              impl: str = "auto") -> Tensor:
+    """Scaled dot-product attention, ``softmax(q @ k^T * scale) @ v`` per batch and head, no mask.
+
+    Layouts (both read in place through strides: no transpose, no contiguous copy):
+
+    * q ``[B, Nq, heads*D]``, k ``[B, Nk, heads*D]``, v ``[B, Nk, heads*Dv]`` (what ``to_q``/``to_k``/
+      ``to_v`` Linear layers produce, or slices of one fused qkv projection) -> ``[B, Nq, heads*Dv]``,
+      ready for the output projection; ``heads=None`` means one head;
+    * q ``[B, H, Nq, D]``, k and v ``[B, H, Nk, D]`` like ``F.scaled_dot_product_attention`` ->
+      ``[B, H, Nq, D]`` (a transposed view of a ``[B, Nq, H, D]`` buffer, as FlashAttention returns).
+
+    ``scale`` defaults to ``D ** -0.5``. Self or cross attention (any Nk >= 1, Nq != Nk), head dims
+    up to 512, fp32/fp16/bf16; differentiable in q, k and v (the backward in Triton too).
+
+    ``impl`` (overridden by ``LDM_FAST_ATTENTION``):
+    ``"sdpa"`` runs ``F.scaled_dot_product_attention`` (cuDNN/Flash/memory-efficient kernels);
+    ``"triton"`` runs ldm_fast's kernel (FlashAttention-2 style with fp32 softmax statistics; head
+    dims above 256, the SD VAE's 512, tiled over D; fp32 inputs multiply as TF32 on a GPU);
+    ``"auto"`` runs the kernel only where the GPU benchmark measured it faster than SDPA on this
+    GPU (``ldm_fast/attention_routes.json``), SDPA everywhere else. The kernel runs where the
+    backend allows it (CUDA, or forced with ``LDM_FAST_BACKEND=triton``); a case it does not cover
+    (fp64, head dim above 512, Dv != D, Nk = 0) runs SDPA. The backward is deterministic.
+
+    Eager equivalent: ``F.scaled_dot_product_attention(q4, k4, v4, scale=scale)`` on the
+    ``[B, H, N, D]`` views (``q.unflatten(2, (heads, D)).transpose(1, 2)``), merged back to
+    ``[B, Nq, heads*D]`` for the 3-d layout.
+    """
+    heads, scale = _check_attention_args(q, k, v, heads, scale)
+    impl = backend.attention_impl(impl)
+    flat = q.dim() == 3
+    if flat:
+        q4 = q.unflatten(2, (heads, q.shape[2] // heads)).transpose(1, 2)
+        k4 = k.unflatten(2, (heads, k.shape[2] // heads)).transpose(1, 2)
+        v4 = v.unflatten(2, (heads, v.shape[2] // heads)).transpose(1, 2)
+    else:
+        q4, k4, v4 = q, k, v
+    if impl != "sdpa" and backend.select(q, k, v) == "triton" and _attention_kernel_ok(q4, k4, v4):
+        if impl == "auto" and (torch.compiler.is_compiling()
+                               or attention_route(q.device, q.dtype, q4.shape[3], q4.shape[2], k4.shape[2]) != "triton"):
+            impl = "sdpa"
+        if impl != "sdpa":
+            out = ops.attention(q4, k4, v4, scale)  # [B, Nq, H, D]
+            return out.flatten(2) if flat else out.transpose(1, 2)
+    out = torch.nn.functional.scaled_dot_product_attention(q4, k4, v4, scale=scale)  # [B, H, Nq, Dv]
+    return out.transpose(1, 2).flatten(2) if flat else out
+
+
+def _attention_kernel_ok(q4: Tensor, k4: Tensor, v4: Tensor) -> bool:
+    """Whether the attention kernel covers these ``[B, H, N, D]`` tensors (else SDPA runs)."""
+    return (
+        q4.dtype in _attention_kernels.KERNEL_DTYPES
+        and q4.shape[3] <= _attention_kernels.MAX_HEAD_DIM
+        and v4.shape[3] == q4.shape[3]
+        and k4.shape[2] > 0
+        and q4.numel() > 0
+        and backend.can_run_kernel(q4, k4, v4)
+        and _attention_kernels.fits_int32(q4, k4, v4)
+    )

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from . import backend
+from .kernels import attention as _attention_kernels
 from .kernels import group_norm as _group_norm_kernels
 from .kernels import q_sample as _q_sample_kernels
 from .kernels import reparameterize as _reparameterize_kernels
@@ -276,3 +277,80 @@ def _group_norm_grad(ctx, grad, _grad_mean, _grad_rstd):
 
 
 _group_norm_op.register_autograd(_group_norm_grad, setup_context=_group_norm_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# attention (q, k, v [B, H, N, D] views; forward returns out [B, Nq, H, D] and saves the fp32
+# base-2 log-sum-exp [B, H, Nq] for the backward)
+
+
+class _AttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale):
+        out, lse = _launch("attention", _attention_kernels.attention_fwd, q, k, v, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _launch(
+            "attention", _attention_kernels.attention_bwd, grad.transpose(1, 2), q, k, v, out, lse, ctx.scale
+        )
+        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), None
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """The kernel call of :func:`ldm_fast.functional.attention` (arguments checked, kernel chosen):
+    q ``[B, H, Nq, D]``, k and v ``[B, H, Nk, D]`` views -> out ``[B, Nq, H, D]``."""
+    if torch.compiler.is_compiling():
+        out, _ = torch.ops.ldm_fast.attention(q, k, v, scale)
+        return out
+    if _needs_grad(q, k, v):
+        return _AttentionFunction.apply(q, k, v, scale)
+    out, _ = _launch("attention", _attention_kernels.attention_fwd, q, k, v, scale, lse=False)
+    return out
+
+
+@torch.library.custom_op("ldm_fast::attention", mutates_args=())
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    return _launch("attention", _attention_kernels.attention_fwd, q, k, v, scale)
+
+
+@_attention_op.register_fake
+def _(q, k, v, scale):
+    B, H, NQ, D = q.shape
+    out = q.new_empty((B, NQ, H, D))
+    return out, q.new_empty((B, H, NQ), dtype=torch.float32)
+
+
+@torch.library.custom_op("ldm_fast::attention_backward", mutates_args=())
+def _attention_backward_op(
+    grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _launch("attention", _attention_kernels.attention_bwd, grad, q, k, v, out, lse, scale)
+
+
+@_attention_backward_op.register_fake
+def _(grad, q, k, v, out, lse, scale):
+    B, H, NQ, D = q.shape
+    NK = k.shape[2]
+    return q.new_empty((B, NQ, H, D)), k.new_empty((B, NK, H, D)), k.new_empty((B, NK, H, D))
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _attention_grad(ctx, grad, _grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = _attention_backward_op(grad.transpose(1, 2), q, k, v, out, lse, ctx.scale)
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), None
+
+
+_attention_op.register_autograd(_attention_grad, setup_context=_attention_setup)
