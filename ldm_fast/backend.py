@@ -38,7 +38,6 @@ Environment variables (read here and nowhere else):
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib
 import importlib.util
 import os
@@ -145,11 +144,15 @@ def select(*tensors: torch.Tensor | None) -> str:
     return "triton" if on_cuda else "eager"
 
 
-@functools.lru_cache(maxsize=None)
+_interpreting: list = []  # the answer, once read (a plain cache: dynamo traces it without warnings)
+
+
 def interpreting() -> bool:
     """True when kernels run under Triton's CPU interpreter (``TRITON_INTERPRET=1``). Read once:
     Triton makes the choice when the kernels are decorated, at import."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+    if not _interpreting:
+        _interpreting.append(os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes"))
+    return _interpreting[0]
 
 
 def can_run_kernel(*tensors: torch.Tensor | None) -> bool:

@@ -234,3 +234,43 @@ def test_seed_drawn_on_the_device_is_read_by_the_kernel(triton_backend):
     x_t, eps = ldm_fast.ops.q_sample(x0, 2, table, None, None, torch.tensor([99]), 0.0, False, False)
     x_t2, eps2 = ldm_fast.ops.q_sample(x0, 2, table, None, None, 99, 0.0, False, False)
     assert torch.equal(eps, eps2) and torch.equal(x_t, x_t2)
+
+
+# ---------------------------------------------------------------------------------------------
+# attention: the same contract
+
+
+@pytest.mark.parametrize("layout", ["flat", "bhnd"])
+def test_attention_launches_only_its_kernels(triton_backend, monkeypatch, layout):
+    """Forward: one launch, no torch kernels around it (no head split/merge copies, no contiguous
+    copy of q/k/v slices of a fused projection); backward: two launches (dq with delta, then dk+dv)."""
+    qkv = torch.randn(2, 21, 3 * 2 * 40, requires_grad=True)
+    q, k, v = qkv.chunk(3, dim=-1)
+    heads = 2
+    if layout == "bhnd":
+        q, k, v = (x.unflatten(2, (2, 40)).transpose(1, 2) for x in (q, k, v))
+        heads = None
+    with recording(monkeypatch) as rec:
+        out = F.attention(q, k, v, heads=heads, impl="triton")
+    assert rec.launches == ["_attention_fwd_kernel"], rec.launches
+    assert not _kernel_work(rec.ops), rec.ops
+    assert not [op for op in rec.ops if op.startswith("ldm_fast::")], rec.ops
+    grad = torch.randn_like(out)
+    with recording(monkeypatch) as rec:
+        torch.autograd.grad(out, (q, k, v), grad)
+    assert rec.launches == ["_attention_bwd_dq_kernel", "_attention_bwd_dkdv_kernel"], rec.launches
+    assert not [op for op in rec.ops if op.startswith("ldm_fast::")], rec.ops
+    # the only work besides the kernels: autograd's accumulation of the three slices' gradients into qkv's
+    assert not [op for op in _kernel_work(rec.ops) if op not in ("aten::ones_like", "aten::add", "aten::cat")], rec.ops
+
+
+def test_compile_captures_attention_as_one_op(triton_backend):
+    q, k, v = (torch.randn(2, 9, 80) for _ in range(3))
+    ops = _graph_ops(lambda q, k, v: F.attention(q, k, v, heads=2, impl="triton"), q, k, v)
+    assert ops.count("ldm_fast.attention") == 1, ops
+
+
+def test_attention_validation_reads_no_data():
+    q = torch.empty(2, 64, 512, device="meta")
+    assert F.attention(q, q, q).shape == (2, 64, 512)
+    assert F.attention(q, q, q, heads=8, impl="triton").shape == (2, 64, 512)
