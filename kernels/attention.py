@@ -56,6 +56,17 @@ def _dot(a, b, BF16_AS_F32: tl.constexpr):
 
 
 @triton.jit
+def _head(ptr, i_b, i_h, s_b, s_h, HEAD_DIM: tl.constexpr, HEADS_PACKED: tl.constexpr):
+    """``ptr`` moved to (batch i_b, head i_h). With ``HEADS_PACKED`` the head stride is HEAD_DIM (heads
+    side by side in a row, as a Linear layer's ``[B, N, heads*D]`` output and SDPA views of it have
+    them): a constexpr multiple the compiler can prove 16-byte aligned (D = 40: 80 bytes), where a
+    runtime stride of 40 would hide the alignment and forbid 128-bit loads."""
+    if HEADS_PACKED:
+        return ptr + i_b.to(tl.int64) * s_b + i_h * HEAD_DIM
+    return ptr + i_b.to(tl.int64) * s_b + i_h.to(tl.int64) * s_h
+
+
+@triton.jit
 def _tile(ptr, o_row, m_row, row_stride, o_col, HEAD_DIM: tl.constexpr):
     """The [len(o_row), len(o_col)] tile ``ptr[o_row * row_stride + o_col]``, zero outside the
     valid rows and beyond HEAD_DIM columns (the row's elements are contiguous)."""
@@ -87,14 +98,14 @@ def _attention_fwd_kernel(
     s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
     H, NQ, NK, qk_scale,  # qk_scale = scale * log2(e)
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
-    D_CHUNKS: tl.constexpr, BLOCK_DV: tl.constexpr, WRITE_LSE: tl.constexpr, BF16_AS_F32: tl.constexpr,
+    D_CHUNKS: tl.constexpr, BLOCK_DV: tl.constexpr, WRITE_LSE: tl.constexpr, BF16_AS_F32: tl.constexpr, HEADS_PACKED: tl.constexpr,
 ):
     i_m, i_bh, i_dv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b = i_bh // H
     i_h = i_bh - i_b * H
-    q_ptr += i_b.to(tl.int64) * s_qb + i_h.to(tl.int64) * s_qh
-    k_ptr += i_b.to(tl.int64) * s_kb + i_h.to(tl.int64) * s_kh
-    v_ptr += i_b.to(tl.int64) * s_vb + i_h.to(tl.int64) * s_vh
+    q_ptr = _head(q_ptr, i_b, i_h, s_qb, s_qh, HEAD_DIM, HEADS_PACKED)
+    k_ptr = _head(k_ptr, i_b, i_h, s_kb, s_kh, HEAD_DIM, HEADS_PACKED)
+    v_ptr = _head(v_ptr, i_b, i_h, s_vb, s_vh, HEAD_DIM, HEADS_PACKED)
 
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_m = o_m < NQ
@@ -136,16 +147,16 @@ def _attention_bwd_dq_kernel(
     s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dn,
     H, NQ, NK, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
-    D_CHUNKS: tl.constexpr, BLOCK_DO: tl.constexpr, BF16_AS_F32: tl.constexpr,
+    D_CHUNKS: tl.constexpr, BLOCK_DO: tl.constexpr, BF16_AS_F32: tl.constexpr, HEADS_PACKED: tl.constexpr,
 ):
     """dq = scale * dS @ k with dS = P * (dout @ v^T - delta); also writes delta = rowsum(dout * out)."""
     i_m, i_bh, i_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b = i_bh // H
     i_h = i_bh - i_b * H
-    q_ptr += i_b.to(tl.int64) * s_qb + i_h.to(tl.int64) * s_qh
-    k_ptr += i_b.to(tl.int64) * s_kb + i_h.to(tl.int64) * s_kh
-    v_ptr += i_b.to(tl.int64) * s_vb + i_h.to(tl.int64) * s_vh
-    do_ptr += i_b.to(tl.int64) * s_db + i_h.to(tl.int64) * s_dh
+    q_ptr = _head(q_ptr, i_b, i_h, s_qb, s_qh, HEAD_DIM, HEADS_PACKED)
+    k_ptr = _head(k_ptr, i_b, i_h, s_kb, s_kh, HEAD_DIM, HEADS_PACKED)
+    v_ptr = _head(v_ptr, i_b, i_h, s_vb, s_vh, HEAD_DIM, HEADS_PACKED)
+    do_ptr = _head(do_ptr, i_b, i_h, s_db, s_dh, HEAD_DIM, HEADS_PACKED)
     out_offset = i_b.to(tl.int64) * NQ * H * HEAD_DIM + i_h * HEAD_DIM
     o_ptr += out_offset
     dq_ptr += out_offset
@@ -195,16 +206,16 @@ def _attention_bwd_dkdv_kernel(
     s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dn,
     H, NQ, NK, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
-    D_CHUNKS: tl.constexpr, BLOCK_DO: tl.constexpr, BF16_AS_F32: tl.constexpr,
+    D_CHUNKS: tl.constexpr, BLOCK_DO: tl.constexpr, BF16_AS_F32: tl.constexpr, HEADS_PACKED: tl.constexpr,
 ):
     """dv = P^T @ dout and dk = scale * dS^T @ q for one key block, looping over the query blocks."""
     i_n, i_bh, i_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b = i_bh // H
     i_h = i_bh - i_b * H
-    q_ptr += i_b.to(tl.int64) * s_qb + i_h.to(tl.int64) * s_qh
-    k_ptr += i_b.to(tl.int64) * s_kb + i_h.to(tl.int64) * s_kh
-    v_ptr += i_b.to(tl.int64) * s_vb + i_h.to(tl.int64) * s_vh
-    do_ptr += i_b.to(tl.int64) * s_db + i_h.to(tl.int64) * s_dh
+    q_ptr = _head(q_ptr, i_b, i_h, s_qb, s_qh, HEAD_DIM, HEADS_PACKED)
+    k_ptr = _head(k_ptr, i_b, i_h, s_kb, s_kh, HEAD_DIM, HEADS_PACKED)
+    v_ptr = _head(v_ptr, i_b, i_h, s_vb, s_vh, HEAD_DIM, HEADS_PACKED)
+    do_ptr = _head(do_ptr, i_b, i_h, s_db, s_dh, HEAD_DIM, HEADS_PACKED)
     lse_ptr += i_bh.to(tl.int64) * NQ
     delta_ptr += i_bh.to(tl.int64) * NQ
 
@@ -301,6 +312,11 @@ def _bf16_as_f32(x: torch.Tensor) -> bool:
     return x.dtype == torch.bfloat16 and x.device.type == "cpu"
 
 
+def _heads_packed(*tensors: torch.Tensor) -> bool:
+    """Every tensor's head stride is D (or it has one head): see ``_head``."""
+    return all(t.stride(1) == t.shape[3] or t.shape[1] == 1 for t in tensors)
+
+
 def _strides(x: torch.Tensor) -> tuple:
     return x.stride(0), x.stride(1), x.stride(2)
 
@@ -334,7 +350,8 @@ def attention_fwd(q, k, v, scale: float, *, lse: bool = True):
         *_strides(q), *_strides(k), *_strides(v),
         H, NQ, NK, float(scale) * LOG2E,
         HEAD_DIM=D, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_DK=plan.block_dk, D_CHUNKS=plan.d_chunks,
-        BLOCK_DV=plan.block_dout, WRITE_LSE=lse, BF16_AS_F32=_bf16_as_f32(q), num_warps=plan.num_warps, num_stages=plan.num_stages,
+        BLOCK_DV=plan.block_dout, WRITE_LSE=lse, BF16_AS_F32=_bf16_as_f32(q),
+        HEADS_PACKED=_heads_packed(q, k, v), num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
     return out, lse_out
 
@@ -359,7 +376,8 @@ def attention_bwd(grad, q, k, v, out, lse, scale: float):
     plan = bwd_plan(D, q.element_size())
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(grad), H, NQ, NK, float(scale) * LOG2E, float(scale))
     meta = dict(HEAD_DIM=D, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_DK=plan.block_dk,
-                D_CHUNKS=plan.d_chunks, BLOCK_DO=plan.block_dout, BF16_AS_F32=_bf16_as_f32(q), num_warps=plan.num_warps,
+                D_CHUNKS=plan.d_chunks, BLOCK_DO=plan.block_dout, BF16_AS_F32=_bf16_as_f32(q),
+                HEADS_PACKED=_heads_packed(q, k, v, grad), num_warps=plan.num_warps,
                 num_stages=plan.num_stages)
     n_d = cdiv(D, plan.block_dout)
     _attention_bwd_dq_kernel[(cdiv(NQ, plan.block_m), B * H, n_d)](

@@ -37,6 +37,17 @@ exactly what it changed. What it does is a list of small passes (:data:`PASSES`)
     ``channels_last_3d``) by re-assigning ``.data`` (and ``.grad``), so the Parameter objects stay
     the same. Inputs are not touched: convolutions with channels-last weights produce
     channels-last activations, and the GroupNorm kernel reads and writes that layout directly.
+``attention`` (``attention=True``)
+    Every diffusers ``Attention`` module (the U-Net's self- and cross-attention, the VAE's mid-block
+    attention) whose processor is diffusers' default, ``AttnProcessor2_0`` (or ``AttnProcessor``
+    with the default scale ``D**-0.5``), gets :class:`ldm_fast.integrations.diffusers.AttnProcessor`
+    (``AttnProcessor2_0`` statement for statement, the attention computed by
+    :func:`ldm_fast.functional.attention` on the ``[B, N, heads * D]`` projections, no transposes);
+    :func:`restore` puts the original processor object back. Any other processor (IP-Adapter, LoRA,
+    added-KV, a processor that is an ``nn.Module``, an ``AttnProcessor`` with another scale) is left
+    and listed with the reason. Off by default: ``functional.attention``'s ``impl="auto"`` runs
+    SDPA until a GPU measurement says the Triton kernel is faster (``LDM_FAST_ATTENTION=triton``
+    forces it), so today the swap saves the transposes and copies around SDPA, not the attention.
 ``cuda_graph`` (``cuda_graph=True``)
     ``model.forward`` becomes a :class:`CUDAGraphForward` (an instance attribute): one CUDA graph per
     static call signature, captured on the first CUDA call with it, replayed afterwards, outputs
@@ -49,8 +60,8 @@ idempotent on purpose: to change the options, :func:`restore` first). The bookke
 model (the private attribute ``_ldm_fast_optimized``), so :func:`restore` is exact, and a
 ``copy.deepcopy`` of an optimized model can be restored on its own.
 
-diffusers is optional: it is never imported here; diffusers blocks are recognized by class name
-and module.
+diffusers is optional: it is never imported here; diffusers blocks (and attention processors)
+are recognized by class name and module.
 """
 
 from __future__ import annotations
@@ -62,6 +73,7 @@ import functools
 import hashlib
 import inspect
 import itertools
+import math
 import sys
 import textwrap
 import warnings
@@ -74,6 +86,7 @@ from torch import nn
 
 from . import backend
 from . import nn as ldm_nn
+from .integrations.diffusers import AttnProcessor as _LdmAttnProcessor
 
 __all__ = ["optimize", "restore", "report_of", "OptimizeReport", "ReportItem", "CUDAGraphForward", "CUDAGraphAPI", "Pass", "PASSES"]
 
@@ -85,6 +98,7 @@ FUSED = "GroupNorm+SiLU fused"
 RESNET_FORWARD = "ResnetBlock2D forward -> fused"
 SEQUENTIAL_SILU = "SiLU -> Identity (fused into the GroupNorm before it)"
 CHANNELS_LAST = "channels_last"
+ATTENTION = "attention processor -> ldm_fast AttnProcessor"
 CUDA_GRAPH = "forward -> CUDA graph cache"
 
 
@@ -137,6 +151,8 @@ class OptimizeReport:
             f"({counts.get(RESNET_FORWARD, 0)} ResnetBlock2D, {counts.get(SEQUENTIAL_SILU, 0)} Sequential), "
             f"{len(self.left)} left as is"
         ]
+        if self.options.get("attention"):
+            lines[0] += f", {counts.get(ATTENTION, 0)} attention processors -> ldm_fast"
         lines += [f"  {note}" for note in self.notes]
         shown = 8
         for item in self.left[:shown]:
@@ -661,6 +677,65 @@ def _channels_last_pass(ctx: _Context) -> None:
         ctx.report.notes.append("channels_last: nothing to convert (no 4-d/5-d parameters or buffers not yet channels-last)")
 
 
+# --- attention -------------------------------------------------------------------------------
+
+#: diffusers' default processors (``diffusers.models.attention_processor``) that the ldm_fast
+#: AttnProcessor replaces: it is AttnProcessor2_0 statement for statement; AttnProcessor computes
+#: the same math with baddbmm/softmax/bmm (and honours attn.scale, checked before the swap).
+_DIFFUSERS_DEFAULT_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor")
+_DIFFUSERS_PROCESSOR_MODULE = "diffusers.models.attention_processor"
+
+
+def _attention_swap_refused(attn: nn.Module, processor: Any) -> Optional[str]:
+    """None when ``attn``'s processor may become the ldm_fast AttnProcessor, else why not."""
+    if processor is _MISSING:
+        held = attn._modules.get("processor")
+        if held is not None:
+            return (f"its processor {type(held).__module__}.{type(held).__qualname__} is an nn.Module "
+                    "(trained weights of its own, e.g. IP-Adapter): it computes its own attention")
+        return "it has no processor attribute"
+    cls = type(processor)
+    if cls is _LdmAttnProcessor:
+        return "its processor already is ldm_fast's AttnProcessor"
+    if cls.__name__ not in _DIFFUSERS_DEFAULT_PROCESSORS or cls.__module__ != _DIFFUSERS_PROCESSOR_MODULE:
+        return (f"a custom processor {cls.__module__}.{cls.__qualname__} (not diffusers' default "
+                f"{' or '.join(_DIFFUSERS_DEFAULT_PROCESSORS)}): it computes its own attention")
+    if cls.__name__ == "AttnProcessor":
+        heads, inner = getattr(attn, "heads", None), getattr(attn, "inner_dim", None)
+        scale = getattr(attn, "scale", None)
+        if not (isinstance(heads, int) and isinstance(inner, int) and heads > 0 and inner % heads == 0
+                and isinstance(scale, float) and math.isclose(scale, (inner // heads) ** -0.5, rel_tol=1e-12)):
+            return (f"AttnProcessor with attn.scale={scale!r} (e.g. scale_qk=False), not D**-0.5 as "
+                    "ldm_fast's processor (like AttnProcessor2_0) computes")
+    return None
+
+
+def _attention_pass(ctx: _Context) -> None:
+    processor = _LdmAttnProcessor()  # stateless: one instance serves every Attention
+    swapped = 0
+    for module in ctx.modules():
+        if not _is_diffusers_class(module, "Attention"):
+            cls = type(module)
+            if ((cls.__module__ or "").startswith("diffusers.") and cls.__name__.endswith("Attention")
+                    and ("processor" in module.__dict__ or "processor" in module._modules)):
+                ctx.left(module, cls.__name__, f"{cls.__module__}.{cls.__qualname__} is not diffusers' Attention "
+                                               "(its processors are not the ones ldm_fast reproduces)")
+            continue
+        old = module.__dict__.get("processor", _MISSING)
+        reason = _attention_swap_refused(module, old)
+        if reason is not None:
+            ctx.left(module, "Attention processor", reason)
+            continue
+        ctx.record(_SetAttr(module, "processor", old, processor))
+        module.__dict__["processor"] = processor
+        ctx.changed(module, ATTENTION)
+        swapped += 1
+    ctx.report.notes.append(
+        f"attention: {swapped} diffusers Attention modules run ldm_fast.functional.attention (impl 'auto': SDPA "
+        "unless a GPU measurement says the Triton kernel is faster; LDM_FAST_ATTENTION overrides)"
+    )
+
+
 # --- cuda_graph ------------------------------------------------------------------------------
 
 #: At most this many CUDA graphs (call signatures) per model; later signatures run the plain forward.
@@ -1003,6 +1078,7 @@ PASSES: List[Pass] = [
     Pass("group_norm", lambda o: o["group_norm"], _group_norm_pass),
     Pass("silu_fusion", lambda o: o["group_norm"], _silu_fusion_pass),
     Pass("channels_last", lambda o: o["channels_last"], _channels_last_pass),
+    Pass("attention", lambda o: o["attention"], _attention_pass),
     Pass("cuda_graph", lambda o: o["cuda_graph"], _cuda_graph_pass),
 ]
 
@@ -1012,7 +1088,7 @@ PASSES: List[Pass] = [
 
 
 def optimize(model: nn.Module, *, group_norm: bool = True, channels_last: bool = False,
-             cuda_graph: bool = False) -> OptimizeReport:
+             cuda_graph: bool = False, attention: bool = False) -> OptimizeReport:
     """Optimize ``model`` in place for the ldm_fast kernels; return an :class:`OptimizeReport`.
 
     Works on any ``nn.Module`` (diffusers ``UNet2DConditionModel``, ``AutoencoderKL``, CompVis
@@ -1024,6 +1100,11 @@ def optimize(model: nn.Module, *, group_norm: bool = True, channels_last: bool =
       ``nn.Sequential(GroupNorm, SiLU, ...)``). With the default backend a CPU model computes
       exactly what it did (the eager reference); on CUDA the kernels' fp32-statistics results.
     - ``channels_last``: 4-d parameters and buffers stored ``torch.channels_last``.
+    - ``attention``: diffusers ``Attention`` modules with the default processor get
+      :class:`ldm_fast.integrations.diffusers.AttnProcessor` (:func:`ldm_fast.functional.attention`
+      on the ``[B, N, heads * D]`` projections; exact ``AttnProcessor2_0`` otherwise). Off by
+      default: ``impl="auto"`` routes to SDPA until a GPU measurement says the Triton kernel is
+      faster, so the swap saves only the transposes and copies around SDPA for now.
     - ``cuda_graph``: ``model.forward`` served by a per-signature CUDA graph cache
       (:class:`CUDAGraphForward`), for inference.
 
@@ -1034,7 +1115,8 @@ def optimize(model: nn.Module, *, group_norm: bool = True, channels_last: bool =
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    options = {"group_norm": group_norm, "channels_last": channels_last, "cuda_graph": cuda_graph}
+    options = {"group_norm": group_norm, "channels_last": channels_last, "attention": attention,
+               "cuda_graph": cuda_graph}
     for name, value in options.items():
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
@@ -1067,7 +1149,7 @@ def optimize(model: nn.Module, *, group_norm: bool = True, channels_last: bool =
 
 def restore(model: nn.Module) -> nn.Module:
     """Undo :func:`optimize` on ``model`` exactly: the original module classes, forwards, Sequential
-    entries (the original SiLU objects) and memory formats; returns ``model``.
+    entries (the original SiLU objects), attention processor objects and memory formats; returns ``model``.
 
     Raises ``ValueError`` if ``model`` was never optimized (or was already restored), or if a change
     optimize made was itself replaced afterwards (then nothing is undone; the message says what).

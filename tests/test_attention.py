@@ -108,6 +108,21 @@ def test_backward_is_deterministic(triton_backend):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("d", [40, 512])
+def test_contiguous_bhnd_heads_by_their_stride(d, triton_backend, poison):
+    """q, k, v contiguous [B, H, N, D] (head stride N*D, not D: the kernels' runtime head-stride
+    path), forward and backward."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, d, generator=g).requires_grad_() for n in (19, 33, 33))
+    out = _kernel(q, k, v, None, triton_backend)
+    ref_in = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref = TF.scaled_dot_product_attention(*ref_in)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    grad = torch.randn(out.shape, generator=g)
+    for got, want in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, ref_in, grad.double())):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_head_dim_stride_is_copied_not_misread(triton_backend):
     """D elements that are not contiguous (a transposed buffer) are copied, never read with a wrong stride."""
     q, k, v = (torch.randn(2, 40, 33).transpose(1, 2) for _ in range(3))  # [2, 33, 40], D stride 33
