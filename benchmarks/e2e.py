@@ -22,7 +22,12 @@ Each scenario runs in these variants, each on a fresh copy of one randomly initi
   replays, captures and plain calls);
 * ``compile``: ``torch.compile`` (default mode) of the model (of ``decode`` for the VAE, whose
   ``decode`` is not ``forward``);
-* ``compile+optimize``: ``torch.compile`` over an optimized model.
+* ``compile+optimize``: ``torch.compile`` over an optimized model;
+* ``optimize+attention`` (``+cuda_graph``): ``optimize(model, attention=True)`` (diffusers' attention
+  processors replaced by ldm_fast's), with the attention kernel forced (``LDM_FAST_ATTENTION=triton``:
+  ``auto`` would route to SDPA until a GPU measurement says otherwise);
+* ``ldm_fast-model`` (``+cuda_graph``): ldm_fast's own ``UNetModel``/``AutoencoderKL`` built from the
+  diffusers model (``from_diffusers``: the same weights), its attention forced to the kernel as above.
 
 Per variant: **ms per call** (median of the timed iterations after warm-up; on CUDA the CUDA-event
 time of each call, synchronized before it), **host ms** (wall time of the call without
@@ -48,6 +53,7 @@ import copy
 import dataclasses
 import gc
 import math
+import os
 import statistics
 import sys
 import time
@@ -60,7 +66,13 @@ import ldm_fast
 
 from .host import RESULTS, environment, log, no_gpu_reason, use_cuda, write_report
 
-VARIANTS = ("eager", "optimize", "optimize+cuda_graph", "compile", "compile+optimize")
+VARIANTS = ("eager", "optimize", "optimize+cuda_graph", "compile", "compile+optimize", "optimize+attention",
+            "optimize+attention+cuda_graph", "ldm_fast-model", "ldm_fast-model+cuda_graph")
+#: Variants that run ldm_fast's attention kernel (LDM_FAST_ATTENTION=triton while they are prepared and
+#: timed): ``impl="auto"`` routes by ldm_fast/attention_routes.json, which this benchmark's GPU numbers
+#: (with bench_attention's) are meant to fill; forcing the kernel measures what routing would gain.
+ATTENTION_VARIANTS = ("optimize+attention", "optimize+attention+cuda_graph", "ldm_fast-model",
+                      "ldm_fast-model+cuda_graph")
 DIFFUSERS_MISSING = ("diffusers is not installed: the end-to-end benchmark needs it (a benchmark/test extra, never "
                      "an ldm_fast dependency): pip install diffusers")
 
@@ -253,6 +265,45 @@ def graph_stats(model) -> Optional[dict]:
     return found or None
 
 
+class _OursUNet(torch.nn.Module):
+    """ldm_fast's UNetModel behind the diffusers call signature the scenarios use."""
+
+    def __init__(self, unet: torch.nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, t, encoder_hidden_states):
+        return _Output(self.unet(sample, t, encoder_hidden_states))
+
+
+class _OursVAE(torch.nn.Module):
+    """ldm_fast's AutoencoderKL behind ``decode(z).sample``; ``decoder`` is its decoder (the graph target)."""
+
+    def __init__(self, vae: torch.nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+        self.decoder = vae.decoder
+
+    def decode(self, z):
+        return _Output(self.vae.decode(z))
+
+
+@dataclasses.dataclass
+class _Output:
+    sample: torch.Tensor
+
+
+def _ldm_fast_model(model: torch.nn.Module) -> torch.nn.Module:
+    """ldm_fast's model with ``model``'s config and weights, in its dtype, device and mode."""
+    from ldm_fast.models import AutoencoderKL, UNetModel
+
+    if type(model).__name__ == "AutoencoderKL":
+        ours = _OursVAE(AutoencoderKL.from_diffusers(model))
+    else:
+        ours = _OursUNet(UNetModel.from_diffusers(model))
+    return ours.train(model.training)
+
+
 def _compile(model, scenario: Scenario):
     if scenario.compile_target == "decode":
         model.decode = torch.compile(model.decode)
@@ -264,12 +315,17 @@ def prepare(variant: str, base: torch.nn.Module, scenario: Scenario, device: tor
     """A fresh copy of ``base`` set up as ``variant``, and what setting it up did (optimize's report, seconds)."""
     info: dict = {}
     model = copy.deepcopy(base)
-    if variant in ("optimize", "optimize+cuda_graph", "compile+optimize"):
+    if variant.startswith("ldm_fast-model"):
+        model = _ldm_fast_model(model)
+        info["model"] = f"ldm_fast.models.{type(getattr(model, 'unet', None) or model.vae).__name__}.from_diffusers"
+    if variant != "eager" and not variant.startswith("compile") and variant != "ldm_fast-model":
         api, reason = _optimize_api()
         if api is None:
             raise _Skip(reason)
         optimize = api[0]
-        kwargs = dict(channels_last=True, cuda_graph=True) if variant == "optimize+cuda_graph" else {}
+        kwargs = dict(channels_last=True, cuda_graph=True) if variant.endswith("cuda_graph") else {}
+        if variant.startswith("optimize+attention"):
+            kwargs["attention"] = True
         target = model
         if kwargs and scenario.graph_target:
             target = getattr(model, scenario.graph_target)
@@ -292,12 +348,12 @@ class _Skip(Exception):
 
 
 def skip_reason(variant: str, cuda: bool, compile_on_cpu: bool) -> Optional[str]:
-    if variant == "optimize+cuda_graph" and not cuda:
+    if variant.endswith("cuda_graph") and not cuda:
         return f"CUDA graphs need a GPU ({no_gpu_reason()})"
     if variant.startswith("compile") and not cuda and not compile_on_cpu:
         return ("torch.compile on the CPU takes minutes on 2 cores and says nothing about a GPU: "
                 "pass --e2e-compile to run it")
-    if variant in ("optimize", "optimize+cuda_graph", "compile+optimize"):
+    if variant not in ("eager", "compile"):
         return _optimize_api()[1]
     return None
 
@@ -393,7 +449,12 @@ def run_variant(variant: str, scenario: Scenario, base, inputs: dict, device: to
     rec: dict = {"scenario": scenario.name, "variant": variant, "device": device.type,
                  "label": "CUDA" if cuda else "CPU"}
     model = None
+    forced = variant in ATTENTION_VARIANTS
+    saved_impl = os.environ.get("LDM_FAST_ATTENTION")
     try:
+        if forced:
+            os.environ["LDM_FAST_ATTENTION"] = "triton"
+            rec["attention"] = "LDM_FAST_ATTENTION=triton (the kernel forced; auto would follow attention_routes.json)"
         model, info = prepare(variant, base, scenario, device)
         rec.update(info)
         if cuda:
@@ -410,13 +471,13 @@ def run_variant(variant: str, scenario: Scenario, base, inputs: dict, device: to
                 rec.update(_gpu_ms_per_call(lambda: scenario.call(model, inputs), calls=5 if scenario.train else 10))
                 rec["max_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
             out = out.detach().clone()
-        if variant == "optimize+cuda_graph":
+        if variant.endswith("cuda_graph"):
             rec["cuda_graph_stats"] = graph_stats(model)
             if scenario.train:
                 rec["cuda_graph_note"] = ("CUDAGraphForward serves inference only: with autograd the forward runs "
                                           "plain, so this row is optimize + channels_last")
         rec["diff_vs_eager"] = _diff(out, ref)
-        if not cuda and scenario.interpret_check and variant == "optimize":
+        if not cuda and scenario.interpret_check and variant in ("optimize", "optimize+attention", "ldm_fast-model"):
             with grad():
                 rec["interpreted_check"] = _interpret_check(model, scenario, inputs, ref)
         rec["status"] = "ok"
@@ -427,6 +488,11 @@ def run_variant(variant: str, scenario: Scenario, base, inputs: dict, device: to
         rec.update(status="error", error=f"{type(e).__name__}: {e}"[:2000])
         out = None
     finally:
+        if forced:
+            if saved_impl is None:
+                os.environ.pop("LDM_FAST_ATTENTION", None)
+            else:
+                os.environ["LDM_FAST_ATTENTION"] = saved_impl
         del model
         gc.collect()
         if cuda:

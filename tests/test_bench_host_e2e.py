@@ -147,6 +147,25 @@ def test_e2e_unet_step_cpu(tmp_path):
         assert check["diff_vs_eager"]["max_abs"] <= 1e-4 * max(1.0, check["diff_vs_eager"]["ref_max_abs"])
 
 
+def test_e2e_attention_and_ldm_fast_model_variants(tmp_path):
+    """optimize(attention=True) and ldm_fast's own models (from_diffusers, same weights) beside eager;
+    on the CPU each runs once more with the kernels interpreted, the attention kernel included."""
+    pytest.importorskip("diffusers", reason="the end-to-end benchmark needs diffusers (a bench/test extra)")
+    e2e.run(scenarios=["vae-decode-512"], variants=["eager", "optimize+attention", "ldm_fast-model"], out_dir=tmp_path)
+    results = {r["variant"]: r for r in json.loads((tmp_path / "e2e.json").read_text())["cases"]}
+    for variant in ("optimize+attention", "ldm_fast-model"):
+        rec = results[variant]
+        assert rec["status"] == "ok", rec.get("error")
+        assert rec["attention"].startswith("LDM_FAST_ATTENTION=triton")
+        assert rec["diff_vs_eager"]["max_abs"] <= 1e-4 * max(1.0, rec["diff_vs_eager"]["ref_max_abs"])
+        if rec["device"] == "cpu":
+            check = rec["interpreted_check"]
+            assert check["kernel_launches"].get("attention", 0) > 0 and check["kernel_launches"].get("group_norm", 0) > 0
+            assert check["diff_vs_eager"]["max_abs"] <= 1e-4 * max(1.0, check["diff_vs_eager"]["ref_max_abs"])
+    assert "from_diffusers" in results["ldm_fast-model"]["model"]
+    assert "LDM_FAST_ATTENTION" not in __import__("os").environ  # restored after the variant
+
+
 def test_e2e_gpu_variants_skipped_with_reason_on_cpu():
     if host.use_cuda():
         pytest.skip("a GPU is present: the variants run there")
