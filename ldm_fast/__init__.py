@@ -8,7 +8,7 @@
 See README.md for the backends, the error bounds and the benchmarks.
 """
 
-from . import backend, functional, nn, schedules
+from . import backend, functional, nn, samplers, schedules
 from .backend import use_backend
 from .latent_diffusion import LatentDiffusion
 from .optimization import OptimizeReport, optimize, restore
@@ -17,4 +17,4 @@ from .schedules import Schedule, make_schedule
 __version__ = "0.1.0"
 
 __all__ = ["LatentDiffusion", "OptimizeReport", "Schedule", "backend", "functional", "make_schedule", "nn", "optimize",
-           "restore", "schedules", "use_backend", "__version__"]
+           "restore", "samplers", "schedules", "use_backend", "__version__"]

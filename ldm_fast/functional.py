@@ -523,3 +523,207 @@ def _attention_kernel_ok(q4: Tensor, k4: Tensor, v4: Tensor) -> bool:
         and backend.can_run_kernel(q4, k4, v4)
         and _attention_kernels.fits_int32(q4, k4, v4)
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# sampler_step
+
+from .kernels import sampler_step as _sampler_step_kernels  # noqa: E402
+
+SAMPLER_METHODS = _sampler_step_kernels.METHODS
+
+
+def _host_float(name: str, value) -> float:
+    """A Python number, or a one-element tensor on the CPU (reading it is free), as a float."""
+    if isinstance(value, Tensor):
+        if value.device.type != "cpu" or value.numel() != 1:
+            raise TypeError(
+                f"{name} must be a float or a one-element CPU tensor, got a tensor of shape {tuple(value.shape)} on "
+                f"{value.device} (reading a device value would sync; pass coefficients=<table> and index=<device t>)"
+            )
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    return float(value)
+
+
+def _check_step_coefficients(alpha_t, alpha_prev, method: str, eta) -> _sampler_step_kernels.StepCoefficients:
+    """Validate the schedule values of one step; return its coefficients (float64 on the host)."""
+    if method not in SAMPLER_METHODS:
+        raise ValueError(f"method must be one of {SAMPLER_METHODS}, got {method!r}")
+    if alpha_t is None or alpha_prev is None:
+        raise TypeError("sampler_step needs alpha_t and alpha_prev (floats), or coefficients=<table> with index")
+    a, ap, eta = _host_float("alpha_t", alpha_t), _host_float("alpha_prev", alpha_prev), _host_float("eta", eta)
+    if not 0.0 < a < 1.0:
+        raise ValueError(f"alpha_t (the cumulative alpha at the current timestep) must lie in (0, 1), got {a}")
+    if not 0.0 < ap <= 1.0:
+        raise ValueError(f"alpha_prev (the cumulative alpha the step lands on) must lie in (0, 1], got {ap}")
+    if eta < 0.0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    stochastic = method == "ddpm" or eta > 0.0
+    if stochastic and ap < a:
+        raise ValueError(f"alpha_prev must be >= alpha_t for a step with noise (a denoising step), got alpha_t={a}, "
+                         f"alpha_prev={ap}")
+    coefficients = _sampler_step_kernels.step_coefficients(a, ap, method, eta)
+    if method == "ddim" and eta > 0.0:
+        sigma2 = coefficients.std**2
+        if 1.0 - ap - sigma2 < -1e-12 * max(1.0, sigma2):
+            raise ValueError(
+                f"eta={eta} is too large for this step: sigma^2 = {sigma2:.6g} > 1 - alpha_prev = {1 - ap:.6g}"
+            )
+    return coefficients
+
+
+def _check_table_index(coefficients: Tensor, index, batch: int, device: torch.device, sync_check: bool):
+    """Check a coefficient table ``[N, 6]`` and its index; return ``(index, check_index)`` (as
+    :func:`_check_timesteps`: an int or a CPU index is checked on the host, a device one by the kernel)."""
+    _check_float("coefficients", coefficients)
+    columns = _sampler_step_kernels.NUM_COEFFICIENTS
+    if coefficients.dim() != 2 or coefficients.shape[1] != columns or not len(coefficients):
+        raise ValueError(
+            f"coefficients must be a table [N, {_sampler_step_kernels.NUM_COEFFICIENTS}] (rows of step_coefficients), "
+            f"got shape {tuple(coefficients.shape)}"
+        )
+    if coefficients.device != device:
+        raise ValueError(f"coefficients is on {coefficients.device} but x is on {device}; put them on one device")
+    n = coefficients.shape[0]
+    if index is None:
+        raise TypeError("index (the row of coefficients to use: an int or an integer tensor) is required with a table")
+    if isinstance(index, bool) or not isinstance(index, (int, Tensor)):
+        raise TypeError(f"index must be an int or an integer tensor, got {type(index).__name__}")
+    if isinstance(index, int):
+        if not 0 <= index < n:
+            raise ValueError(f"index must lie in [0, {n}) (the rows of coefficients), got {index}")
+        return index, False
+    if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
+        raise TypeError(f"index must hold integers, got dtype {index.dtype}")
+    if index.numel() not in (1, batch) or index.dim() > 1:
+        raise ValueError(f"index must be a scalar or have shape [{batch}] (one per batch row), got {tuple(index.shape)}")
+    if sync_check or (index.device.type == "cpu" and not torch.compiler.is_compiling()):
+        lo, hi = (int(v) for v in torch.aminmax(index))
+        if lo < 0 or hi >= n:
+            raise ValueError(f"index must lie in [0, {n}) (the rows of coefficients), got values in [{lo}, {hi}]")
+        return index.to(device), False
+    return index.to(device), True
+
+
+def sampler_step(
+    model_output: Tensor,
+    x: Tensor,
+    alpha_t=None,
+    alpha_prev=None,
+    *,
+    method: str = "ddim",
+    eta: float = 0.0,
+    coefficients=None,
+    index=None,
+    add_noise: Optional[bool] = None,
+    guidance_scale: Optional[float] = None,
+    clip_sample: Optional[float] = None,
+    noise: Optional[Tensor] = None,
+    seed: Optional[int] = None,
+    sync_check: bool = False,
+) -> Tensor:
+    """One DDIM or DDPM step from x at the current timestep to the previous one, classifier-free
+    guidance included, in one kernel. Returns x_prev with x's shape, dtype and memory layout.
+
+    - ``model_output``: the predicted noise eps, x's shape; or, with ``guidance_scale`` a float,
+      the model's output on the batch ``[uncond, cond]`` (``[2B, *rest]``, unconditional rows
+      first), combined as ``eps = eps_u + guidance_scale * (eps_c - eps_u)`` and read in place.
+    - ``alpha_t``, ``alpha_prev``: the cumulative alphas (abar) at the current timestep and at the
+      one the step lands on (DDIM's final step: ``abar[0]``, or 1 with ``set_alpha_to_one``; DDPM's:
+      1). Floats (or one-element CPU tensors): the coefficients are computed on the host in float64.
+    - ``method``: ``"ddim"`` (``eta`` scales its noise, sigma = eta * sqrt of the posterior
+      variance) or ``"ddpm"`` (the posterior mean, variance "fixed_small").
+    - ``coefficients`` + ``index``, instead of the alphas: a float32 table ``[N, 6]`` of
+      :func:`ldm_fast.kernels.sampler_step.step_coefficients` rows on x's device (see
+      ``DDIMSampler.coefficient_table``) and the row to use, an int or an integer tensor (``[]`` or
+      ``[B]``) on x's device read by the kernel: no host sync, CUDA-graph safe, and a compiled loop
+      does not recompile per step. A device index is range-checked on the device (a bad one fails
+      the launch); ``sync_check=True`` reads it on the host for the ValueError instead.
+    - ``add_noise``: whether ``std * z`` is added; default: when std > 0 (alphas), always (table).
+      z is ``noise`` (x's shape), else drawn in-kernel from ``seed`` (Philox; the eager path uses a
+      torch generator seeded with it; None: a seed from torch's default generator).
+    - ``clip_sample``: clip the predicted x0 to ``[-clip_sample, clip_sample]`` (None: no clip, what
+      latent diffusion uses).
+
+    Forward only (sampling needs no gradients): inputs that require grad run the eager reference.
+    Eager equivalent (``LDM_FAST_BACKEND=eager``, :func:`~ldm_fast.kernels.sampler_step.sampler_step_reference`)::
+
+        x0 = (x - sqrt(1 - alpha_t) * eps) / sqrt(alpha_t)
+        x_prev = sqrt(alpha_prev) * x0 + sqrt(1 - alpha_prev - sigma**2) * eps + sigma * z     # ddim
+        x_prev = c0 * x0 + ct * x + std * z                                                     # ddpm
+    """
+    _check_float("model_output", model_output)
+    _check_float("x", x)
+    if x.dim() == 0:
+        raise ValueError("x must have a batch dimension: shape [B, ...], got a scalar")
+    _check_same_device("model_output", model_output, "x", x)
+    if guidance_scale is not None:
+        guidance_scale = _host_float("guidance_scale", guidance_scale)
+        expected = (2 * x.shape[0],) + tuple(x.shape[1:])
+        if tuple(model_output.shape) != expected:
+            raise ValueError(
+                f"model_output must be the model's output on [uncond, cond] with shape {expected} (twice x's batch) "
+                f"when guidance_scale is given, got {tuple(model_output.shape)}"
+            )
+    else:
+        _check_same_shape("model_output", model_output, "x", x)
+    if clip_sample is not None:
+        clip_sample = _host_float("clip_sample", clip_sample)
+        if not clip_sample > 0.0:
+            raise ValueError(f"clip_sample must be > 0 or None, got {clip_sample}")
+    if noise is not None:
+        _check_float("noise", noise)
+        _check_same_shape("noise", noise, "x", x)
+        _check_same_device("noise", noise, "x", x)
+    _check_seed(seed)
+    if add_noise is not None and not isinstance(add_noise, bool):
+        raise TypeError(f"add_noise must be a bool or None, got {type(add_noise).__name__}")
+    check_index = False
+    if coefficients is None:
+        coefs = _check_step_coefficients(alpha_t, alpha_prev, method, eta)
+        add_noise = coefs.std > 0.0 if add_noise is None else add_noise
+    elif alpha_t is not None or alpha_prev is not None:
+        raise TypeError("pass either alpha_t and alpha_prev, or coefficients (with index), not both")
+    elif isinstance(coefficients, Tensor):
+        coefs = coefficients
+        index, check_index = _check_table_index(coefficients, index, x.shape[0], x.device, sync_check)
+        add_noise = True if add_noise is None else add_noise
+    else:
+        if len(coefficients) != _sampler_step_kernels.NUM_COEFFICIENTS:
+            raise ValueError(
+                f"coefficients must be a StepCoefficients (6 floats) or a table tensor, got {coefficients!r}"
+            )
+        coefs = _sampler_step_kernels.StepCoefficients(*(_host_float("coefficients", v) for v in coefficients))
+        add_noise = coefs.std > 0.0 if add_noise is None else add_noise
+    if x.dim() == 1:  # one value per sample: [B] -> [B, 1]
+        return sampler_step(
+            model_output[:, None], x[:, None], coefficients=coefs, index=index, add_noise=add_noise,
+            guidance_scale=guidance_scale, clip_sample=clip_sample, noise=None if noise is None else noise[:, None],
+            seed=seed, sync_check=sync_check,
+        )[:, 0]
+
+    table = coefs if isinstance(coefs, Tensor) else None
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (model_output, x, noise))
+    use_kernel = (
+        backend.select(model_output, x, noise) == "triton"
+        and not needs_grad
+        and _kernel_ok(model_output, x, noise, table)
+        and (table is None or (table.dtype == torch.float32
+                               and backend.can_run_kernel(x, index if isinstance(index, Tensor) else None)))
+    )
+    draw = noise is None and add_noise
+    if use_kernel:
+        return ops.sampler_step(model_output, x, coefs, index, noise, _kernel_seed(seed, x) if draw else None,
+                                guidance_scale, clip_sample, add_noise, check_index)
+    if check_index:
+        torch._assert_async(((index >= 0) & (index < table.shape[0])).all(), "sampler_step: index out of the table")
+    if draw:
+        noise = _eager_randn(x, seed)
+    return _sampler_step_kernels.sampler_step_reference(
+        model_output, x, coefs, noise if add_noise else None, guidance_scale, clip_sample, index=index
+    )
+
+
+__all__ += ["sampler_step", "SAMPLER_METHODS"]

@@ -354,3 +354,57 @@ def _attention_grad(ctx, grad, _grad_lse):
 
 
 _attention_op.register_autograd(_attention_grad, setup_context=_attention_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# sampler_step (forward only: sampling needs no gradients; a call whose inputs need them runs eager)
+
+from .kernels import sampler_step as _sampler_step_kernels  # noqa: E402
+
+
+def sampler_step(model_output: Tensor, x: Tensor, coefficients, index, noise: Optional[Tensor], seed: Seed,
+                 guidance_scale: Optional[float], clip_sample: Optional[float], add_noise: bool,
+                 check_index: bool) -> Tensor:
+    """The kernel call of :func:`ldm_fast.functional.sampler_step` (arguments already checked;
+    coefficients a ``StepCoefficients`` or a float32 table on x's device with its ``index``)."""
+    if torch.compiler.is_compiling():
+        table = coefficients if isinstance(coefficients, Tensor) else None
+        values = ([0.0] * _sampler_step_kernels.NUM_COEFFICIENTS if table is not None
+                  else [float(v) for v in coefficients])
+        if table is not None and not isinstance(index, Tensor):
+            index = torch.full((1,), index, dtype=torch.int64, device=x.device)
+        return torch.ops.ldm_fast.sampler_step(
+            model_output, x, noise, table, index if table is not None else None,
+            None if seed is None else _seed_as_tensor(seed, x), values,
+            guidance_scale, clip_sample, add_noise, check_index,
+        )
+    return _launch(
+        "sampler_step", _sampler_step_kernels.sampler_step_fwd, model_output, x, coefficients, index, noise, seed,
+        guidance_scale, clip_sample, add_noise, check_index=check_index,
+    )
+
+
+@torch.library.custom_op("ldm_fast::sampler_step", mutates_args=())
+def _sampler_step_op(
+    model_output: Tensor,
+    x: Tensor,
+    noise: Optional[Tensor],
+    table: Optional[Tensor],
+    index: Optional[Tensor],
+    seed: Optional[Tensor],
+    values: list[float],
+    guidance_scale: Optional[float],
+    clip_sample: Optional[float],
+    add_noise: bool,
+    check_index: bool,
+) -> Tensor:
+    coefficients = table if table is not None else _sampler_step_kernels.StepCoefficients(*values)
+    return _launch(
+        "sampler_step", _sampler_step_kernels.sampler_step_fwd, model_output, x, coefficients, index, noise, seed,
+        guidance_scale, clip_sample, add_noise, check_index=check_index,
+    )
+
+
+@_sampler_step_op.register_fake
+def _(model_output, x, noise, table, index, seed, values, guidance_scale, clip_sample, add_noise, check_index):
+    return _sampler_step_kernels.empty_in_memory_order(x, _sampler_step_kernels.memory_order(x))[0]
