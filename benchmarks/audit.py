@@ -30,7 +30,14 @@ The rules (:func:`check`), each a failure of the audit test:
    likewise for stores. Scalars (a timestep, a seed), gathers and small blocks are exempt. A
    kernel that issues TMA (``UTMALDG``/``UTMASTG``) satisfies its tensor-descriptor sites.
 4. a case with matrix work (``Case.flops``) must use tensor cores: ``HMMA`` on sm_80, ``HGMMA`` or
-   ``HMMA`` on sm_90.
+   ``HMMA`` on sm_90;
+5. the shared memory the compiled kernel asks for fits one block of the target (:data:`SHARED_LIMIT`:
+   163 KB on sm_80, the A100's opt-in maximum per block; 227 KB on sm_90): above it the launch fails
+   with "out of resources".
+
+A constexpr that a launcher sets only under the interpreter, to work around the interpreter's
+numerics (:data:`GPU_CONSTEXPRS`, e.g. attention's ``BF16_AS_F32``), is compiled with the value a
+GPU launch passes: the audit inspects the binary the GPU runs, not the interpreter's workaround.
 
 Compiles are cached per (kernel, specialization, target) within a run, and by Triton's own cache
 across runs. ``python -m benchmarks.audit [--quick] [--ops a,b]`` audits from the command line.
@@ -52,6 +59,16 @@ from typing import Iterable
 
 ARCHS = (80, 90)
 REPO = Path(__file__).resolve().parent.parent
+
+#: Constexprs the launchers set only under Triton's CPU interpreter, with the value every GPU launch
+#: passes (the audit compiles that value). ``BF16_AS_F32`` (kernels/attention.py ``_dot``): the
+#: interpreter's ``tl.dot`` mishandles bf16, so on the CPU bf16 operands multiply as fp32; on a GPU
+#: they go to the tensor cores as they are.
+GPU_CONSTEXPRS = {"BF16_AS_F32": False}
+
+#: Most shared memory one block may use, bytes (``cudaDevAttrMaxSharedMemoryPerBlockOptin``): A100
+#: 163 KB (of 164 KB per SM), H100 227 KB (of 228 KB per SM).
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
 # ---------------------------------------------------------------------------------------------
 # parsers (pure functions of tool output; unit-tested on saved snippets)
@@ -193,6 +210,9 @@ def check(result: dict, launch: dict, has_flops: bool) -> list[str]:
             )
         if want[kind]["descriptor_sites"] and not (tma[kind] or have[kind]):
             problems.append(f"{arch}: tensor-descriptor {kind}s compiled to neither TMA nor 128-bit accesses")
+    limit = SHARED_LIMIT.get(result["arch"])
+    if limit is not None and result.get("shared", 0) > limit:
+        problems.append(f"{arch}: {result['shared']} B of shared memory, more than a block may use ({limit} B)")
     if has_flops:
         mma = result.get("mma", {})
         ok = mma.get("HMMA", 0) > 0 if result["arch"] < 90 else (mma.get("HGMMA", 0) + mma.get("HMMA", 0)) > 0
@@ -257,8 +277,21 @@ def _stand_in(desc: dict):
     return desc["value"]
 
 
+def gpu_launch(launch: dict) -> dict:
+    """``launch`` as a GPU makes it: the interpreter-only constexprs (:data:`GPU_CONSTEXPRS`) set to their GPU value."""
+    fix = {n: v for n, v in GPU_CONSTEXPRS.items() if n in launch["constexprs"] and n in launch["args"]
+           and launch["args"][n].get("value") != v}
+    if not fix:
+        return launch
+    args = dict(launch["args"])
+    for name, value in fix.items():
+        args[name] = dict(args[name], value=value)
+    return dict(launch, args=args)
+
+
 def compile_launch(launch: dict, arch: int, workdir: str) -> dict:
     """Compile one recorded launch for ``sm_<arch>`` and inspect the binary (call in a TRITON_INTERPRET=0 process)."""
+    launch = gpu_launch(launch)
     from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import sm_arch_from_capability
@@ -318,6 +351,7 @@ def _arg_class(name: str, desc: dict, constexprs: list) -> object:
 
 def compile_key(launch: dict, arch: int) -> str:
     """What decides the compiled binary: kernel, argument classes (:func:`_arg_class`), options, target."""
+    launch = gpu_launch(launch)
     args = {k: _arg_class(k, d, launch["constexprs"]) for k, d in launch["args"].items()}
     return json.dumps([launch["kernel"], args, launch["options"], arch], sort_keys=True)
 

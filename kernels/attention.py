@@ -276,30 +276,47 @@ class Plan(NamedTuple):
 @functools.lru_cache(maxsize=None)
 def fwd_plan(head_dim: int, itemsize: int) -> Plan:
     """The forward's tiles: D padded to a power of two up to 256 in one chunk; 512 in chunks of
-    128 for q.k and two programs of 256 output columns each."""
+    128 for q.k and two programs of 256 output columns each.
+
+    Sized by the static audit (``python -m benchmarks.audit --ops attention``: sm_80 and sm_90, no
+    spills, shared memory within a block's 163 KB on sm_80 / 227 KB on sm_90). fp32 takes 32-key
+    blocks (fp32 operands double the shared-memory staging: 64-key blocks spill at D <= 64 and ask
+    192-256 KB at D = 128) and, at D = 512, 32-row blocks without pipelining (100 KB). D = 512 in
+    fp16/bf16 takes 32-key blocks: 64 with two stages asked 168 KB, over sm_80's limit.
+    """
     padded = max(16, next_pow2(head_dim))
+    wide = itemsize > 2
     if padded <= 64:
-        return Plan(128, 64, padded, 1, padded, 4, 3)
+        return Plan(128, 32 if wide else 64, padded, 1, padded, 4, 3)
     if padded <= 128:
-        return Plan(128, 64, padded, 1, padded, 8, 3)
+        return Plan(128, 32, padded, 1, padded, 8, 2) if wide else Plan(128, 64, padded, 1, padded, 8, 3)
     if padded <= 256:
-        return Plan(64, 64 if itemsize <= 2 else 32, padded, 1, padded, 8, 2)
-    return Plan(64, 64 if itemsize <= 2 else 32, 128, cdiv(head_dim, 128), 256, 8, 2)
+        return Plan(64, 32 if wide else 64, padded, 1, padded, 8, 2)
+    if wide:
+        return Plan(32, 32, 128, cdiv(head_dim, 128), 256, 8, 1)
+    return Plan(64, 32, 128, cdiv(head_dim, 128), 256, 8, 2)
 
 
 @functools.lru_cache(maxsize=None)
 def bwd_plan(head_dim: int, itemsize: int) -> Plan:
     """The backward's tiles (both kernels): the resident [BLOCK, D] operands and two fp32
-    accumulators bound the block to 64 rows (32 at D 256); D above 256 in chunks of 128 with 128
-    output columns per program."""
+    accumulators bound the block to 64 rows (32 at D 256); D above 256 in chunks of 64 with 128
+    output columns per program (64 in fp32).
+
+    Sized by the static audit like :func:`fwd_plan`: fp32 takes 32-key blocks up to D = 128 (64
+    spilled: up to 650 bytes on sm_80 at D <= 64, 480 on sm_90 at D = 128); D = 512 reduces q.k in
+    64-column chunks (128 left a 4-8 byte spill in dq on sm_80 and dk/dv on sm_90) and in fp32 splits
+    the output into 64 columns per program (128 asked 164 KB in dk/dv, over sm_80's limit).
+    """
     padded = max(16, next_pow2(head_dim))
+    wide = itemsize > 2
     if padded <= 64:
-        return Plan(64, 64, padded, 1, padded, 4, 2)
+        return Plan(64, 32 if wide else 64, padded, 1, padded, 4, 2)
     if padded <= 128:
-        return Plan(64, 64, padded, 1, padded, 8, 2)
+        return Plan(64, 32 if wide else 64, padded, 1, padded, 8, 2)
     if padded <= 256:
         return Plan(32, 32, padded, 1, padded, 8, 1)
-    return Plan(32, 32, 128, cdiv(head_dim, 128), 128, 8, 1)
+    return Plan(32, 32, 64, cdiv(head_dim, 64), 64 if wide else 128, 8, 1)
 
 
 def _unit_d(x: torch.Tensor) -> torch.Tensor:

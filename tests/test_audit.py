@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import ldm_fast
 from benchmarks import audit, gpu_model, report, traffic
 from benchmarks.common import bench_ops, discover, op_cases, quick_subset
 
@@ -113,6 +114,18 @@ def test_check_rules():
     assert len(no_mma) == 1 and "tensor-core" in no_mma[0]
     assert audit.check(_result(arch=90, mma={"HGMMA": 8}), LAUNCH, has_flops=True) == []
     assert audit.check(_result(error="PTXASError: boom"), LAUNCH, has_flops=False)[0].startswith("sm_80: does not compile")
+    smem = audit.check(_result(shared=170 * 1024), LAUNCH, has_flops=False)  # fits an H100 block, not an A100's
+    assert len(smem) == 1 and "shared memory" in smem[0]
+    assert audit.check(_result(arch=90, shared=170 * 1024), LAUNCH, has_flops=False) == []
+
+
+def test_interpreter_only_constexprs_compile_with_their_gpu_value():
+    launch = {"kernel": "m:k", "constexprs": ["BF16_AS_F32", "BLOCK"], "options": {"num_warps": 4},
+              "args": {"BF16_AS_F32": {"kind": "bool", "value": True}, "BLOCK": {"kind": "int", "value": 64}}}
+    gpu = audit.gpu_launch(launch)
+    assert gpu["args"]["BF16_AS_F32"]["value"] is False and gpu["args"]["BLOCK"]["value"] == 64
+    assert launch["args"]["BF16_AS_F32"]["value"] is True  # the record itself is left as measured
+    assert audit.compile_key(launch, 80) == audit.compile_key(gpu, 80)
 
 
 def _backward_kernels(op: str) -> set[str]:
@@ -142,6 +155,15 @@ def test_kernels_compile_for_sm80_sm90_without_spills_with_128bit_access(op):
     assert all(e["result"]["regs"] > 0 and e["result"]["instructions"] > 0 for e in compiled)
     problems = [f"{e['case']}: {p}\n    {audit.format_entry(e)}" for e in entries for p in e["problems"]]
     assert not problems, "\n".join(problems)
+
+
+@pytest.mark.skipif(not ldm_fast.backend.interpreting(), reason="records launches under the Triton interpreter")
+def test_attention_cpu_shapes_compile_like_the_real_shapes():
+    """bench_attention runs smaller shapes on the CPU: their launches must compile exactly as the real
+    shapes' (same compile keys), so the audit of the recorded launches is the real shapes' audit."""
+    from benchmarks import bench_attention
+
+    assert bench_attention.check_specs() == []
 
 
 def test_main_quick_writes_table_json_png(tmp_path):
