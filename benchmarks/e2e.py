@@ -10,6 +10,10 @@ The scenarios of benchmarks/results/h100-2026-11-22-baseline-797cde7.md, built f
 ``vae-decode-1024`` blocks, latent_channels 4, layers_per_block 2, 32 groups), ``decode`` of
                     64x64 -> 512 px and 128x128 -> 1024 px latents, b1 fp16
 ``unet-train-b8``   the U-Net, fp32 weights, bf16 autocast, batch 8: forward + MSE + backward
+``ddim20-diffusers`` text-to-image latents to pixels at 512 px, b1 fp16: 20 DDIM steps with
+``ddim20-ldm_fast``  classifier-free guidance 7.5 (U-Net on [uncond, cond]), then the VAE decode;
+                    the loop of diffusers' StableDiffusionPipeline (``DDIMScheduler`` with SD's
+                    settings) / of ``ldm_fast.samplers.DDIMSampler`` (one fused step kernel)
 ==================  ============================================================================
 
 Each scenario runs in these variants, each on a fresh copy of one randomly initialized model:
@@ -178,6 +182,62 @@ def _vae_decode(model, i):
     return model.decode(i["latents"]).sample
 
 
+class _SDLoop(torch.nn.Module):
+    """A U-Net and a VAE: what a text-to-image sampling loop runs (the loop is the scenario's call)."""
+
+    def __init__(self, unet: torch.nn.Module, vae: torch.nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+        self.vae = vae
+
+
+def _build_loop(tiny: bool, dtype: torch.dtype):
+    def build(device):
+        unet = _build("UNet2DConditionModel", unet_config(tiny), dtype, False)(device)
+        vae = _build("AutoencoderKL", vae_config(tiny), dtype, False)(device)
+        return _SDLoop(unet, vae).eval()
+
+    return build
+
+
+def _loop_inputs(side: int, ctx_dim: int, dtype: torch.dtype):
+    def make(device):
+        return {"latents": _randn((1, 4, side, side), device, dtype, 5),
+                "cond": _randn((1, 77, ctx_dim), device, dtype, 6),
+                "uncond": _randn((1, 77, ctx_dim), device, dtype, 7)}
+
+    return make
+
+
+STEPS, GUIDANCE, SCALE_FACTOR = 20, 7.5, 0.18215
+
+
+def _diffusers_loop(model, i):
+    """StableDiffusionPipeline's denoising loop (DDIMScheduler, SD settings), then the decode."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    scheduler.set_timesteps(STEPS, device=i["latents"].device)
+    context = torch.cat([i["uncond"], i["cond"]])
+    latents = i["latents"]
+    for t in scheduler.timesteps:
+        eps = model.unet(torch.cat([latents] * 2), t, encoder_hidden_states=context).sample
+        eps_u, eps_c = eps.chunk(2)
+        latents = scheduler.step(eps_u + GUIDANCE * (eps_c - eps_u), t, latents).prev_sample
+    return model.vae.decode(latents / SCALE_FACTOR).sample
+
+
+def _ldm_fast_loop(model, i):
+    """The same with ldm_fast's DDIMSampler: one fused kernel per step (CFG combine + DDIM update)."""
+    from ldm_fast.samplers import DDIMSampler
+
+    sampler = DDIMSampler(ldm_fast.make_schedule("scaled_linear"), STEPS)
+    latents = sampler.sample(lambda x, t, c: model.unet(x, t, encoder_hidden_states=c).sample, i["latents"],
+                             cond=i["cond"], uncond=i["uncond"], guidance_scale=GUIDANCE, progress=False)
+    return model.vae.decode(latents / SCALE_FACTOR).sample
+
+
 def make_scenarios(tiny: bool) -> list[Scenario]:
     """The scenarios: SD sizes in fp16 (bf16 autocast for training) on a GPU; ``tiny`` configs in fp32 for a CPU."""
     half = torch.float32 if tiny else torch.float16
@@ -208,6 +268,12 @@ def make_scenarios(tiny: bool) -> list[Scenario]:
                         _build("UNet2DConditionModel", unet_config(tiny), torch.float32, True),
                         _unet_inputs(train_batch, side, ctx, torch.float32, True),
                         _train_step(None if tiny else torch.bfloat16), train=True, iters=10))
+    loop_desc = (f"{STEPS} DDIM steps with CFG {GUIDANCE} + VAE decode, b1, {'fp32' if tiny else 'fp16'}, "
+                 f"{'TINY U-Net and VAE' if tiny else 'SD 1.5 U-Net and VAE, 64x64 latents -> 512 px'}{tag}")
+    for name, call, how in (("ddim20-diffusers", _diffusers_loop, "diffusers' DDIMScheduler loop"),
+                            ("ddim20-ldm_fast", _ldm_fast_loop, "ldm_fast.samplers.DDIMSampler")):
+        out.append(Scenario(name, f"{loop_desc}; {how}", _build_loop(tiny, half), _loop_inputs(side, ctx, half), call,
+                            graph_target="unet", warmup=1, iters=5))
     return out
 
 
@@ -297,6 +363,8 @@ def _ldm_fast_model(model: torch.nn.Module) -> torch.nn.Module:
     """ldm_fast's model with ``model``'s config and weights, in its dtype, device and mode."""
     from ldm_fast.models import AutoencoderKL, UNetModel
 
+    if isinstance(model, _SDLoop):
+        return _SDLoop(_ldm_fast_model(model.unet), _ldm_fast_model(model.vae)).eval()
     if type(model).__name__ == "AutoencoderKL":
         ours = _OursVAE(AutoencoderKL.from_diffusers(model))
     else:
@@ -317,7 +385,7 @@ def prepare(variant: str, base: torch.nn.Module, scenario: Scenario, device: tor
     model = copy.deepcopy(base)
     if variant.startswith("ldm_fast-model"):
         model = _ldm_fast_model(model)
-        info["model"] = f"ldm_fast.models.{type(getattr(model, 'unet', None) or model.vae).__name__}.from_diffusers"
+        info["model"] = "ldm_fast.models UNetModel/AutoencoderKL .from_diffusers (same weights)"
     if variant != "eager" and not variant.startswith("compile") and variant != "ldm_fast-model":
         api, reason = _optimize_api()
         if api is None:
