@@ -25,6 +25,7 @@ import torch.nn.functional as TF
 from torch import Tensor, nn
 
 from ..nn import CrossAttention, GroupNorm, GroupNorm32
+from .autoencoder import Upsample  # nearest x2 + 3x3 conv (key ``conv``): the same in the VAE and the U-Net
 
 __all__ = ["UNetModel", "ResBlock", "SpatialTransformer", "BasicTransformerBlock", "timestep_embedding"]
 
@@ -143,17 +144,6 @@ class Downsample(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.op(x)
-
-
-class Upsample(nn.Module):
-    """Nearest x2 (to ``output_size`` when given), then a 3x3 convolution (key ``conv``)."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(TF.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class TimestepEmbedSequential(nn.Sequential):
