@@ -341,7 +341,11 @@ def _strides(x: torch.Tensor) -> tuple:
 def fits_int32(*tensors: torch.Tensor) -> bool:
     """Whether the kernels' int32 offsets hold for these [B, H, N, D] inputs: inside one (batch,
     head) slice of each, and inside one batch of the [B, N, H, D] outputs and gradients."""
-    return all((t.shape[2] - 1) * t.stride(2) + t.shape[3] < 2**31 and t[0].numel() < 2**31 for t in tensors)
+    for t in tensors:
+        _, heads, n, d = t.shape
+        if (n - 1) * t.stride(2) + d >= 2**31 or heads * n * d >= 2**31:
+            return False
+    return True
 
 
 def attention_fwd(q, k, v, scale: float, *, lse: bool = True):
