@@ -20,6 +20,7 @@ from .kernels import attention as _attention_kernels
 from .kernels import group_norm as _group_norm_kernels
 from .kernels import q_sample as _q_sample_kernels
 from .kernels import reparameterize as _reparameterize_kernels
+from .kernels import sampler_step as _sampler_step_kernels
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -527,8 +528,6 @@ def _attention_kernel_ok(q4: Tensor, k4: Tensor, v4: Tensor) -> bool:
 
 # ---------------------------------------------------------------------------------------------
 # sampler_step
-
-from .kernels import sampler_step as _sampler_step_kernels  # noqa: E402
 
 SAMPLER_METHODS = _sampler_step_kernels.METHODS
 

@@ -28,6 +28,7 @@ from .kernels import attention as _attention_kernels
 from .kernels import group_norm as _group_norm_kernels
 from .kernels import q_sample as _q_sample_kernels
 from .kernels import reparameterize as _reparameterize_kernels
+from .kernels import sampler_step as _sampler_step_kernels
 
 Seed = Union[int, Tensor]
 
@@ -358,8 +359,6 @@ _attention_op.register_autograd(_attention_grad, setup_context=_attention_setup)
 
 # ---------------------------------------------------------------------------------------------
 # sampler_step (forward only: sampling needs no gradients; a call whose inputs need them runs eager)
-
-from .kernels import sampler_step as _sampler_step_kernels  # noqa: E402
 
 
 def sampler_step(model_output: Tensor, x: Tensor, coefficients, index, noise: Optional[Tensor], seed: Seed,

@@ -129,8 +129,8 @@ class _Sampler:
         self._steps = []
         for t, p in zip(ts, self.prev_timesteps):
             alpha_prev = abar[p] if p >= 0 else self.final_alpha_cumprod
-            F._check_step_coefficients(abar[t], alpha_prev, self.method, self.eta)  # a readable error, here
-            self._steps.append(step_coefficients(abar[t], alpha_prev, self.method, self.eta))
+            # the checked coefficients (a readable error here for a bad schedule or eta)
+            self._steps.append(F._check_step_coefficients(abar[t], alpha_prev, self.method, self.eta))
         self.stochastic = any(c.std > 0.0 for c in self._steps)
         self._tables: dict = {}
         self._device_alphas: dict = {}
