@@ -36,7 +36,7 @@ def _fused_device_t(inputs):
     variant compiled with ``debug=True``), so the audit covers it; on a CPU it is forced here."""
     from ldm_fast import ops
 
-    return ops.q_sample(inputs["x0"], inputs["t"], inputs["alphas_cumprod"], None, None, 1234, 0.0, False, True)
+    return ops.q_sample.kernel_call(inputs["x0"], inputs["t"], inputs["alphas_cumprod"], None, None, 1234, 0.0, False, True)
 
 
 def _eager(inputs):

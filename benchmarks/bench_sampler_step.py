@@ -52,7 +52,7 @@ def _fused_device_t(inputs):
     variant compiled with ``debug=True``, so the audit covers it); on a CPU it is forced here."""
     from ldm_fast import ops
 
-    return ops.sampler_step(inputs["model_output"], inputs["x"], inputs["table"], inputs["t"], None, None, GUIDANCE,
+    return ops.sampler_step.kernel_call(inputs["model_output"], inputs["x"], inputs["table"], inputs["t"], None, None, GUIDANCE,
                             None, False, True)
 
 

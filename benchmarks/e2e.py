@@ -319,7 +319,7 @@ def graph_stats(model) -> Optional[dict]:
     """``CUDAGraphForward.stats`` of every module whose forward optimize replaced by one (graph
     replays, captures, plain calls per reason): whether the graphs were really used."""
     try:
-        from ldm_fast.optimization import CUDAGraphForward
+        from ldm_fast.optimize import CUDAGraphForward
     except ImportError:
         return None
     root = getattr(model, "_orig_mod", model)
@@ -501,11 +501,11 @@ def _diff(out: torch.Tensor, ref: Optional[torch.Tensor]) -> Optional[dict]:
 def _interpret_check(model, scenario: Scenario, inputs: dict, ref: Optional[torch.Tensor]) -> dict:
     """CPU: one call of the optimized model with ldm_fast's kernels forced (Triton's interpreter):
     how many kernel launches it made and how far its output is from eager's."""
-    before = ldm_fast.backend.kernel_launches.copy()
+    before = ldm_fast.ops.kernel_launches.copy()
     t0 = time.perf_counter()
     with ldm_fast.use_backend("triton"):
         out = scenario.call(model, inputs)
-    launches = {k: v - before[k] for k, v in ldm_fast.backend.kernel_launches.items() if v - before[k]}
+    launches = {k: v - before[k] for k, v in ldm_fast.ops.kernel_launches.items() if v - before[k]}
     return {"kernel_launches": launches, "diff_vs_eager": _diff(out.detach(), ref),
             "seconds": round(time.perf_counter() - t0, 2),
             "label": "CPU, kernels interpreted: a correctness check, not a timing"}
@@ -522,6 +522,7 @@ def run_variant(variant: str, scenario: Scenario, base, inputs: dict, device: to
     try:
         if forced:
             os.environ["LDM_FAST_ATTENTION"] = "triton"
+            ldm_fast.backend.reload_env()
             rec["attention"] = "LDM_FAST_ATTENTION=triton (the kernel forced; auto would follow attention_routes.json)"
         model, info = prepare(variant, base, scenario, device)
         rec.update(info)
@@ -561,6 +562,7 @@ def run_variant(variant: str, scenario: Scenario, base, inputs: dict, device: to
                 os.environ.pop("LDM_FAST_ATTENTION", None)
             else:
                 os.environ["LDM_FAST_ATTENTION"] = saved_impl
+            ldm_fast.backend.reload_env()
         del model
         gc.collect()
         if cuda:

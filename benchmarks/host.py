@@ -392,7 +392,7 @@ def measure_case(case: Case, kind: str, device: torch.device, *, quick: bool, ad
     started = time.perf_counter()
     inputs = case.make(device)
     grad_ctx = torch.enable_grad if kind == "forward+backward" else torch.no_grad
-    before = ldm_fast.backend.kernel_launches.copy()
+    before = ldm_fast.ops.kernel_launches.copy()
     dispatch = DispatchCounter()
 
     def fused():
@@ -408,7 +408,7 @@ def measure_case(case: Case, kind: str, device: torch.device, *, quick: bool, ad
             torch.cuda.synchronize()
         with dispatch:
             out, launches = capture_launches(fused, dispatch)
-    op_launches = ldm_fast.backend.kernel_launches[case.op] - before[case.op]
+    op_launches = ldm_fast.ops.kernel_launches[case.op] - before[case.op]
     if cuda:
         torch.cuda.synchronize()
     rec["fused"] = {

@@ -33,7 +33,7 @@ The fused path is measured with both counters at once: kernel bytes from the int
 bytes of any aten op the launcher runs around the kernel (a ``.contiguous()`` copy would show
 there); ``torch.library`` custom ops are entered, not charged, and Triton's own host-side copies
 while a kernel runs are not charged. A fused measurement proves the kernel ran: the interpreter
-saw a launch and ``ldm_fast.backend.kernel_launches`` increased, else :func:`check` fails it
+saw a launch and ``ldm_fast.ops.kernel_launches`` increased, else :func:`check` fails it
 (a silent eager fallback would otherwise look like a kernel).
 
 Backward cases (``bwd-*``) need nothing special: their ``fused`` calls the backward op alone and
@@ -64,7 +64,7 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ldm_fast import backend
+from ldm_fast import backend, ops
 
 from .common import Case, discover, find_case, run_fused
 
@@ -529,13 +529,13 @@ def measure_fused(fn, *args) -> tuple[DispatchCounter, KernelCounter, Counter]:
     """Run ``fn(*args)`` with kernels interpreted and counted, and host aten ops counted.
 
     Returns the dispatch counter (host ops around the kernels), the kernel counter and the
-    increase of ``ldm_fast.backend.kernel_launches`` per op.
+    increase of ``ldm_fast.ops.kernel_launches`` per op.
     """
     dispatch = DispatchCounter()
-    before = Counter(backend.kernel_launches)
+    before = Counter(ops.kernel_launches)
     with torch.no_grad(), KernelCounter(dispatch) as kernels, dispatch:
         fn(*args)
-    after = Counter(backend.kernel_launches)
+    after = Counter(ops.kernel_launches)
     after.subtract(before)
     return dispatch, kernels, +after
 

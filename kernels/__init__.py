@@ -1,13 +1,11 @@
-"""ldm_fast.kernels: Triton kernels, each file beside its eager PyTorch reference.
+"""ldm_fast.kernels: Triton kernels, each file beside its launcher and eager PyTorch reference.
 
-Triton chooses between compiling and interpreting a kernel when it is decorated, so the choice is
-made here, before any kernel module is imported: without a CUDA device (and with
-``TRITON_INTERPRET`` unset) kernels can only run under the interpreter, on CPU tensors.
+Importing a kernel module decorates its kernels, which is when Triton reads ``TRITON_INTERPRET``:
+``1`` runs them under Triton's CPU interpreter on CPU tensors (the tests set it). Nothing here
+sets it or anything else: importing has no side effects.
 """
-
-import os as _os
 
 import torch as _torch
 
-if "TRITON_INTERPRET" not in _os.environ and not _torch.cuda.is_available():
-    _os.environ["TRITON_INTERPRET"] = "1"
+#: The dtypes every kernel takes (fp64 and the rest run the eager reference).
+KERNEL_DTYPES = (_torch.float32, _torch.float16, _torch.bfloat16)

@@ -37,12 +37,12 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from . import KERNEL_DTYPES
 from ._triton import cdiv, next_pow2, tl, triton
 
 LOG2E = 1.4426950408889634
 #: Largest head dim the kernels take (the SD VAE's single head); larger ones run the reference.
 MAX_HEAD_DIM = 512
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit

@@ -73,10 +73,10 @@ def q_sample_fwd(x0, t, alphas_cumprod, noise, offset, seed, noise_offset: float
     x0's device, any float dtype (read as fp32); noise: x0's shape or None (drawn in-kernel from
     ``seed``, an int or a one-element int64 tensor on the device); offset: ``[B, C]`` (C =
     ``x0.shape[1]``) or None. When the target is the given noise unchanged (eps target, no offset)
-    it is returned as is, not copied. Eager equivalent: :func:`q_sample_reference`.
+    it is returned as is, not copied (when it has x0's dtype; else written in x0's dtype). Eager equivalent: :func:`q_sample_reference`.
     """
     has_noise, has_offset = noise is not None, offset is not None
-    write_target = target_v or has_offset or not has_noise
+    write_target = target_v or has_offset or not has_noise or noise.dtype != x0.dtype
     x_t = torch.empty(x0.shape, dtype=x0.dtype, device=x0.device)
     target = torch.empty_like(x_t) if write_target else noise
     if x_t.numel() == 0:

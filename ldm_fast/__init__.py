@@ -16,7 +16,7 @@ See README.md for the backends, the error bounds and the benchmarks.
 from . import backend, functional, nn, samplers, schedules
 from .backend import use_backend
 from .latent_diffusion import LatentDiffusion
-from .optimization import OptimizeReport, optimize, restore
+from .optimize import OptimizeReport, optimize, restore
 from .schedules import Schedule, make_schedule
 
 __version__ = "0.1.0"

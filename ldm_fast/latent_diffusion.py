@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from . import functional as F
+from .ops._common import derived_seed
 from .schedules import Schedule, make_schedule
 
 _NOISE_SALT = 0x2545F4914F6CDD1D
@@ -143,7 +144,7 @@ class LatentDiffusion(torch.nn.Module):
         if t is None:
             t = torch.randint(0, self.num_steps, (z0.shape[0],), device=z0.device)
         # a seed of its own for the diffusion noise, so it is independent of the posterior sample's
-        z_t, tgt = F.q_sample(z0, t, self.alphas_cumprod, seed=F._derived_seed(seed, _NOISE_SALT), target=target,
+        z_t, tgt = F.q_sample(z0, t, self.alphas_cumprod, seed=derived_seed(seed, _NOISE_SALT), target=target,
                               noise_offset=noise_offset)
         # one timestep per row for the denoiser, without reading a device t on the host
         t_rows = t.expand(z0.shape[0]) if isinstance(t, Tensor) else torch.full((z0.shape[0],), t, device=z0.device)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import functional
-from .functional import GROUP_NORM_ACTIVATIONS
+from .ops.group_norm import ACTIVATIONS as GROUP_NORM_ACTIVATIONS
 
 __all__ = ["CrossAttention", "GroupNorm", "GroupNorm32", "SpatialSelfAttention"]
 
@@ -77,8 +77,8 @@ class GroupNorm32(GroupNorm):
     """
 
     def forward(self, input: Tensor) -> Tensor:
-        return functional._group_norm(
-            input, self.num_groups, self.weight, self.bias, self.eps, self.activation, None, upcast=True
+        return functional.group_norm(
+            input, self.num_groups, self.weight, self.bias, self.eps, activation=self.activation, upcast=True
         )
 
 

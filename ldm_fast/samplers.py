@@ -37,6 +37,8 @@ import torch
 from torch import Tensor
 
 from . import functional as F
+from .ops._common import check_seed
+from .ops.sampler_step import step_coefficients_checked
 from .kernels.sampler_step import NUM_COEFFICIENTS, StepCoefficients, step_coefficients
 from .schedules import Schedule
 
@@ -130,7 +132,7 @@ class _Sampler:
         for t, p in zip(ts, self.prev_timesteps):
             alpha_prev = abar[p] if p >= 0 else self.final_alpha_cumprod
             # the checked coefficients (a readable error here for a bad schedule or eta)
-            self._steps.append(F._check_step_coefficients(abar[t], alpha_prev, self.method, self.eta))
+            self._steps.append(step_coefficients_checked(abar[t], alpha_prev, self.method, self.eta))
         self.stochastic = any(c.std > 0.0 for c in self._steps)
         self._tables: dict = {}
         self._device_alphas: dict = {}
@@ -275,7 +277,7 @@ class _Sampler:
                 fits = False
             if not fits:
                 raise ValueError(f"mask must broadcast to x's shape {shape}, got {tuple(mask.shape)}")
-        F._check_seed(seed)
+        check_seed(seed)
         base = seed if seed is not None else int(torch.randint(0, 2**62, ()))
 
         def draw_noise():

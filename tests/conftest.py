@@ -10,6 +10,14 @@ import torch  # noqa: E402
 import ldm_fast  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _reread_environment():
+    """ldm_fast reads its environment variables once; tests that change one call
+    ``ldm_fast.backend.reload_env()``, and after each test (monkeypatch's changes undone) it is read again."""
+    yield
+    ldm_fast.backend.reload_env()
+
+
 @pytest.fixture
 def poison(monkeypatch):
     """Fill every fresh ``torch.empty``/``empty_like`` allocation with NaN, so unwritten outputs fail."""
@@ -30,6 +38,6 @@ def poison(monkeypatch):
 @pytest.fixture
 def triton_backend():
     """Force the Triton kernels (interpreted on CPU) and yield a function that says whether ``op`` launched."""
-    before = ldm_fast.backend.kernel_launches.copy()
+    before = ldm_fast.ops.kernel_launches.copy()
     with ldm_fast.use_backend("triton"):
-        yield lambda op: ldm_fast.backend.kernel_launches[op] > before[op]
+        yield lambda op: ldm_fast.ops.kernel_launches[op] > before[op]

@@ -158,7 +158,7 @@ def test_auto_runs_sdpa_where_nothing_was_measured(triton_backend):
 def test_auto_follows_a_measured_route(triton_backend, monkeypatch):
     """A routes entry for this device, dtype and head dim sends cases at least that long to the kernel."""
     routes = {"cpu": [{"device": "cpu", "dtype": "float32", "head_dim": 64, "min_q": 16, "min_k": 16}]}
-    monkeypatch.setattr(F, "_attention_routes", lambda: routes)
+    monkeypatch.setattr(ldm_fast.ops.attention, "_attention_routes", lambda: routes)
     q, k, v = _qkv(1, 1, 8, 8, 64, torch.float32, "flat")
     F.attention(q, k, v)
     assert not triton_backend("attention")  # shorter than the measured lengths
@@ -176,6 +176,7 @@ def test_routes_file_is_valid():
 @pytest.mark.parametrize("setting", ["sdpa", "triton"])
 def test_environment_overrides_impl(setting, triton_backend, monkeypatch):
     monkeypatch.setenv("LDM_FAST_ATTENTION", setting)
+    ldm_fast.backend.reload_env()
     q, k, v = _qkv(1, 1, 8, 8, 64, torch.float32, "flat")
     F.attention(q, k, v, impl="sdpa" if setting == "triton" else "triton")
     assert triton_backend("attention") == (setting == "triton")
@@ -185,6 +186,7 @@ def test_bad_environment_value(monkeypatch):
     monkeypatch.setenv("LDM_FAST_ATTENTION", "flash")
     q, k, v = _qkv(1, 1, 4, 4, 8, torch.float32, "flat")
     with pytest.raises(ValueError, match="LDM_FAST_ATTENTION"):
+        ldm_fast.backend.reload_env()  # the environment is read once, at import or here
         F.attention(q, k, v)
 
 

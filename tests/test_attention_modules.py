@@ -20,7 +20,9 @@ import torch
 from torch import nn
 
 import ldm_fast
-from ldm_fast import optimization as opt_mod
+import importlib
+
+opt_mod = importlib.import_module("ldm_fast.optimize")  # the package (ldm_fast.optimize is the function)
 from ldm_fast import optimize, restore
 from ldm_fast.integrations.diffusers import AttnProcessor as LdmAttnProcessor
 from ldm_fast.nn import CrossAttention, SpatialSelfAttention
@@ -45,15 +47,16 @@ def run_on(monkeypatch):
     kernel ran since the fixture started."""
     import contextlib
 
-    before = ldm_fast.backend.kernel_launches["attention"]
+    before = ldm_fast.ops.kernel_launches["attention"]
 
     def context(name):
         if name == "default":
             return contextlib.nullcontext()
         monkeypatch.setenv("LDM_FAST_ATTENTION", "triton")
+        ldm_fast.backend.reload_env()
         return ldm_fast.use_backend("triton")
 
-    context.launched = lambda: ldm_fast.backend.kernel_launches["attention"] > before
+    context.launched = lambda: ldm_fast.ops.kernel_launches["attention"] > before
     return context
 
 
@@ -495,11 +498,11 @@ def test_processor_uncovered_cases_run_attn_processor_2_0(case):
     else:
         attn, hidden, kwargs = _attention("qk_layer_norm")
         attn.norm_q = nn.Identity()
-    before = ldm_fast.backend.kernel_launches["attention"]
+    before = ldm_fast.ops.kernel_launches["attention"]
     ref = _run(attn, AttnProcessor2_0(), hidden, kwargs, torch.float32)
     out = _run(attn, LdmAttnProcessor(impl="triton"), hidden, kwargs, torch.float32)
     assert torch.equal(out, ref)
-    assert ldm_fast.backend.kernel_launches["attention"] == before
+    assert ldm_fast.ops.kernel_launches["attention"] == before
 
 
 @needs_diffusers
@@ -590,10 +593,10 @@ def test_optimize_attention_with_the_triton_kernel(model_kind, run_on):
     eager = _run_model(make(), inputs())
     model = make()
     optimize(model, group_norm=False, attention=True)
-    norms_before = ldm_fast.backend.kernel_launches["group_norm"]
+    norms_before = ldm_fast.ops.kernel_launches["group_norm"]
     with run_on("triton"):
         out = _run_model(model, inputs())
-    assert ldm_fast.backend.kernel_launches["group_norm"] == norms_before  # torch's norms: only attention forced
+    assert ldm_fast.ops.kernel_launches["group_norm"] == norms_before  # torch's norms: only attention forced
     _check(out, exact, eager, "triton", run_on)
 
 

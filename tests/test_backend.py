@@ -9,12 +9,13 @@ import pytest
 import torch
 
 import ldm_fast
-from ldm_fast import backend
+from ldm_fast import backend, ops
 from ldm_fast import functional as F
 
 
 def test_auto_picks_eager_for_cpu_tensors(monkeypatch):
     monkeypatch.delenv("LDM_FAST_BACKEND", raising=False)
+    ldm_fast.backend.reload_env()
     assert backend.requested() == "auto"
     assert backend.select(torch.zeros(1)) == "eager"
 
@@ -22,17 +23,20 @@ def test_auto_picks_eager_for_cpu_tensors(monkeypatch):
 @pytest.mark.parametrize("name", ["eager", "triton", "auto"])
 def test_environment_variable(monkeypatch, name):
     monkeypatch.setenv("LDM_FAST_BACKEND", name.upper())
+    ldm_fast.backend.reload_env()
     assert backend.requested() == name
 
 
 def test_bad_environment_variable_is_named(monkeypatch):
     monkeypatch.setenv("LDM_FAST_BACKEND", "cuda")
     with pytest.raises(ValueError, match="LDM_FAST_BACKEND must be one of"):
+        backend.reload_env()  # the environment is read once, at import or here
         backend.requested()
 
 
 def test_use_backend_nests_and_beats_the_environment(monkeypatch):
     monkeypatch.setenv("LDM_FAST_BACKEND", "eager")
+    ldm_fast.backend.reload_env()
     with ldm_fast.use_backend("triton"):
         assert backend.select(torch.zeros(1)) == "triton"
         with ldm_fast.use_backend("eager"):
@@ -46,13 +50,15 @@ def test_use_backend_nests_and_beats_the_environment(monkeypatch):
 
 def test_environment_variable_reaches_the_ops(monkeypatch):
     mean, logvar, noise = torch.randn(2, 8), torch.randn(2, 8), torch.randn(2, 8)
-    before = backend.kernel_launches["reparameterize"]
+    before = ops.kernel_launches["reparameterize"]
     monkeypatch.setenv("LDM_FAST_BACKEND", "triton")
+    ldm_fast.backend.reload_env()
     F.reparameterize(mean, logvar, noise=noise)
-    assert backend.kernel_launches["reparameterize"] == before + 1
+    assert ops.kernel_launches["reparameterize"] == before + 1
     monkeypatch.setenv("LDM_FAST_BACKEND", "eager")
+    ldm_fast.backend.reload_env()
     F.reparameterize(mean, logvar, noise=noise)
-    assert backend.kernel_launches["reparameterize"] == before + 1
+    assert ops.kernel_launches["reparameterize"] == before + 1
 
 
 def test_kernels_run_interpreted_without_a_gpu():
@@ -80,14 +86,38 @@ def test_import_without_triton_runs_eager():
             z = F.reparameterize(torch.zeros(2, 3), torch.zeros(2, 3), noise=torch.ones(2, 3), scale=2.0)
             x_t, _ = F.q_sample(torch.ones(2, 3), 0, torch.tensor([0.25]), noise=torch.zeros(2, 3))
         assert torch.equal(z, torch.full((2, 3), 2.0)) and torch.equal(x_t, torch.full((2, 3), 0.5))
-        assert sum(ldm_fast.backend.kernel_launches.values()) == 0
+        assert sum(ldm_fast.ops.kernel_launches.values()) == 0
         print("ok")
         """
     )
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
 
-def test_import_sets_the_interpreter_only_when_unset_and_without_cuda():
-    code = "import os, ldm_fast.functional; print(os.environ.get('TRITON_INTERPRET'))"
-    assert _run(code).stdout.strip() == "1"
-    assert _run(code, {"TRITON_INTERPRET": "0"}).stdout.strip() == "0"
+def test_import_leaves_the_environment_unchanged():
+    """No import-time side effects: importing ldm_fast (and its kernels) sets no variable, TRITON_INTERPRET
+    included (it would change every other library's Triton kernels in the process)."""
+    code = """
+        import json, os
+        before = dict(os.environ)
+        import ldm_fast, ldm_fast.functional, ldm_fast.kernels.group_norm, ldm_fast.kernels.attention
+        print(json.dumps([dict(os.environ) == before, os.environ.get("TRITON_INTERPRET")]))
+        """
+    result = _run(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == '[true, null]'
+
+
+def test_without_the_interpreter_a_cpu_runs_eager():
+    """TRITON_INTERPRET unset and no GPU: even a forced triton backend runs the eager reference on CPU tensors."""
+    result = _run(
+        """
+        import torch, ldm_fast
+        from ldm_fast import functional as F
+        with ldm_fast.use_backend("triton"):
+            z = F.reparameterize(torch.zeros(2, 3), torch.zeros(2, 3), noise=torch.ones(2, 3), scale=2.0)
+        assert torch.equal(z, torch.full((2, 3), 2.0)) and sum(ldm_fast.ops.kernel_launches.values()) == 0
+        assert not ldm_fast.backend.interpreting()
+        print("ok")
+        """
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr

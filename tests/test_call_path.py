@@ -13,6 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import ldm_fast
 from ldm_fast import backend
 from ldm_fast import functional as F
+from ldm_fast.ops._common import check_index
 from ldm_fast.kernels import group_norm as gn
 
 # aten ops that only allocate or describe memory: no kernel on a GPU.
@@ -104,6 +105,7 @@ def _graph_ops(fn, *args):
 
 def test_compile_captures_group_norm_as_one_op(triton_backend, monkeypatch):
     monkeypatch.setenv("LDM_FAST_COMPILE", "kernel")
+    ldm_fast.backend.reload_env()
     x, w, b = _gn_inputs((2, 8, 3, 3))
     ops = _graph_ops(lambda x: F.group_norm(x, 4, w, b, activation="silu"), x)
     assert ops.count("ldm_fast.group_norm") == 1, ops
@@ -113,15 +115,18 @@ def test_compile_auto_leaves_small_groups_to_inductor(triton_backend, monkeypatc
     """LDM_FAST_COMPILE=auto: U-Net-sized groups are traced as plain PyTorch (the graph torch.compile
     builds without ldm_fast), groups of COMPILE_KERNEL_MIN_GROUP elements and up take the kernel."""
     monkeypatch.delenv("LDM_FAST_COMPILE", raising=False)
+    ldm_fast.backend.reload_env()
     x, w, b = _gn_inputs((2, 8, 3, 3))  # groups of 2 * 9 = 18 elements
     fn = lambda x: F.group_norm(x, 4, w, b, activation="silu")  # noqa: E731
     assert not [op for op in _graph_ops(fn, x) if "ldm_fast" in op]
     monkeypatch.setattr(backend, "COMPILE_KERNEL_MIN_GROUP", 18)
     assert _graph_ops(fn, x).count("ldm_fast.group_norm") == 1
     monkeypatch.setenv("LDM_FAST_COMPILE", "inductor")
+    ldm_fast.backend.reload_env()
     assert not [op for op in _graph_ops(fn, x) if "ldm_fast" in op]
     monkeypatch.setenv("LDM_FAST_COMPILE", "fast")
     with pytest.raises(Exception, match="LDM_FAST_COMPILE must be one of"):
+        ldm_fast.backend.reload_env()  # the environment is read once, at import or here
         _graph_ops(fn, x)
 
 
@@ -197,12 +202,12 @@ def test_validation_of_a_device_t_reads_no_data():
     x0 = torch.empty(2, 4, 8, 8, device="meta")
     table = torch.empty(1000, device="meta")
     t = torch.empty(2, dtype=torch.int64, device="meta")
-    t_checked, check_t = F._check_timesteps(t, 2, x0.device, 1000, sync_check=False)
+    t_checked, check_t = check_index("t", t, 1000, 2, x0.device, False, "len(alphas_cumprod)")
     assert check_t and t_checked.device.type == "meta"
     x_t, target = F.q_sample(x0, t, table, noise=torch.empty_like(x0))  # the eager path on meta, end to end
     assert x_t.shape == x0.shape and target.shape == x0.shape
     with pytest.raises((RuntimeError, NotImplementedError)):
-        F._check_timesteps(t, 2, x0.device, 1000, sync_check=True)  # the opt-in sync check does read t
+        check_index("t", t, 1000, 2, x0.device, True, "len(alphas_cumprod)")  # the opt-in sync check does read t
 
 
 def test_group_norm_and_reparameterize_validation_read_no_data():
@@ -231,8 +236,8 @@ def test_seed_drawn_on_the_device_is_read_by_the_kernel(triton_backend):
     assert torch.equal(by_value, by_pointer)
     x0 = torch.zeros(3, 4, 5)
     table = torch.full((10,), 0.25)
-    x_t, eps = ldm_fast.ops.q_sample(x0, 2, table, None, None, torch.tensor([99]), 0.0, False, False)
-    x_t2, eps2 = ldm_fast.ops.q_sample(x0, 2, table, None, None, 99, 0.0, False, False)
+    x_t, eps = ldm_fast.ops.q_sample.kernel_call(x0, 2, table, None, None, torch.tensor([99]), 0.0, False, False)
+    x_t2, eps2 = ldm_fast.ops.q_sample.kernel_call(x0, 2, table, None, None, 99, 0.0, False, False)
     assert torch.equal(eps, eps2) and torch.equal(x_t, x_t2)
 
 
@@ -274,3 +279,84 @@ def test_attention_validation_reads_no_data():
     q = torch.empty(2, 64, 512, device="meta")
     assert F.attention(q, q, q).shape == (2, 64, 512)
     assert F.attention(q, q, q, heads=8, impl="triton").shape == (2, 64, 512)
+
+
+# ---------------------------------------------------------------------------------------------
+# the Python between a module call and its launcher (host µs per call on a GPU)
+
+
+def _python_path(monkeypatch, launcher_module, launcher_name: str, call) -> list[tuple[str, str]]:
+    """The Python functions ``(file, name)`` entered from the start of ``call()`` until the launcher
+    ``launcher_module.launcher_name`` is entered (it is stubbed: the path before it is what counts)."""
+    import sys
+
+    entered: list[tuple[str, str]] = []
+
+    class _Reached(Exception):
+        pass
+
+    def stub(*args, **kwargs):
+        raise _Reached
+
+    monkeypatch.setattr(launcher_module, launcher_name, stub)
+
+    def profile(frame, event, arg):
+        if event == "call":
+            entered.append((frame.f_code.co_filename, frame.f_code.co_name))
+
+    sys.setprofile(profile)
+    try:
+        call()
+    except _Reached:
+        pass
+    else:
+        raise AssertionError("the launcher was not reached: the call took another path")
+    finally:
+        sys.setprofile(None)
+    # the stub itself is not on the path, nor this test's lambda, nor Counter's first-count __missing__
+    return [(f, n) for f, n in entered[:-1] if not f.endswith("test_call_path.py") and n != "__missing__"]
+
+
+def _ldm_fast_files(path) -> set:
+    return {file.split("ldm_fast")[-1] for file, _ in path if "/ldm_fast/" in file or "/kernels/" in file}
+
+
+def test_group_norm_module_reaches_its_launcher_in_few_functions(monkeypatch):
+    """``nn.GroupNorm(...)(x)``: module -> ops/group_norm.py (+ ops/_common.py's needs_grad and launch)
+    -> backend.kernel_ok -> launcher, each check once: 5 functions of ours in 3 files between the
+    module and the launcher (issue #15's target: at most 3 files and about 8 functions)."""
+    norm = ldm_fast.nn.GroupNorm(4, 8, activation="silu")
+    x = torch.randn(2, 8, 4, 4)
+    with ldm_fast.use_backend("triton"), torch.no_grad():
+        path = _python_path(monkeypatch, ldm_fast.ops.group_norm._kernels, "group_norm_fwd", lambda: norm(x))
+    names = [name for _, name in path]
+    assert names[0] == "_wrapped_call_impl" or "forward" in names, names
+    ours = [(f, n) for f, n in path if "/ldm_fast/" in f or "/kernels/" in f]
+    assert len(ours) <= 5, ours  # forward, group_norm, kernel_ok, launch (+ nothing else of ours)
+    # with torch's own: Module.__call__ (2), the weight and bias (Module.__getattr__), is_compiling (2)
+    assert len(path) <= 11, path
+    assert len(_ldm_fast_files(ours[1:])) <= 3, ours  # between the module and the launcher
+    assert names.count("kernel_ok") == 1 and "is_channels_last" not in names, names
+
+
+@pytest.mark.parametrize("op", ["attention", "reparameterize", "q_sample", "sampler_step"])
+def test_functional_ops_reach_their_launcher_in_few_functions(monkeypatch, op):
+    q = torch.randn(1, 8, 16)
+    calls = {
+        "attention": (ldm_fast.ops.attention._kernels, "attention_fwd",
+                      lambda: F.attention(q, q, q, heads=2, impl="triton")),
+        "reparameterize": (ldm_fast.ops.reparameterize._kernels, "reparameterize_fwd",
+                           lambda: F.reparameterize(q, q, seed=1)),
+        "q_sample": (ldm_fast.ops.q_sample._kernels, "q_sample_fwd",
+                     lambda: F.q_sample(q, torch.tensor([3]), torch.rand(10), seed=1)),
+        "sampler_step": (ldm_fast.ops.sampler_step._kernels, "sampler_step_fwd",
+                         lambda: F.sampler_step(q, q, 0.5, 0.6, seed=1)),
+    }
+    module, name, call = calls[op]
+    with ldm_fast.use_backend("triton"), torch.no_grad():
+        path = _python_path(monkeypatch, module, name, call)
+    ours = [(f, n) for f, n in path if "/ldm_fast/" in f or "/kernels/" in f]
+    # ops/<op>.py, ops/_common.py (checks, launch), backend.py, kernels/<op>.py (attention's int32 check)
+    assert len(_ldm_fast_files(ours)) <= 4, ours
+    assert [n for _, n in ours].count("kernel_ok") == 1, ours
+    assert len(ours) <= {"attention": 8}.get(op, 14), ours

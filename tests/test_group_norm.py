@@ -444,6 +444,7 @@ def test_torch_compile_fullgraph_block(triton_backend, monkeypatch):
     """conv -> GroupNorm(silu) -> conv traced by torch.compile(fullgraph=True), forward and backward,
     with the kernel in the graph (LDM_FAST_COMPILE=kernel; auto leaves groups this small to Inductor)."""
     monkeypatch.setenv("LDM_FAST_COMPILE", "kernel")
+    ldm_fast.backend.reload_env()
     torch.compiler.reset()
     torch.manual_seed(0)
     block = torch.nn.Sequential(
@@ -486,12 +487,12 @@ def test_eager_backend_is_torch_bit_for_bit(in_layout):
     x, weight, bias = _inputs((2, 64, 3, 5), torch.float16)
     if in_layout == "in-channels-last":
         x = _channels_last(x)
-    before = ldm_fast.backend.kernel_launches["group_norm"]
+    before = ldm_fast.ops.kernel_launches["group_norm"]
     with ldm_fast.use_backend("eager"):
         y = F.group_norm(x, 32, weight, bias, 1e-6, activation="silu")
         y_cl = F.group_norm(x, 32, weight, bias, 1e-6, activation="silu", out_memory_format=torch.channels_last)
         plain = F.group_norm(x, 32, weight, bias, 1e-6)
-    assert ldm_fast.backend.kernel_launches["group_norm"] == before
+    assert ldm_fast.ops.kernel_launches["group_norm"] == before
     expected = TF.silu(TF.group_norm(x, 32, weight, bias, 1e-6))
     assert torch.equal(y, expected) and y.stride() == expected.stride()
     assert torch.equal(y_cl, expected) and y_cl.is_contiguous(memory_format=torch.channels_last)
@@ -507,10 +508,10 @@ def test_eager_backend_is_torch_bit_for_bit(in_layout):
     ids=["float64", "empty-batch"],
 )
 def test_unsupported_inputs_fall_back_to_eager(x, weight):
-    before = ldm_fast.backend.kernel_launches["group_norm"]
+    before = ldm_fast.ops.kernel_launches["group_norm"]
     with ldm_fast.use_backend("triton"):
         y = F.group_norm(x, 4, weight, activation="silu")
-    assert ldm_fast.backend.kernel_launches["group_norm"] == before
+    assert ldm_fast.ops.kernel_launches["group_norm"] == before
     assert torch.equal(y, TF.silu(TF.group_norm(x, 4, weight)))
 
 

@@ -100,13 +100,14 @@ def test_vae_matches_diffusers(kernels, monkeypatch):
         image_ref = ref.decode(z).sample
         if kernels:
             monkeypatch.setenv("LDM_FAST_ATTENTION", "triton")
-        before = ldm_fast.backend.kernel_launches.copy()
+            ldm_fast.backend.reload_env()
+        before = ldm_fast.ops.kernel_launches.copy()
         with ldm_fast.use_backend("triton" if kernels else "eager"):
             moments = ours.encode(x).moments
             image = ours.decode(z)
     if kernels:
-        assert ldm_fast.backend.kernel_launches["attention"] > before["attention"]
-        assert ldm_fast.backend.kernel_launches["group_norm"] > before["group_norm"]
+        assert ldm_fast.ops.kernel_launches["attention"] > before["attention"]
+        assert ldm_fast.ops.kernel_launches["group_norm"] > before["group_norm"]
     tol = dict(rtol=1e-4, atol=1e-4) if kernels else dict(rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(moments, moments_ref, **tol)
     torch.testing.assert_close(image, image_ref, **tol)
@@ -123,11 +124,12 @@ def test_unet_matches_diffusers(kernels, monkeypatch):
         expected = ref(x, t, encoder_hidden_states=context).sample
         if kernels:
             monkeypatch.setenv("LDM_FAST_ATTENTION", "triton")
-        before = ldm_fast.backend.kernel_launches.copy()
+            ldm_fast.backend.reload_env()
+        before = ldm_fast.ops.kernel_launches.copy()
         with ldm_fast.use_backend("triton" if kernels else "eager"):
             out = ours(x, t, context)
     if kernels:
-        assert ldm_fast.backend.kernel_launches["attention"] > before["attention"]
+        assert ldm_fast.ops.kernel_launches["attention"] > before["attention"]
     tol = dict(rtol=1e-4, atol=1e-4) if kernels else dict(rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out, expected, **tol)
 
@@ -142,6 +144,7 @@ def test_unet_trains_through_the_kernels(monkeypatch):
     x, context, t = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 5, 24, generator=g), torch.tensor([10])
     ref(x, t, encoder_hidden_states=context).sample.square().mean().backward()
     monkeypatch.setenv("LDM_FAST_ATTENTION", "triton")
+    ldm_fast.backend.reload_env()
     with ldm_fast.use_backend("triton"):
         ours(x, t, context).square().mean().backward()
     ours_grads = dict(ours.named_parameters())

@@ -13,7 +13,13 @@ import torch
 from torch import nn
 
 import ldm_fast
-from ldm_fast import optimization as opt_mod
+import importlib
+
+from ldm_fast.optimize import cuda_graph as opt_cuda_graph
+from ldm_fast.optimize import passes as opt_passes
+from ldm_fast.optimize import undo as opt_undo
+
+opt_mod = importlib.import_module("ldm_fast.optimize")  # the package (ldm_fast.optimize is the function)
 from ldm_fast.nn import GroupNorm as LdmGroupNorm
 from ldm_fast.nn import GroupNorm32 as LdmGroupNorm32
 from ldm_fast import optimize, restore
@@ -135,11 +141,11 @@ def test_unet_triton_kernels_match():
     inputs = _unet_inputs()
     ref = _run_unet(unet, inputs)
     optimize(unet)
-    before = ldm_fast.backend.kernel_launches["group_norm"]
+    before = ldm_fast.ops.kernel_launches["group_norm"]
     with ldm_fast.use_backend("triton"):
         out = _run_unet(unet, inputs)
     # 21 norms, each at least one launch (the kernels ran, under the interpreter)
-    assert ldm_fast.backend.kernel_launches["group_norm"] - before >= 21
+    assert ldm_fast.ops.kernel_launches["group_norm"] - before >= 21
     _assert_close_rel(out, ref, TRITON_RTOL)
 
 
@@ -154,10 +160,10 @@ def test_vae_default_backend_exact_and_triton_kernels_match():
     assert report.counts[opt_mod.RESNET_FORWARD] == n_blocks and report.counts[opt_mod.FUSED] == 2 * n_blocks
     assert torch.equal(_run_vae(vae, image), ref)
 
-    before = ldm_fast.backend.kernel_launches["group_norm"]
+    before = ldm_fast.ops.kernel_launches["group_norm"]
     with ldm_fast.use_backend("triton"):
         out = _run_vae(vae, image)
-    assert ldm_fast.backend.kernel_launches["group_norm"] - before >= n_norms
+    assert ldm_fast.ops.kernel_launches["group_norm"] - before >= n_norms
     _assert_close_rel(out, ref, TRITON_RTOL)
     restore(vae)
     assert torch.equal(_run_vae(vae, image), ref)
@@ -260,10 +266,10 @@ def test_sequential_fused_and_restored():
     assert type(model[0]) is LdmGroupNorm and model[0].activation == "silu" and type(model[1]) is nn.Identity
     assert list(model.state_dict().keys()) == ["0.weight", "0.bias", "2.weight", "2.bias"]
     assert torch.equal(model(x), ref)
-    before = ldm_fast.backend.kernel_launches["group_norm"]
+    before = ldm_fast.ops.kernel_launches["group_norm"]
     with ldm_fast.use_backend("triton"):
         out = model(x)
-    assert ldm_fast.backend.kernel_launches["group_norm"] > before
+    assert ldm_fast.ops.kernel_launches["group_norm"] > before
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     restore(model)
     assert model[1] is silu and type(model[0]) is nn.GroupNorm and "activation" not in model[0].__dict__
@@ -361,7 +367,7 @@ def test_resnet_block_other_activation_or_other_forward_not_fused(monkeypatch):
     restore(block)
 
     # another diffusers version's ResnetBlock2D.forward: never run through the 0.42 reimplementation
-    monkeypatch.setattr(opt_mod, "_RESNET_FORWARD_AST_SHA256", set())
+    monkeypatch.setattr(ldm_fast.integrations.diffusers, "_RESNET_FORWARD_AST_SHA256", set())
     block = ResnetBlock2D(in_channels=16, temb_channels=8, groups=4)
     report = optimize(block)
     assert "differs from the diffusers 0.42 forward" in report.left[0].reason
@@ -372,11 +378,11 @@ def test_resnet_block_other_activation_or_other_forward_not_fused(monkeypatch):
 def test_swap_sets_up_the_whole_ldm_fast_state():
     """A swapped module holds exactly what a freshly built ldm_fast GroupNorm holds (if ldm_fast.nn
     grows new state, the class swap must learn it: optimize refuses meanwhile)."""
-    assert opt_mod._unknown_state(LdmGroupNorm) == () and opt_mod._unknown_state(LdmGroupNorm32) == ()
+    assert opt_passes._unknown_state(LdmGroupNorm) == () and opt_passes._unknown_state(LdmGroupNorm32) == ()
     swapped = nn.GroupNorm(4, 16)
     optimize(swapped)
     fresh = LdmGroupNorm(4, 16)
-    assert set(swapped.__dict__) - {opt_mod._STATE_ATTR} == set(fresh.__dict__)
+    assert set(swapped.__dict__) - {opt_undo._STATE_ATTR} == set(fresh.__dict__)
     assert repr(swapped) == repr(fresh)
     assert type(restore(swapped)) is nn.GroupNorm and set(swapped.__dict__) == set(nn.GroupNorm(4, 16).__dict__)
 
@@ -483,7 +489,7 @@ def test_graph_key():
     ]
     keys = {opt_mod.graph_key(a, k)[0] for a, k in variants} | {opt_mod.graph_key((x, 3), {})[0]}
     assert len(keys) == len(variants) + 1
-    with pytest.raises(opt_mod._NotGraphable, match="Generator"):
+    with pytest.raises(opt_cuda_graph._NotGraphable, match="Generator"):
         opt_mod.graph_key((x,), {"generator": torch.Generator()})
 
 
@@ -496,7 +502,7 @@ def test_map_output_rebuilds_types():
     nested = opt_mod.map_output(torch.clone, ({"a": [t, None, 2]}, t))
     assert type(nested) is tuple and torch.equal(nested[0]["a"][0], t) and nested[0]["a"][1:] == [None, 2]
     assert nested[1] is not t
-    with pytest.raises(opt_mod._NotGraphable):
+    with pytest.raises(opt_cuda_graph._NotGraphable):
         opt_mod.map_output(torch.clone, object())
 
 
@@ -670,6 +676,7 @@ def test_compile_over_optimize_builds_the_graph_compile_builds_without(monkeypat
     (compile with ldm_fast is never slower there). With LDM_FAST_COMPILE=kernel every fused norm is
     one ldm_fast op in the graph."""
     monkeypatch.delenv("LDM_FAST_COMPILE", raising=False)
+    ldm_fast.backend.reload_env()
     model = _unet()
     sample, t, context = _unet_inputs()
     with ldm_fast.use_backend("triton"):
@@ -678,6 +685,7 @@ def test_compile_over_optimize_builds_the_graph_compile_builds_without(monkeypat
         ours, n_ours = _compiled_graph_ops(model, sample, t, context)
         assert n_plain == n_ours == 1 and ours == plain
         monkeypatch.setenv("LDM_FAST_COMPILE", "kernel")
+        ldm_fast.backend.reload_env()
         kernel_ops, _ = _compiled_graph_ops(model, sample, t, context)
     norms = sum(1 for m in model.modules() if isinstance(m, torch.nn.GroupNorm))
     assert kernel_ops["ldm_fast.group_norm"] == norms and report.counts

@@ -114,10 +114,10 @@ def test_gradient_needs_eager_and_gets_it():
     x0 = torch.randn(2, 3, 4, 4, requires_grad=True)
     noise = torch.randn(2, 3, 4, 4)
     t = torch.tensor([10, 900])
-    before = ldm_fast.backend.kernel_launches["q_sample"]
+    before = ldm_fast.ops.kernel_launches["q_sample"]
     with ldm_fast.use_backend("triton"):
         x_t, v = F.q_sample(x0, t, ALPHAS_CUMPROD, noise=noise, target="v")
-    assert ldm_fast.backend.kernel_launches["q_sample"] == before  # autograd needs the eager path
+    assert ldm_fast.ops.kernel_launches["q_sample"] == before  # autograd needs the eager path
     (x_t.sum() + v.sum()).backward()
     abar = ALPHAS_CUMPROD[t].view(-1, 1, 1, 1)
     torch.testing.assert_close(x0.grad, (abar.sqrt() - (1 - abar).sqrt()).expand_as(x0))
@@ -142,10 +142,10 @@ def test_diffusers_add_noise_parity(dtype, triton_backend):
 
 def test_unsupported_dtype_falls_back_to_eager():
     x0, noise = _inputs((2, 3, 4), torch.float64)
-    before = ldm_fast.backend.kernel_launches["q_sample"]
+    before = ldm_fast.ops.kernel_launches["q_sample"]
     with ldm_fast.use_backend("triton"):
         x_t, _ = F.q_sample(x0, 3, ALPHAS_CUMPROD, noise=noise)
-    assert ldm_fast.backend.kernel_launches["q_sample"] == before
+    assert ldm_fast.ops.kernel_launches["q_sample"] == before
     assert x_t.dtype == torch.float64
 
 

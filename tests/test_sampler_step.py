@@ -216,7 +216,7 @@ def test_table_path_equals_the_scalar_path(index_kind, poison, triton_backend):
 def test_table_index_checked_on_the_device_runs_the_debug_variant(triton_backend):
     table = _table([step_coefficients(0.3, 0.5)])
     x, eps, _ = _inputs((2, 4, 3, 3), torch.float32, cfg=False)
-    out = ops.sampler_step(eps, x, table, torch.tensor([0, 0]), None, None, None, None, False, True)
+    out = ops.sampler_step.kernel_call(eps, x, table, torch.tensor([0, 0]), None, None, None, None, False, True)
     torch.testing.assert_close(out, F.sampler_step(eps, x, 0.3, 0.5), rtol=0, atol=0)
 
 
@@ -227,10 +227,10 @@ def test_table_index_checked_on_the_device_runs_the_debug_variant(triton_backend
 def test_gradient_needs_eager_and_gets_it():
     x = torch.randn(2, 3, 4, 4, requires_grad=True)
     eps = torch.randn(4, 3, 4, 4)
-    before = ldm_fast.backend.kernel_launches["sampler_step"]
+    before = ldm_fast.ops.kernel_launches["sampler_step"]
     with ldm_fast.use_backend("triton"):
         out = F.sampler_step(eps, x, 0.3, 0.5, guidance_scale=2.0)
-    assert ldm_fast.backend.kernel_launches["sampler_step"] == before
+    assert ldm_fast.ops.kernel_launches["sampler_step"] == before
     out.sum().backward()
     c = step_coefficients(0.3, 0.5)
     torch.testing.assert_close(x.grad, torch.full_like(x, c.c_x0 * c.inv_sqrt_alpha))
@@ -238,10 +238,10 @@ def test_gradient_needs_eager_and_gets_it():
 
 def test_unsupported_dtype_falls_back_to_eager():
     x, eps = torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(2, 3, 4, dtype=torch.float64)
-    before = ldm_fast.backend.kernel_launches["sampler_step"]
+    before = ldm_fast.ops.kernel_launches["sampler_step"]
     with ldm_fast.use_backend("triton"):
         out = F.sampler_step(eps, x, 0.3, 0.5)
-    assert ldm_fast.backend.kernel_launches["sampler_step"] == before and out.dtype == torch.float64
+    assert ldm_fast.ops.kernel_launches["sampler_step"] == before and out.dtype == torch.float64
 
 
 @pytest.mark.parametrize("backend_name", ["triton", "eager"])

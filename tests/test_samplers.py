@@ -9,7 +9,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 import ldm_fast
-from ldm_fast import backend
+from ldm_fast import backend, ops
 from ldm_fast.kernels.sampler_step import sampler_step_reference, step_coefficients
 from ldm_fast.samplers import DDIMSampler, DDPMSampler, make_timesteps
 
@@ -38,11 +38,11 @@ def _ddpm(steps=None, spacing="leading"):
 @contextlib.contextmanager
 def _backend(name):
     """Run on ``name``; with "triton" also assert the kernel launched."""
-    before = backend.kernel_launches["sampler_step"]
+    before = ops.kernel_launches["sampler_step"]
     with ldm_fast.use_backend(name):
         yield
     if name == "triton":
-        assert backend.kernel_launches["sampler_step"] > before
+        assert ops.kernel_launches["sampler_step"] > before
 
 
 def _tensors(*shapes, seed=0):
@@ -247,12 +247,12 @@ def test_ddpm_sample_is_seeded_and_has_no_host_sync(backend_name):
     sampler = DDPMSampler(ldm_fast.make_schedule(), 10)
     cond, uncond = _tensors((2, 5, 8), (2, 5, 8))
     model = StandIn()
-    before = backend.kernel_launches["sampler_step"]
+    before = ops.kernel_launches["sampler_step"]
     with _backend(backend_name), _Record() as rec:
         a = sampler.sample(model, (2, 4, 6, 6), cond=cond, uncond=uncond, guidance_scale=3.0, seed=1, progress=False)
     assert not [op for op in rec.ops if op in ("aten::_local_scalar_dense", "aten::item", "aten::is_nonzero")], rec.ops
     if backend_name == "triton":
-        assert backend.kernel_launches["sampler_step"] - before == 10  # one launch per step
+        assert ops.kernel_launches["sampler_step"] - before == 10  # one launch per step
     with _backend(backend_name):
         b = sampler.sample(model, (2, 4, 6, 6), cond=cond, uncond=uncond, guidance_scale=3.0, seed=1, progress=False)
         c = sampler.sample(model, (2, 4, 6, 6), cond=cond, uncond=uncond, guidance_scale=3.0, seed=2, progress=False)

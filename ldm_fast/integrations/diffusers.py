@@ -20,20 +20,34 @@ into ``heads``; q/k norms other than the per-head ones (``LayerNorm``/``RMSNorm`
 (the scale is ``D**-0.5``), ``upcast_attention`` and ``upcast_softmax`` (the kernel's softmax
 runs in fp32).
 
+The rest of ldm_fast's diffusers knowledge lives here too, for :func:`ldm_fast.optimize`: which
+attention processors it may replace (:func:`attention_swap_refused`), and the fused
+``ResnetBlock2D`` forward (:class:`FusedResnetForward`, applied only to the diffusers forward it
+reproduces, checked by :func:`resnet_block_unfusable`).
+
 diffusers is imported only to emit its deprecation warning for the ``scale`` argument; importing
 this module does not import it.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import ast
+import hashlib
+import inspect
+import math
+import sys
+import textwrap
+import weakref
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .. import backend, functional
 
-__all__ = ["AttnProcessor"]
+__all__ = ["AttnProcessor", "FusedResnetForward", "attention_swap_refused", "is_diffusers_class",
+           "resnet_block_unfusable"]
 
 _SCALE_DEPRECATION = (
     "The `scale` argument is deprecated and will be ignored. Please remove it, as passing it will raise an error "
@@ -190,3 +204,167 @@ class AttnProcessor:
             and key.shape[1] == value.shape[1]
             and _rowwise_norm(attn.norm_q, head_dim) and _rowwise_norm(attn.norm_k, head_dim)
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# what ldm_fast.optimize knows of diffusers
+
+
+def is_diffusers_class(module: nn.Module, name: str) -> bool:
+    cls = type(module)
+    return cls.__name__ == name and (cls.__module__ or "").startswith("diffusers.")
+
+
+# The ResnetBlock2D.forward sources (sha256 of the AST dump, so formatting and comments do not
+# matter) that FusedResnetForward reproduces: diffusers 0.42.
+_RESNET_FORWARD_AST_SHA256 = {
+    "c33728fbb237b59e99dd24791db1920b1269b7ec3b67122f8feefa028cf56ecb",  # diffusers 0.42.1
+}
+
+
+_AST_SHA256: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # function -> digest (no leak)
+
+
+def _function_ast_sha256(fn) -> Optional[str]:
+    if fn not in _AST_SHA256:
+        try:
+            source = textwrap.dedent(inspect.getsource(fn))
+            _AST_SHA256[fn] = hashlib.sha256(ast.dump(ast.parse(source)).encode()).hexdigest()
+        except (OSError, TypeError, SyntaxError):
+            _AST_SHA256[fn] = None
+    return _AST_SHA256[fn]
+
+
+class FusedResnetForward:
+    """diffusers 0.42 ``ResnetBlock2D.forward``, statement for statement, except that a fused norm
+    (``norm1``; ``norm2`` when ``fuse_norm2``) applies the SiLU itself (``activation="silu"``), so
+    ``nonlinearity`` is not called after it. Installed as the block's instance-level ``forward``."""
+
+    def __init__(self, block: nn.Module, fuse_norm1: bool, fuse_norm2: bool) -> None:
+        self.block = block
+        self.fuse_norm1 = fuse_norm1
+        self.fuse_norm2 = fuse_norm2
+
+    def __repr__(self) -> str:
+        return (f"<ldm_fast fused ResnetBlock2D.forward: norm1 fused={self.fuse_norm1}, "
+                f"norm2 fused={self.fuse_norm2}>")
+
+    def __call__(self, input_tensor: torch.Tensor, temb: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        self_ = self.block
+        if len(args) > 0 or kwargs.get("scale", None) is not None:
+            deprecate = sys.modules[type(self_).__module__].deprecate
+            deprecate("scale", "1.0.0", _SCALE_DEPRECATION)
+
+        hidden_states = input_tensor
+
+        hidden_states = self_.norm1(hidden_states)
+        if not self.fuse_norm1:
+            hidden_states = self_.nonlinearity(hidden_states)
+
+        if self_.upsample is not None:
+            # upsample_nearest_nhwc fails with large batch sizes. see https://github.com/huggingface/diffusers/issues/984
+            if hidden_states.shape[0] >= 64:
+                input_tensor = input_tensor.contiguous()
+                hidden_states = hidden_states.contiguous()
+            input_tensor = self_.upsample(input_tensor)
+            hidden_states = self_.upsample(hidden_states)
+        elif self_.downsample is not None:
+            input_tensor = self_.downsample(input_tensor)
+            hidden_states = self_.downsample(hidden_states)
+
+        hidden_states = self_.conv1(hidden_states)
+
+        if self_.time_emb_proj is not None:
+            if not self_.skip_time_act:
+                temb = self_.nonlinearity(temb)
+            temb = self_.time_emb_proj(temb)[:, :, None, None]
+
+        fused2 = False
+        if self_.time_embedding_norm == "default":
+            if temb is not None:
+                hidden_states = hidden_states + temb
+            hidden_states = self_.norm2(hidden_states)
+            fused2 = self.fuse_norm2
+        elif self_.time_embedding_norm == "scale_shift":
+            if temb is None:
+                raise ValueError(
+                    f" `temb` should not be None when `time_embedding_norm` is {self_.time_embedding_norm}"
+                )
+            if self.fuse_norm2:  # fused for another time_embedding_norm: never apply the SiLU before the modulation
+                raise RuntimeError("ldm_fast.optimize fused this ResnetBlock2D's norm2 when its time_embedding_norm "
+                                   "was not 'scale_shift'; it was changed since: call ldm_fast.restore first")
+            time_scale, time_shift = torch.chunk(temb, 2, dim=1)
+            hidden_states = self_.norm2(hidden_states)
+            hidden_states = hidden_states * (1 + time_scale) + time_shift
+        else:
+            hidden_states = self_.norm2(hidden_states)
+            fused2 = self.fuse_norm2
+
+        if not fused2:
+            hidden_states = self_.nonlinearity(hidden_states)
+
+        hidden_states = self_.dropout(hidden_states)
+        hidden_states = self_.conv2(hidden_states)
+
+        if self_.conv_shortcut is not None:
+            # Only use contiguous() during training to avoid DDP gradient stride mismatch warning.
+            if self_.training:
+                input_tensor = input_tensor.contiguous()
+            input_tensor = self_.conv_shortcut(input_tensor)
+
+        output_tensor = (input_tensor + hidden_states) / self_.output_scale_factor
+
+        return output_tensor
+
+
+def resnet_block_unfusable(block: nn.Module) -> Optional[str]:
+    """None when FusedResnetForward expresses ``block`` exactly, else why not."""
+    cls = type(block)
+    digest = _function_ast_sha256(cls.forward)
+    if digest is None:
+        return f"the source of {cls.__qualname__}.forward is not available to check"
+    if digest not in _RESNET_FORWARD_AST_SHA256:
+        return (f"{cls.__module__}.{cls.__qualname__}.forward differs from the diffusers 0.42 forward "
+                f"ldm_fast reproduces (AST sha256 {digest[:12]}...)")
+    if "forward" in block.__dict__:
+        return "the block has an instance-level forward (e.g. an accelerate hook)"
+    act = getattr(block, "nonlinearity", None)
+    if type(act) is not nn.SiLU:
+        return f"its nonlinearity is {type(act).__name__}, not nn.SiLU"
+    if act._forward_hooks or act._forward_pre_hooks or "forward" in act.__dict__:
+        return "its nonlinearity module has hooks or an instance-level forward (it would be called less often)"
+    if not isinstance(getattr(block, "time_embedding_norm", None), str):
+        return f"time_embedding_norm={getattr(block, 'time_embedding_norm', None)!r} is not a string"
+    return None
+
+
+#: diffusers' default processors (``diffusers.models.attention_processor``) that the ldm_fast
+#: AttnProcessor replaces: it is AttnProcessor2_0 statement for statement; AttnProcessor computes
+#: the same math with baddbmm/softmax/bmm (and honours attn.scale, checked before the swap).
+_DIFFUSERS_DEFAULT_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor")
+_DIFFUSERS_PROCESSOR_MODULE = "diffusers.models.attention_processor"
+
+
+def attention_swap_refused(attn: nn.Module, processor: Any) -> Optional[str]:
+    """None when ``attn``'s processor (its ``processor`` attribute; None: it has none) may become the
+    ldm_fast AttnProcessor, else why not."""
+    if processor is None:
+        held = attn._modules.get("processor")
+        if held is not None:
+            return (f"its processor {type(held).__module__}.{type(held).__qualname__} is an nn.Module "
+                    "(trained weights of its own, e.g. IP-Adapter): it computes its own attention")
+        return "it has no processor attribute"
+    cls = type(processor)
+    if cls is AttnProcessor:
+        return "its processor already is ldm_fast's AttnProcessor"
+    if cls.__name__ not in _DIFFUSERS_DEFAULT_PROCESSORS or cls.__module__ != _DIFFUSERS_PROCESSOR_MODULE:
+        return (f"a custom processor {cls.__module__}.{cls.__qualname__} (not diffusers' default "
+                f"{' or '.join(_DIFFUSERS_DEFAULT_PROCESSORS)}): it computes its own attention")
+    if cls.__name__ == "AttnProcessor":
+        heads, inner = getattr(attn, "heads", None), getattr(attn, "inner_dim", None)
+        scale = getattr(attn, "scale", None)
+        if not (isinstance(heads, int) and isinstance(inner, int) and heads > 0 and inner % heads == 0
+                and isinstance(scale, float) and math.isclose(scale, (inner // heads) ** -0.5, rel_tol=1e-12)):
+            return (f"AttnProcessor with attn.scale={scale!r} (e.g. scale_qk=False), not D**-0.5 as "
+                    "ldm_fast's processor (like AttnProcessor2_0) computes")
+    return None

@@ -1,0 +1,161 @@
+"""``ldm_fast.optimize(model)`` and ``ldm_fast.restore(model)``: the pass list, the context the
+passes share, and the bookkeeping that makes restore exact."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+from torch import nn
+
+from .cuda_graph import _cuda_graph_pass
+from .passes import _attention_pass, _channels_last_pass, _group_norm_pass, _silu_fusion_pass
+from .report import OptimizeReport, ReportItem
+from .undo import _STATE_ATTR, _State
+
+
+@dataclass
+class Context:
+    model: nn.Module
+    options: Dict[str, bool]
+    report: OptimizeReport
+    records: list
+    paths: Dict[int, str]  # id(module) -> its first path
+    uses: Counter  # id(module) -> how many places in the module tree hold it
+
+    def path(self, module: nn.Module) -> str:
+        return self.paths.get(id(module)) or "<root>"
+
+    def record(self, rec) -> None:
+        self.records.append(rec)
+
+    def changed(self, module: nn.Module, what: str) -> None:
+        self.report.changed.append(ReportItem(self.path(module), what))
+
+    def left(self, module: nn.Module, what: str, reason: str) -> None:
+        """Report ``module`` as left as is; only the first reason per module (the root cause: a
+        GroupNorm a pass could not convert is not reported again by the fusion it blocks)."""
+        path = self.path(module)
+        if all(item.path != path for item in self.report.left):
+            self.report.left.append(ReportItem(path, what, reason))
+
+    def modules(self):
+        """Every distinct module, in ``named_modules`` order."""
+        seen = set()
+        for _, module in self.model.named_modules(remove_duplicate=False):
+            if id(module) not in seen:
+                seen.add(id(module))
+                yield module
+
+
+@dataclass
+class Pass:
+    """One optimization: ``run(ctx)`` changes the model, appends undo records with ``ctx.record``
+    and reports with ``ctx.changed``/``ctx.left``/``ctx.report.notes``; it runs when
+    ``enabled(options)`` is true. Append a Pass to :data:`PASSES` (and an option to :func:`optimize`)
+    to add an optimization."""
+
+    name: str
+    enabled: Callable[[Dict[str, bool]], bool]
+    run: Callable[[Context], None]
+
+
+#: The passes :func:`optimize` runs, in order.
+PASSES: List[Pass] = [
+    Pass("group_norm", lambda o: o["group_norm"], _group_norm_pass),
+    Pass("silu_fusion", lambda o: o["group_norm"], _silu_fusion_pass),
+    Pass("channels_last", lambda o: o["channels_last"], _channels_last_pass),
+    Pass("attention", lambda o: o["attention"], _attention_pass),
+    Pass("cuda_graph", lambda o: o["cuda_graph"], _cuda_graph_pass),
+]
+
+
+def optimize(model: nn.Module, *, group_norm: bool = True, channels_last: bool = False,
+             cuda_graph: bool = False, attention: bool = False) -> OptimizeReport:
+    """Optimize ``model`` in place for the ldm_fast kernels; return an :class:`OptimizeReport`.
+
+    Works on any ``nn.Module`` (diffusers ``UNet2DConditionModel``, ``AutoencoderKL``, CompVis
+    U-Nets, your own): module objects, Parameter objects, state dict keys, forward hooks,
+    optimizers and adapters stay valid.
+
+    - ``group_norm``: plain ``nn.GroupNorm`` (and CompVis ``GroupNorm32``) modules run the ldm_fast
+      kernels, and GroupNorm followed by SiLU is fused where exact (diffusers ``ResnetBlock2D``,
+      ``nn.Sequential(GroupNorm, SiLU, ...)``). With the default backend a CPU model computes
+      exactly what it did (the eager reference); on CUDA the kernels' fp32-statistics results.
+    - ``channels_last``: 4-d parameters and buffers stored ``torch.channels_last``.
+    - ``attention``: diffusers ``Attention`` modules with the default processor get
+      :class:`ldm_fast.integrations.diffusers.AttnProcessor` (:func:`ldm_fast.functional.attention`
+      on the ``[B, N, heads * D]`` projections; exact ``AttnProcessor2_0`` otherwise). Off by
+      default: ``impl="auto"`` routes to SDPA until a GPU measurement says the Triton kernel is
+      faster, so the swap saves only the transposes and copies around SDPA for now.
+    - ``cuda_graph``: ``model.forward`` served by a per-signature CUDA graph cache
+      (:class:`CUDAGraphForward`), for inference.
+
+    Raises ``TypeError`` for a non-module or non-bool option, and ``RuntimeError`` if ``model`` (or
+    one of its submodules) is already optimized: optimize is not idempotent; call
+    :func:`restore` first to change the options. If a pass fails, what was done is undone and the
+    error propagates. See the module docstring for each pass's rules.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    options = {"group_norm": group_norm, "channels_last": channels_last, "attention": attention,
+               "cuda_graph": cuda_graph}
+    for name, value in options.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    paths: Dict[int, str] = {}
+    uses: Counter = Counter()
+    for name, module in model.named_modules(remove_duplicate=False):
+        uses[id(module)] += 1
+        paths.setdefault(id(module), name)
+        if _STATE_ATTR in module.__dict__:
+            where = "model" if module is model else f"its submodule {name!r}"
+            raise RuntimeError(
+                f"ldm_fast.optimize: the {where} is already optimized (optimize is not idempotent); "
+                "call ldm_fast.restore() on it first to optimize again with other options"
+            )
+    report = OptimizeReport(type(model).__name__, dict(options))
+    ctx = Context(model, options, report, [], paths, uses)
+    try:
+        for p in PASSES:
+            if p.enabled(options):
+                p.run(ctx)
+            elif p.name != "silu_fusion":
+                report.notes.append(f"{p.name}: off")
+    except BaseException:
+        for rec in reversed(ctx.records):
+            rec.undo()
+        raise
+    model.__dict__[_STATE_ATTR] = _State(report, ctx.records)
+    return report
+
+
+def restore(model: nn.Module) -> nn.Module:
+    """Undo :func:`optimize` on ``model`` exactly: the original module classes, forwards, Sequential
+    entries (the original SiLU objects), attention processor objects and memory formats; returns ``model``.
+
+    Raises ``ValueError`` if ``model`` was never optimized (or was already restored), or if a change
+    optimize made was itself replaced afterwards (then nothing is undone; the message says what).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    state = model.__dict__.get(_STATE_ATTR)
+    if state is None:
+        raise ValueError(
+            f"ldm_fast.restore: this {type(model).__name__} was not optimized by ldm_fast.optimize "
+            "(or was already restored)"
+        )
+    conflicts = [msg for msg in (rec.conflict() for rec in state.records) if msg]
+    if conflicts:
+        raise ValueError("ldm_fast.restore: cannot undo exactly, nothing was changed: " + "; ".join(conflicts))
+    for rec in reversed(state.records):
+        rec.undo()
+    del model.__dict__[_STATE_ATTR]
+    return model
+
+
+def report_of(model: nn.Module) -> Optional[OptimizeReport]:
+    """The report of the :func:`optimize` call in effect on ``model``, or None."""
+    state = model.__dict__.get(_STATE_ATTR)
+    return None if state is None else state.report

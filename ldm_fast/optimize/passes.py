@@ -1,0 +1,286 @@
+"""The passes of :func:`ldm_fast.optimize` that change modules: ``group_norm`` (class swap),
+``silu_fusion`` (GroupNorm+SiLU), ``channels_last`` and ``attention`` (processor swap). Each is
+``run(ctx)`` on an :class:`~ldm_fast.optimize.api.Context`: it changes the model, records undo
+records and reports what it changed and what it left, with the reason. (``cuda_graph`` is in
+:mod:`ldm_fast.optimize.cuda_graph`.)"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import inspect
+import textwrap
+import weakref
+from typing import TYPE_CHECKING, Any, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .. import nn as ldm_nn
+from ..integrations.diffusers import AttnProcessor as _LdmAttnProcessor
+from ..integrations.diffusers import FusedResnetForward, attention_swap_refused, is_diffusers_class, resnet_block_unfusable
+from .report import (ATTENTION, CHANNELS_LAST, FUSED, GROUP_NORM, GROUP_NORM32, RESNET_FORWARD, SEQUENTIAL_SILU,
+                     ReportItem)
+from .undo import _MISSING, _Restride, _SetAttr, _SetChild, _SetClass
+
+if TYPE_CHECKING:
+    from .api import Context as _Context
+
+
+# --- group_norm ------------------------------------------------------------------------------
+
+
+def _has_instance_forward(module: nn.Module) -> bool:
+    return "forward" in module.__dict__
+
+
+def _forward_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks)
+
+
+def _any_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+_GROUP_NORM32_ALLOWED = {"forward", "__init__", "extra_repr"}
+
+
+_COMPVIS_GROUP_NORM32: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # class -> answer (no leak)
+
+
+def _is_compvis_group_norm32(cls: type) -> bool:
+    """Cached :func:`_compvis_group_norm32` (weakly: a class seen is not kept alive)."""
+    if cls not in _COMPVIS_GROUP_NORM32:
+        _COMPVIS_GROUP_NORM32[cls] = _compvis_group_norm32(cls)
+    return _COMPVIS_GROUP_NORM32[cls]
+
+
+def _compvis_group_norm32(cls: type) -> bool:
+    """``cls`` is the CompVis ``GroupNorm32``: a direct nn.GroupNorm subclass named GroupNorm32 that
+    overrides only forward (and __init__/extra_repr), forward being exactly
+    ``def forward(self, x): return super().forward(x.float()).type(x.dtype)``."""
+    if cls.__name__ != "GroupNorm32" or cls.__mro__[1] is not nn.GroupNorm:
+        return False
+    for name, value in vars(cls).items():
+        if name in _GROUP_NORM32_ALLOWED:
+            continue
+        if inspect.isfunction(value) or isinstance(value, (property, staticmethod, classmethod)):
+            return False
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
+    except (OSError, TypeError, SyntaxError):
+        return False
+    if len(tree.body) != 1 or not isinstance(tree.body[0], ast.FunctionDef):
+        return False
+    fn = tree.body[0]
+    args = fn.args
+    if (fn.decorator_list or len(args.args) != 2 or args.vararg or args.kwarg or args.kwonlyargs
+            or args.defaults or getattr(args, "posonlyargs", [])):
+        return False
+    body = fn.body
+    if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant):
+        body = body[1:]  # docstring
+    if len(body) != 1:
+        return False
+    x = args.args[1].arg
+    expected = ast.parse(f"return super().forward({x}.float()).type({x}.dtype)").body[0]
+    return ast.dump(body[0]) == ast.dump(expected)
+
+
+@functools.lru_cache(maxsize=None)
+def _unknown_state(new: type) -> Tuple[str, ...]:
+    """What an instance of ``new`` (an ldm_fast GroupNorm class) holds beyond a torch GroupNorm and
+    its ``activation``: a class swap cannot set it up, so a non-empty answer stops the pass."""
+    with torch.device("meta"):
+        ours, torchs = new(2, 2), nn.GroupNorm(2, 2)
+    extra = set(ours.__dict__) - set(torchs.__dict__) - {"activation"}
+    for name in ("_parameters", "_buffers", "_modules"):
+        extra |= {f"{name}[{k!r}]" for k in set(getattr(ours, name)) ^ set(getattr(torchs, name))}
+    return tuple(sorted(extra))
+
+
+def _group_norm_pass(ctx: _Context) -> None:
+    for module in ctx.modules():
+        if not isinstance(module, nn.GroupNorm):
+            continue
+        cls = type(module)
+        if cls in (ldm_nn.GroupNorm, ldm_nn.GroupNorm32):
+            ctx.left(module, cls.__name__, "already an ldm_fast GroupNorm")
+            continue
+        if cls is nn.GroupNorm:
+            new, what = ldm_nn.GroupNorm, GROUP_NORM
+        elif _is_compvis_group_norm32(cls):
+            new, what = ldm_nn.GroupNorm32, GROUP_NORM32
+        else:
+            ctx.left(module, cls.__name__,
+                     f"a GroupNorm subclass ({cls.__module__}.{cls.__qualname__}) whose forward is not known")
+            continue
+        if _has_instance_forward(module):
+            ctx.left(module, cls.__name__, "has an instance-level forward (e.g. an accelerate hook)")
+            continue
+        unknown = _unknown_state(new)
+        if unknown:
+            ctx.left(module, cls.__name__, f"ldm_fast.nn.{new.__name__} holds state a class swap cannot set up: "
+                                           f"{', '.join(unknown)}")
+            continue
+        ctx.record(_SetAttr(module, "activation", module.__dict__.get("activation", _MISSING)))
+        module.__dict__["activation"] = None
+        ctx.record(_SetClass(module, cls, new))
+        module.__class__ = new
+        ctx.changed(module, what)
+
+
+# --- silu fusion -----------------------------------------------------------------------------
+
+
+def _fusable_norm(ctx: _Context, norm: Any) -> Optional[str]:
+    """None when ``norm`` can take ``activation="silu"``, else why not."""
+    if type(norm) not in (ldm_nn.GroupNorm, ldm_nn.GroupNorm32):
+        return f"the norm is a {type(norm).__name__}, not a GroupNorm converted by the group_norm pass"
+    if norm.__dict__.get("activation") is not None:
+        return f"the norm already has activation={norm.activation!r}"
+    if _has_instance_forward(norm):
+        return "the norm has an instance-level forward"
+    if _forward_hooks(norm):
+        return "the norm has forward hooks (fused, they would see the output after the SiLU)"
+    if ctx.uses[id(norm)] > 1:
+        return "the norm module is shared (held at several places in the model)"
+    return None
+
+
+def _set_silu(ctx: _Context, norm: nn.Module) -> None:
+    ctx.record(_SetAttr(norm, "activation", norm.__dict__.get("activation", _MISSING)))
+    norm.__dict__["activation"] = "silu"
+    ctx.changed(norm, FUSED)
+
+
+def _global_hooks() -> bool:
+    """Whether global module hooks (``register_module_forward_hook`` & co.) are registered: fusion
+    would change what they see, so it is skipped then."""
+    module = torch.nn.modules.module
+    return any(bool(getattr(module, name, None)) for name in
+               ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_forward_hooks_always_called"))
+
+
+def _silu_fusion_pass(ctx: _Context) -> None:
+    if _global_hooks():
+        ctx.report.notes.append("silu_fusion: skipped: global module forward hooks are registered")
+        return
+    for module in list(ctx.modules()):
+        if is_diffusers_class(module, "ResnetBlock2D"):
+            _fuse_resnet_block(ctx, module)
+        elif isinstance(module, nn.Sequential):
+            _fuse_sequential(ctx, module)
+
+
+def _fuse_resnet_block(ctx: _Context, block: nn.Module) -> None:
+    reason = resnet_block_unfusable(block)
+    if reason is not None:
+        ctx.left(block, "ResnetBlock2D (GroupNorm+SiLU fusion)", reason)
+        return
+    fuse1_reason = _fusable_norm(ctx, block.norm1)
+    if block.time_embedding_norm == "scale_shift":
+        fuse2_reason = "time_embedding_norm='scale_shift' modulates between norm2 and the SiLU"
+    else:
+        fuse2_reason = _fusable_norm(ctx, block.norm2)
+    for name, why in (("norm1", fuse1_reason), ("norm2", fuse2_reason)):
+        if why is not None:
+            ctx.left(getattr(block, name), "GroupNorm+SiLU fusion", why)
+    if fuse1_reason is not None and fuse2_reason is not None:
+        return
+    if fuse1_reason is None:
+        _set_silu(ctx, block.norm1)
+    if fuse2_reason is None:
+        _set_silu(ctx, block.norm2)
+    forward = FusedResnetForward(block, fuse1_reason is None, fuse2_reason is None)
+    ctx.record(_SetAttr(block, "forward", block.__dict__.get("forward", _MISSING), forward))
+    block.__dict__["forward"] = forward
+    ctx.changed(block, RESNET_FORWARD)
+
+
+def _fuse_sequential(ctx: _Context, seq: nn.Sequential) -> None:
+    if type(seq).forward is not nn.Sequential.forward or _has_instance_forward(seq):
+        return
+    keys = list(seq._modules.keys())
+    i = 0
+    while i + 1 < len(keys):
+        norm, act = seq._modules[keys[i]], seq._modules[keys[i + 1]]
+        if isinstance(norm, nn.GroupNorm) and type(act) is nn.SiLU:
+            why = _fusable_norm(ctx, norm)
+            if why is None and (_any_hooks(act) or _has_instance_forward(act)):
+                why = "the SiLU module has hooks or an instance-level forward (it would not be called)"
+            if why is not None:
+                ctx.left(norm, "GroupNorm+SiLU fusion", why)
+            else:
+                _set_silu(ctx, norm)
+                identity = nn.Identity()
+                ctx.record(_SetChild(seq, keys[i + 1], act, identity))
+                seq._modules[keys[i + 1]] = identity
+                ctx.report.changed.append(ReportItem(_join(ctx.path(seq), keys[i + 1]), SEQUENTIAL_SILU))
+                i += 2
+                continue
+        i += 1
+
+
+def _join(prefix: str, name: str) -> str:
+    return name if prefix in ("", "<root>") else f"{prefix}.{name}"
+
+
+# --- channels_last ---------------------------------------------------------------------------
+
+
+def _channels_last_pass(ctx: _Context) -> None:
+    converted = 0
+    seen = set()
+    with torch.no_grad():
+        for module in ctx.modules():
+            for kind in ("_parameters", "_buffers"):
+                for name, tensor in getattr(module, kind).items():
+                    if tensor is None or tensor.dim() not in (4, 5) or id(tensor) in seen:
+                        continue
+                    seen.add(id(tensor))
+                    fmt = torch.channels_last if tensor.dim() == 4 else torch.channels_last_3d
+                    new = tensor.data.contiguous(memory_format=fmt)
+                    if new.stride() == tensor.stride():
+                        continue
+                    ctx.record(_Restride(module, name, tuple(tensor.shape), tuple(tensor.stride())))
+                    tensor.data = new
+                    if tensor.grad is not None:
+                        tensor.grad = tensor.grad.contiguous(memory_format=fmt)
+                    converted += 1
+    if converted:
+        ctx.report.changed.append(ReportItem("<root>", CHANNELS_LAST))
+        ctx.report.notes.append(
+            f"channels_last: {converted} 4-d/5-d parameters and buffers stored channels-last (same Parameter objects)"
+        )
+    else:
+        ctx.report.notes.append("channels_last: nothing to convert (no 4-d/5-d parameters or buffers not yet channels-last)")
+
+
+# --- attention -------------------------------------------------------------------------------
+
+
+def _attention_pass(ctx: _Context) -> None:
+    processor = _LdmAttnProcessor()  # stateless: one instance serves every Attention
+    swapped = 0
+    for module in ctx.modules():
+        if not is_diffusers_class(module, "Attention"):
+            cls = type(module)
+            if ((cls.__module__ or "").startswith("diffusers.") and cls.__name__.endswith("Attention")
+                    and ("processor" in module.__dict__ or "processor" in module._modules)):
+                ctx.left(module, cls.__name__, f"{cls.__module__}.{cls.__qualname__} is not diffusers' Attention "
+                                               "(its processors are not the ones ldm_fast reproduces)")
+            continue
+        old = module.__dict__.get("processor", _MISSING)
+        reason = attention_swap_refused(module, None if old is _MISSING else old)
+        if reason is not None:
+            ctx.left(module, "Attention processor", reason)
+            continue
+        ctx.record(_SetAttr(module, "processor", old, processor))
+        module.__dict__["processor"] = processor
+        ctx.changed(module, ATTENTION)
+        swapped += 1
+    ctx.report.notes.append(
+        f"attention: {swapped} diffusers Attention modules run ldm_fast.functional.attention (impl 'auto': SDPA "
+        "unless a GPU measurement says the Triton kernel is faster; LDM_FAST_ATTENTION overrides)"
+    )
