@@ -3,12 +3,14 @@ passes share, and the bookkeeping that makes restore exact."""
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 from torch import nn
 
+from .. import backend
 from .cuda_graph import _cuda_graph_pass
 from .passes import _attention_pass, _channels_last_pass, _group_norm_pass, _silu_fusion_pass
 from .report import OptimizeReport, ReportItem
@@ -77,7 +79,11 @@ def optimize(model: nn.Module, *, group_norm: bool = True, channels_last: bool =
 
     Works on any ``nn.Module`` (diffusers ``UNet2DConditionModel``, ``AutoencoderKL``, CompVis
     U-Nets, your own): module objects, Parameter objects, state dict keys, forward hooks,
-    optimizers and adapters stay valid.
+    optimizers and adapters stay valid. A diffusers pipeline (an object with ``.unet`` and/or
+    ``.vae``) has its U-Net optimized with the options given and its VAE decoder with GroupNorm
+    (+SiLU) fusion only (NCHW, no graph: ``decode`` is not ``forward``), in one report;
+    ``restore(pipe)`` undoes both. The report's last note says which backend will run: on a CPU
+    the fused modules run the eager reference (the same results, no speed-up).
 
     - ``group_norm``: plain ``nn.GroupNorm`` (and CompVis ``GroupNorm32``) modules run the ldm_fast
       kernels, and GroupNorm followed by SiLU is fused where exact (diffusers ``ResnetBlock2D``,
@@ -97,13 +103,16 @@ def optimize(model: nn.Module, *, group_norm: bool = True, channels_last: bool =
     :func:`restore` first to change the options. If a pass fails, what was done is undone and the
     error propagates. See the module docstring for each pass's rules.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     options = {"group_norm": group_norm, "channels_last": channels_last, "attention": attention,
                "cuda_graph": cuda_graph}
     for name, value in options.items():
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    if not isinstance(model, nn.Module):
+        if _pipeline_parts(model):
+            return _optimize_pipeline(model, options)
+        raise TypeError(f"model must be a torch.nn.Module or a diffusers pipeline (with .unet/.vae), "
+                        f"got {type(model).__name__}")
     paths: Dict[int, str] = {}
     uses: Counter = Counter()
     for name, module in model.named_modules(remove_duplicate=False):
@@ -127,8 +136,71 @@ def optimize(model: nn.Module, *, group_norm: bool = True, channels_last: bool =
         for rec in reversed(ctx.records):
             rec.undo()
         raise
+    report.notes.append(_backend_note(model))
     model.__dict__[_STATE_ATTR] = _State(report, ctx.records)
     return report
+
+
+def _backend_note(model: nn.Module) -> str:
+    """Which implementation the fused modules will run, for the report: no speed-up without a GPU."""
+    devices = {t.device.type for t in itertools.chain(model.parameters(), model.buffers())}
+    asked = backend.requested()
+    if asked == "eager" or not backend.triton_available():
+        why = "LDM_FAST_BACKEND=eager" if asked == "eager" else "triton is not installed"
+        return f"backend: the eager reference runs ({why}): the model computes as before, no speed-up"
+    if devices and devices <= {"cuda"}:
+        return "backend: the Triton kernels run (the model is on CUDA)"
+    where = ", ".join(sorted(devices)) or "no parameters"
+    return (f"backend: the model is on {where}: its fused modules run the eager reference there (the same "
+            "results, no speed-up); the Triton kernels run once the model and its inputs are on a CUDA GPU")
+
+
+#: The components of a diffusers pipeline optimize() takes, with the options each gets: the U-Net
+#: with the caller's options; the VAE's decoder with GroupNorm (+SiLU) fusion only (NCHW is faster
+#: there, and decode() is not forward(), so no CUDA graph).
+_PIPELINE_PARTS = ("unet", "vae.decoder")
+
+
+def _pipeline_parts(pipe) -> List[str]:
+    parts = []
+    for name in _PIPELINE_PARTS:
+        obj = pipe
+        for attr in name.split("."):
+            obj = getattr(obj, attr, None)
+        if isinstance(obj, nn.Module):
+            parts.append(name)
+    return parts
+
+
+def _get(pipe, name: str) -> nn.Module:
+    for attr in name.split("."):
+        pipe = getattr(pipe, attr)
+    return pipe
+
+
+def _optimize_pipeline(pipe, options: Dict[str, bool]) -> OptimizeReport:
+    """optimize() on a diffusers pipeline: its U-Net (the options given) and its VAE decoder
+    (group_norm only); one report whose paths start with the component's name."""
+    report = OptimizeReport(type(pipe).__name__, dict(options))
+    done: List[nn.Module] = []
+    try:
+        for name in _pipeline_parts(pipe):
+            part_options = options if name == "unet" else {"group_norm": options["group_norm"]}
+            part = _get(pipe, name)
+            sub = optimize(part, **part_options)
+            done.append(part)
+            report.changed += [item._replace(path=_prefixed(name, item.path)) for item in sub.changed]
+            report.left += [item._replace(path=_prefixed(name, item.path)) for item in sub.left]
+            report.notes += [f"{name}: {note}" for note in sub.notes]
+    except BaseException:
+        for part in reversed(done):
+            restore(part)
+        raise
+    return report
+
+
+def _prefixed(name: str, path: str) -> str:
+    return name if path in ("", "<root>") else f"{name}.{path}"
 
 
 def restore(model: nn.Module) -> nn.Module:
@@ -139,7 +211,14 @@ def restore(model: nn.Module) -> nn.Module:
     optimize made was itself replaced afterwards (then nothing is undone; the message says what).
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        parts = [_get(model, name) for name in _pipeline_parts(model)]
+        optimized = [part for part in parts if _STATE_ATTR in part.__dict__]
+        if not optimized:
+            raise (ValueError if parts else TypeError)(
+                f"ldm_fast.restore: {type(model).__name__} is not an optimized torch.nn.Module or diffusers pipeline")
+        for part in optimized:
+            restore(part)
+        return model
     state = model.__dict__.get(_STATE_ATTR)
     if state is None:
         raise ValueError(

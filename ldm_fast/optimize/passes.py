@@ -166,11 +166,17 @@ def _silu_fusion_pass(ctx: _Context) -> None:
     if _global_hooks():
         ctx.report.notes.append("silu_fusion: skipped: global module forward hooks are registered")
         return
-    for module in list(ctx.modules()):
+    modules = list(ctx.modules())
+    holders: dict = {}  # id(child) -> [(parent, attribute name)]
+    for module in modules:
+        for name, child in module._modules.items():
+            if child is not None:
+                holders.setdefault(id(child), []).append((module, name))
+    for module in modules:
         if is_diffusers_class(module, "ResnetBlock2D"):
             _fuse_resnet_block(ctx, module)
         elif isinstance(module, nn.Sequential):
-            _fuse_sequential(ctx, module)
+            _fuse_sequential(ctx, module, holders.get(id(module), []))
 
 
 def _fuse_resnet_block(ctx: _Context, block: nn.Module) -> None:
@@ -198,15 +204,79 @@ def _fuse_resnet_block(ctx: _Context, block: nn.Module) -> None:
     ctx.changed(block, RESNET_FORWARD)
 
 
-def _fuse_sequential(ctx: _Context, seq: nn.Sequential) -> None:
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _split_positions(parent: nn.Module, name: str, length: int) -> Optional[set]:
+    """The pairs ``(i, i + 1)`` of ``parent.<name>`` (a Sequential of ``length`` entries) that the
+    parent's code calls apart, as the set of their ``i``: the source of the parent's class (and its
+    bases below nn.Module) indexed with ``self.<name>[k]`` or sliced ``self.<name>[a:b]`` (CompVis'
+    ``ResBlock`` with ``use_scale_shift_norm`` calls ``out_layers[0]``, modulates, then
+    ``out_layers[1:]``). None when it cannot be known (no source; a computed index; iteration)."""
+    if isinstance(parent, _CONTAINERS):
+        return set()  # a container calls its entries whole (Sequential) or holds them (lists, dicts)
+    split: set = set()
+    for cls in type(parent).__mro__:
+        if cls in (nn.Module, object) or (cls.__module__ or "").startswith("torch."):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+        except (OSError, TypeError, SyntaxError):
+            return None
+        for node in ast.walk(tree):
+            target = node.value if isinstance(node, ast.Subscript) else node.iter if isinstance(node, ast.For) else None
+            if not (isinstance(target, ast.Attribute) and target.attr == name
+                    and isinstance(target.value, ast.Name) and target.value.id == "self"):
+                continue
+            if isinstance(node, ast.For):
+                return None
+            taken = _constant_positions(node.slice, length)
+            if taken is None:
+                return None
+            split |= {i for i in range(length - 1) if (i in taken) != (i + 1 in taken)}
+    return split
+
+
+def _constant_positions(index: ast.AST, length: int) -> Optional[range]:
+    """The positions a constant index or slice takes from a sequence of ``length``; None otherwise."""
+    def value(node):
+        if node is None:
+            return None
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub) and isinstance(node.operand, ast.Constant):
+            return -node.operand.value
+        raise ValueError
+    try:
+        if isinstance(index, ast.Slice):
+            if index.step is not None:
+                return None
+            return range(length)[slice(value(index.lower), value(index.upper))]
+        k = value(index)
+    except ValueError:
+        return None
+    k = k + length if k < 0 else k
+    return range(k, k + 1)
+
+
+def _fuse_sequential(ctx: _Context, seq: nn.Sequential, holders: list) -> None:
     if type(seq).forward is not nn.Sequential.forward or _has_instance_forward(seq):
         return
     keys = list(seq._modules.keys())
+    split: Optional[set] = set()
+    for parent, name in holders:
+        apart = _split_positions(parent, name, len(keys))
+        split = None if apart is None or split is None else split | apart
     i = 0
     while i + 1 < len(keys):
         norm, act = seq._modules[keys[i]], seq._modules[keys[i + 1]]
         if isinstance(norm, nn.GroupNorm) and type(act) is nn.SiLU:
             why = _fusable_norm(ctx, norm)
+            if why is None and (split is None or i in split):
+                why = ("the code holding this Sequential calls the GroupNorm and the SiLU apart (indexes or slices "
+                       "it between them, e.g. CompVis ResBlock's out_layers[0] with use_scale_shift_norm)"
+                       if split is not None else
+                       "the code holding this Sequential indexes or iterates it in a way that cannot be checked")
             if why is None and (_any_hooks(act) or _has_instance_forward(act)):
                 why = "the SiLU module has hooks or an instance-level forward (it would not be called)"
             if why is not None:
