@@ -49,10 +49,12 @@ def check_float(name: str, x) -> None:
 
 def check_like(name: str, x, ref_name: str, ref: Tensor) -> None:
     """``x`` is a float tensor with ``ref``'s shape, on ``ref``'s device."""
-    check_float(name, x)
+    if not (isinstance(x, Tensor) and x.is_floating_point()):  # inline tests: each helper call is host time
+        check_float(name, x)
     if x.shape != ref.shape:
         raise ValueError(f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(x.shape)}")
-    check_same_device(name, x, ref_name, ref)
+    if x.device != ref.device:
+        check_same_device(name, x, ref_name, ref)
 
 
 def check_same_device(name: str, x: Tensor, ref_name: str, ref: Tensor) -> None:
@@ -63,15 +65,19 @@ def check_same_device(name: str, x: Tensor, ref_name: str, ref: Tensor) -> None:
 def finite_float(name: str, value) -> float:
     """A finite Python float from a number, or from a one-element CPU tensor (reading it is free);
     TypeError / ValueError naming the argument otherwise (a device tensor would need a host sync)."""
-    if isinstance(value, Tensor):
+    if type(value) is float or type(value) is int:  # the common case, without the numbers.Real ABC check
+        value = float(value)
+    elif isinstance(value, Tensor):
         if value.device.type != "cpu" or value.numel() != 1:
             raise TypeError(
                 f"{name} must be a float or a one-element CPU tensor, got a tensor of shape {tuple(value.shape)} on "
                 f"{value.device} (reading a device value would sync the host)"
             )
+        value = float(value)
     elif isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    value = float(value)
+    else:
+        value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     return value

@@ -56,9 +56,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, heads: Optional[int] = None, s
     impl = backend.attention_impl(impl)
     flat = q.dim() == 3
     if flat:
-        q4 = q.unflatten(2, (heads, q.shape[2] // heads)).transpose(1, 2)
-        k4 = k.unflatten(2, (heads, k.shape[2] // heads)).transpose(1, 2)
-        v4 = v.unflatten(2, (heads, v.shape[2] // heads)).transpose(1, 2)
+        # [B, N, heads*D] -> [B, heads, N, D] views (splitting one dim always views; view is one C call
+        # where Tensor.unflatten is Python)
+        q4 = q.view(q.shape[0], q.shape[1], heads, q.shape[2] // heads).transpose(1, 2)
+        k4 = k.view(k.shape[0], k.shape[1], heads, k.shape[2] // heads).transpose(1, 2)
+        v4 = v.view(v.shape[0], v.shape[1], heads, v.shape[2] // heads).transpose(1, 2)
     else:
         q4, k4, v4 = q, k, v
     if (impl != "sdpa" and q4.shape[3] <= _kernels.MAX_HEAD_DIM and v4.shape[3] == q4.shape[3] and k4.shape[2] > 0

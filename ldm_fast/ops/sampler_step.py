@@ -67,11 +67,13 @@ def sampler_step(
         x_prev = sqrt(alpha_prev) * x0 + sqrt(1 - alpha_prev - sigma**2) * eps + sigma * z     # ddim
         x_prev = c0 * x0 + ct * x + std * z                                                     # ddpm
     """
-    check_float("model_output", model_output)
-    check_float("x", x)
+    for name, value in (("model_output", model_output), ("x", x)):  # inline: each helper call is host time
+        if not (isinstance(value, Tensor) and value.is_floating_point()):
+            check_float(name, value)
     if x.dim() == 0:
         raise ValueError("x must have a batch dimension: shape [B, ...], got a scalar")
-    check_same_device("model_output", model_output, "x", x)
+    if model_output.device != x.device:
+        check_same_device("model_output", model_output, "x", x)
     if guidance_scale is not None:
         guidance_scale = finite_float("guidance_scale", guidance_scale)
         expected = (2 * x.shape[0],) + tuple(x.shape[1:])
