@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import functional
+from .ops._common import needs_grad
 from .ops.group_norm import ACTIVATIONS as GROUP_NORM_ACTIVATIONS
 
 __all__ = ["CrossAttention", "GroupNorm", "GroupNorm32", "SpatialSelfAttention"]
@@ -152,7 +153,7 @@ def _joined(tensors: Sequence[Tensor]) -> Tensor:
     """``tensors`` (weights ``[out, in]``/``[out, in, 1, 1]``, or biases ``[out]``) concatenated along
     dim 0 as one ``[sum out, in]`` matrix (or vector): a view of their storage when they are packed
     and autograd does not need their gradients (no launch), else ``torch.cat`` (differentiable)."""
-    if not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+    if not torch.compiler.is_compiling() and not needs_grad(*tensors):
         view = _packed(tensors)
         if view is not None:
             return view

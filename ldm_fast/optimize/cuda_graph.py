@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .. import backend
+from ..ops._common import needs_grad
 from .report import CUDA_GRAPH, ReportItem
 from .undo import _MISSING, _SetAttr
 
@@ -269,8 +270,7 @@ class CUDAGraphForward:
             return self._fallback(f"inputs not on {device_type.upper()}", args, kwargs)
         if self.api.is_capturing():
             return self._fallback("inside another CUDA graph capture", args, kwargs)
-        if torch.is_grad_enabled() and (any(t.requires_grad for t in tensors)
-                                        or any(p.requires_grad for p in self.model.parameters())):
+        if needs_grad(*tensors, *self.model.parameters()):
             return self._fallback("autograd needed (grad enabled and something requires grad)", args, kwargs)
         key = (key, self._context_key())
         entry = self.graphs.get(key)
