@@ -359,6 +359,33 @@ def test_resnet_block_variants(kwargs):
     assert torch.equal(block(x, temb), ref)
 
 
+@pytest.mark.parametrize("factor", [1.0, 2.0])
+def test_resnet_block_skips_a_division_by_one_bit_for_bit(factor):
+    """``(x + h) / output_scale_factor`` is x + h bit for bit when the factor is 1: no divide is dispatched."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func._schema.name)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    block = ResnetBlock2D(in_channels=16, temb_channels=8, groups=4, output_scale_factor=factor).eval()
+    x, temb = torch.randn(2, 16, 8, 8), torch.randn(2, 8)
+    with torch.no_grad():
+        ref = block(x, temb)
+        optimize(block)
+        with Ops() as ops:
+            out = block(x, temb)
+    assert torch.equal(out, ref)
+    assert ("aten::div" in ops.names) == (factor != 1.0), ops.names
+    restore(block)
+
+
 def test_resnet_block_other_activation_or_other_forward_not_fused(monkeypatch):
     block = ResnetBlock2D(in_channels=16, temb_channels=8, groups=4, non_linearity="mish")
     report = optimize(block)
