@@ -11,8 +11,8 @@ positions (H*W for images, T*H*W for video latents), N = CG * S elements per gro
 
 Layouts. Inside one batch item, element (s, c) lies at ``c * S + s`` (NCHW-contiguous) or at
 ``s * C + c`` (channels-last: NHWC, NDHWC). Every kernel works on ``[BLOCK_S, BLOCK_C]`` tiles of
-positions x channels, and one constexpr flag per tensor (``X_CL``, ``Y_CL``, ...) picks its address
-formula; the fast axis is S for NCHW and C for channels-last, and Triton's coalescing turns it into
+positions x channels (the split forward's NCHW statistics on 1-d runs of a group), and one
+constexpr flag per tensor (``X_CL``, ``Y_CL``, ...) picks its address formula; the fast axis is S for NCHW and C for channels-last, and Triton's coalescing turns it into
 128-bit accesses (an NCHW input written channels-last is transposed through shared memory by the
 compiler). Any other layout is made NCHW-contiguous on the host.
 
@@ -30,13 +30,18 @@ Two paths, chosen per call by the padded size of one group:
   16384 values over 16 warps, 20480 over 32), computes the statistics and writes y. Traffic: x
   read once, y written once; weight and bias read once per batch block (blocks of several batch
   items only while that leaves at least ``ONE_PASS_MIN_PROGRAMS`` programs).
-* split (larger groups; at batch 1 a 32-group norm has only 32 groups for 132 SMs): a statistics
-  kernel over ``[S-chunk, channel block, batch]`` programs (about ``TARGET_PROGRAMS`` of them,
-  each looping over ``TILE``-element tiles) writes per-channel partial (mean, M2) of its chunk, a
-  finalize kernel per (batch, group) combines them into mean/rstd ``[B, G]``, and an apply kernel
-  over the same kind of grid normalizes. Traffic: x read twice, y written once, plus the partials
-  (8 bytes per channel and chunk). Tiles are ``[min(next_pow2(S), 1024), TILE // that]`` when every
-  tensor is NCHW (long contiguous rows of S) and ``[TILE // 64, 64]`` channels otherwise.
+* split (larger groups; at batch 1 a 32-group norm has only 32 groups for 132 SMs), two
+  launches: a statistics kernel over ``[chunk, group, batch]`` programs (about
+  ``TARGET_PROGRAMS`` of them, each looping over its chunk's tiles: 1-d tiles of ``TILE``
+  elements of the group's contiguous run of CG * S for NCHW, ``[TILE // next_pow2(CG),
+  next_pow2(CG)]`` positions x channels for channels-last) writes the (mean, M2) of its chunk of
+  its group to ``[2, B, G, chunks]``; an apply kernel over ``[S-chunk, channel block, batch]``
+  programs first merges the chunk partials of the groups its channels belong to (Chan's
+  combination; the chunk-0 program of a group writes its mean/rstd for the backward), then
+  normalizes its tiles. Traffic: x read twice, y written once, plus the partials (8 bytes per
+  chunk of a group, re-read by each apply program of the group). Apply tiles are
+  ``[min(next_pow2(S), 1024), TILE // that]`` when every tensor is NCHW (long contiguous rows
+  of S) and ``[TILE // 64, 64]`` channels otherwise.
 
 Backward (dy = dL/dy; dz = dy * silu'(z) with silu'(z) = s * (1 + z * (1 - s)), s = sigmoid(z), the
 derivative taken at z AFTER the affine transform; dz = dy without activation):
