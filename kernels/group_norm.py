@@ -1,18 +1,23 @@
 """GroupNorm (+SiLU) over ``[B, C, *spatial]``, forward and backward, NCHW or channels-last.
 
-    mean[b, g], var[b, g] = mean and biased variance of x[b, channels of group g, all positions]
-    xhat = (x - mean[b, g(c)]) * rstd[b, g(c)],   rstd = 1 / sqrt(var + eps)
+    x'   = x + shift[b, c]         (optional shift [B, C]; else x' = x)
+    mean[b, g], var[b, g] = mean and biased variance of x'[b, channels of group g, all positions]
+    xhat = (x' - mean[b, g(c)]) * rstd[b, g(c)],   rstd = 1 / sqrt(var + eps)
     z    = xhat * weight[c] + bias[c]
     y    = z                       (activation None)
          = z * sigmoid(z)          (activation "silu", fused in the same pass)
+
+The shift is diffusers' ResnetBlock2D ``h = conv1(h) + temb[:, :, None, None]; h = norm2(h)``
+with the add folded in: it is added in fp32 to x as each tile is loaded (before the statistics,
+x' is never stored), and in the backward dshift[b, c] = sum_s dx[b, c, s].
 
 Notation: B batch, C channels, G groups, CG = C // G channels per group, S = prod(spatial)
 positions (H*W for images, T*H*W for video latents), N = CG * S elements per group.
 
 Layouts. Inside one batch item, element (s, c) lies at ``c * S + s`` (NCHW-contiguous) or at
 ``s * C + c`` (channels-last: NHWC, NDHWC). Every kernel works on ``[BLOCK_S, BLOCK_C]`` tiles of
-positions x channels, and one constexpr flag per tensor (``X_CL``, ``Y_CL``, ...) picks its address
-formula; the fast axis is S for NCHW and C for channels-last, and Triton's coalescing turns it into
+positions x channels (the split forward's NCHW statistics on 1-d runs of a group), and one
+constexpr flag per tensor (``X_CL``, ``Y_CL``, ...) picks its address formula; the fast axis is S for NCHW and C for channels-last, and Triton's coalescing turns it into
 128-bit accesses (an NCHW input written channels-last is transposed through shared memory by the
 compiler). Any other layout is made NCHW-contiguous on the host.
 
@@ -30,13 +35,18 @@ Two paths, chosen per call by the padded size of one group:
   16384 values over 16 warps, 20480 over 32), computes the statistics and writes y. Traffic: x
   read once, y written once; weight and bias read once per batch block (blocks of several batch
   items only while that leaves at least ``ONE_PASS_MIN_PROGRAMS`` programs).
-* split (larger groups; at batch 1 a 32-group norm has only 32 groups for 132 SMs): a statistics
-  kernel over ``[S-chunk, channel block, batch]`` programs (about ``TARGET_PROGRAMS`` of them,
-  each looping over ``TILE``-element tiles) writes per-channel partial (mean, M2) of its chunk, a
-  finalize kernel per (batch, group) combines them into mean/rstd ``[B, G]``, and an apply kernel
-  over the same kind of grid normalizes. Traffic: x read twice, y written once, plus the partials
-  (8 bytes per channel and chunk). Tiles are ``[min(next_pow2(S), 1024), TILE // that]`` when every
-  tensor is NCHW (long contiguous rows of S) and ``[TILE // 64, 64]`` channels otherwise.
+* split (larger groups; at batch 1 a 32-group norm has only 32 groups for 132 SMs), two
+  launches: a statistics kernel over ``[chunk, group, batch]`` programs (about
+  ``TARGET_PROGRAMS`` of them, each looping over its chunk's tiles: 1-d tiles of ``TILE``
+  elements of the group's contiguous run of CG * S for NCHW, ``[TILE // next_pow2(CG),
+  next_pow2(CG)]`` positions x channels for channels-last) writes the (mean, M2) of its chunk of
+  its group to ``[2, B, G, chunks]``; an apply kernel over ``[S-chunk, channel block, batch]``
+  programs first merges the chunk partials of the groups its channels belong to (Chan's
+  combination; the chunk-0 program of a group writes its mean/rstd for the backward), then
+  normalizes its tiles. Traffic: x read twice, y written once, plus the partials (8 bytes per
+  chunk of a group, re-read by each apply program of the group). Apply tiles are
+  ``[min(next_pow2(S), 1024), TILE // that]`` when every tensor is NCHW (long contiguous rows
+  of S) and ``[TILE // 64, 64]`` channels otherwise.
 
 Backward (dy = dL/dy; dz = dy * silu'(z) with silu'(z) = s * (1 + z * (1 - s)), s = sigmoid(z), the
 derivative taken at z AFTER the affine transform; dz = dy without activation):
@@ -45,11 +55,15 @@ derivative taken at z AFTER the affine transform; dz = dy without activation):
     dweight[c] = sum_{b, s} dz * xhat
     dx         = rstd * (dz * weight[c] - c1[b, g] - xhat * c2[b, g])
     c1[b, g]   = mean over the group of dz * weight,  c2[b, g] = mean over the group of dz * weight * xhat
+    dshift[b, c] = sum_s dx = rstd * (weight[c] * sum_s dz - S * c1 - c2 * sum_s xhat)
 
 The per-channel sums sum_s dz and sum_s dz * xhat of each (batch block or chunk) go to an fp32
 partial buffer; c1/c2 and the weight/bias gradients are reductions of that buffer in a fixed order
 (deterministic: no atomics). The same two paths: one pass per (group, batch block) under
 ``ONE_PASS_MAX_BWD`` (x and dy held in registers), else statistics -> finalize -> apply.
+With a shift, the one-pass kernel sums its dx per channel in registers; the split statistics
+kernel also sums xhat per channel (a third partial plane) and the finalize writes dshift from the
+formula above: no extra launch and no extra pass over a full tensor either way.
 
 The module constants below are read at every launch, so tests can force the split path, small
 tiles and several tiles per program at small sizes by setting them.
@@ -110,15 +124,22 @@ def _load_param(ptr, o_c, m_c, HAS: tl.constexpr, FILL: tl.constexpr):
     return b_p
 
 
+@triton.jit
+def _load_shift(shift_ptr, i_b, C, o_c, m_c):
+    """shift[i_b, o_c] of a contiguous ``[B, C]`` shift as fp32 (0 where masked)."""
+    return tl.load(shift_ptr + i_b * C + o_c, mask=m_c, other=0.0).to(tl.float32)
+
+
 @triton.jit(do_not_specialize=["batches_per_program"])
 def _group_norm_fwd_one_pass_kernel(
     x_ptr, y_ptr,  # [B, C, S], layouts X_CL and Y_CL; y written
     w_ptr, b_ptr,  # [C]
+    shift_ptr,  # [B, C] contiguous, read when HAS_SHIFT (None otherwise)
     mean_ptr, rstd_ptr,  # [B, G] fp32, written when WRITE_STATS (what the backward needs)
     B, C, S, G, batches_per_program, eps,
     CG: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_C2: tl.constexpr,
     X_CL: tl.constexpr, Y_CL: tl.constexpr, SILU: tl.constexpr,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, WRITE_STATS: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, WRITE_STATS: tl.constexpr, HAS_SHIFT: tl.constexpr,
 ):
     """Program (group, batch block): for each of its batches, the whole group [S, CG] in registers,
     read once. Weight and bias are loaded once for the batch block.
@@ -156,9 +177,13 @@ def _group_norm_fwd_one_pass_kernel(
         i_b = b_begin + i_i
         o_batch = i_b.to(tl.int64) * C * S
         b_x = tl.load(x_ptr + o_batch + (o_cl if X_CL else o_nc), mask=m, other=0.0).to(tl.float32)
+        if HAS_SHIFT:  # x' = x + shift[b, c] (padding lanes stay 0)
+            b_x = tl.where(m, b_x + _load_shift(shift_ptr, i_b, C, o_c, m_c)[None, :], 0.0)
         b_sum = tl.sum(b_x)
         if BLOCK_C2 > 0:
             b_x2 = tl.load(x_ptr + o_batch + (o_cl2 if X_CL else o_nc2), mask=m2, other=0.0).to(tl.float32)
+            if HAS_SHIFT:
+                b_x2 = tl.where(m2, b_x2 + _load_shift(shift_ptr, i_b, C, o_c2, m_c2)[None, :], 0.0)
             b_sum += tl.sum(b_x2)
         b_mean = b_sum / n
         # two passes over registers: the variance from the deviations
@@ -185,9 +210,11 @@ def _group_norm_fwd_one_pass_kernel(
 @triton.jit(do_not_specialize=["n_chunks", "tiles_per_chunk", "part_plane"])
 def _group_norm_fwd_stats_kernel(
     x_ptr,  # [B, C, S], layout X_CL
+    shift_ptr,  # [B, C] contiguous, read when HAS_SHIFT (None otherwise)
     part_ptr,  # [2, B, G, n_chunks] fp32, written: mean and M2 of each chunk of each group
     C, S, G, n_chunks, tiles_per_chunk, part_plane,
     CG: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, X_CL: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
 ):
     """Program (chunk, group, batch): mean and M2 of one chunk of one group, over its tiles.
 
@@ -195,7 +222,9 @@ def _group_norm_fwd_stats_kernel(
     for 128-bit loads). NCHW: a group is one contiguous run of N = CG * S elements, chunk i is
     elements [i * chunk_len, (i + 1) * chunk_len), read in 1-d tiles of BLOCK_S. Channels-last:
     chunk i is positions [i * chunk_len, (i + 1) * chunk_len) of the group's CG channels, read in
-    [BLOCK_S, BLOCK_C] tiles. Tiles are merged by Chan's update (two passes within a tile)."""
+    [BLOCK_S, BLOCK_C] tiles. Tiles are merged by Chan's update (two passes within a tile). With
+    HAS_SHIFT the statistics are of x + shift[b, c] (NCHW: element u of the group is in channel
+    i_g * CG + u // S)."""
     i_n = tl.program_id(0)
     i_g = tl.program_id(1)
     i_b = tl.program_id(2)
@@ -206,6 +235,8 @@ def _group_norm_fwd_stats_kernel(
         o_base = i_b.to(tl.int64) * C * S + i_g * CG
         o_k = tl.arange(0, BLOCK_C)
         m_k = o_k < CG
+        if HAS_SHIFT:
+            b_shift = _load_shift(shift_ptr, i_b, C, i_g * CG + o_k, m_k)
     else:
         o_base = i_b.to(tl.int64) * C * S + i_g.to(tl.int64) * CG * S
 
@@ -224,6 +255,11 @@ def _group_norm_fwd_stats_kernel(
             b_x = tl.load(x_ptr + o_base + o_u, mask=m, other=0.0)
             t_n = tl.minimum(u_end - u0, BLOCK_S).to(tl.float32)
         b_x = b_x.to(tl.float32)
+        if HAS_SHIFT:
+            if X_CL:
+                b_x = tl.where(m, b_x + b_shift[None, :], 0.0)
+            else:
+                b_x = tl.where(m, b_x + _load_shift(shift_ptr, i_b, C, i_g * CG + o_u // S, m), 0.0)
         t_mean = tl.sum(b_x) / t_n
         b_d = tl.where(m, b_x - t_mean, 0.0)
         t_m2 = tl.sum(b_d * b_d)
@@ -268,12 +304,13 @@ def _merge_chunks(p_part, part_plane, n_chunks, chunk_count, N, BLOCK_N: tl.cons
 def _group_norm_fwd_apply_kernel(
     x_ptr, y_ptr,  # [B, C, S], layouts X_CL and Y_CL; y written
     w_ptr, b_ptr,  # [C]
+    shift_ptr,  # [B, C] contiguous, read when HAS_SHIFT (None otherwise)
     part_ptr,  # [2, B, G, n_chunks] fp32 from the statistics kernel
     mean_ptr, rstd_ptr,  # [B, G] fp32, written when WRITE_STATS (each group by one program)
     C, S, G, tiles_per_program, n_chunks, chunk_count, part_plane, eps,
     CG: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
     X_CL: tl.constexpr, Y_CL: tl.constexpr, SILU: tl.constexpr,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, WRITE_STATS: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, WRITE_STATS: tl.constexpr, HAS_SHIFT: tl.constexpr,
 ):
     """Program (chunk, channel block, batch): first the statistics of the groups its channels belong
     to, from their chunk partials (the finalize, done here so the split path is two launches; the
@@ -301,6 +338,8 @@ def _group_norm_fwd_apply_kernel(
             tl.store(mean_ptr + i_b * G + i_g, g_mean, mask=m_write)
             tl.store(rstd_ptr + i_b * G + i_g, g_rstd, mask=m_write)
 
+    if HAS_SHIFT:  # x + shift - mean: the shift folded into the per-channel mean
+        b_mean -= _load_shift(shift_ptr, i_b, C, o_c, m_c)
     o_batch = i_b.to(tl.int64) * C * S
     b_a = b_rstd * _load_param(w_ptr, o_c, m_c, HAS_W, 1.0)
     b_bias = _load_param(b_ptr, o_c, m_c, HAS_B, 0.0)
@@ -323,15 +362,17 @@ def _group_norm_fwd_apply_kernel(
 def _group_norm_bwd_one_pass_kernel(
     x_ptr, dy_ptr, dx_ptr,  # [B, C, S], layouts X_CL, DY_CL, DX_CL; dx written
     w_ptr, b_ptr,  # [C]
+    shift_ptr, dshift_ptr,  # [B, C] contiguous, read / written when HAS_SHIFT (None otherwise)
     mean_ptr, rstd_ptr,  # [B, G] fp32 from the forward
     part_ptr,  # [2, cdiv(B, batches_per_program), C] fp32, written: per-channel sum dz and sum dz * xhat
     B, C, S, G, batches_per_program, part_plane,
     CG: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
     X_CL: tl.constexpr, DY_CL: tl.constexpr, DX_CL: tl.constexpr, SILU: tl.constexpr,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SHIFT: tl.constexpr,
 ):
     """Program (group, batch block): for each of its batches, x and dy of the group in registers,
-    read once; the weight/bias gradient partials summed over the batch block."""
+    read once; the weight/bias gradient partials summed over the batch block; with HAS_SHIFT,
+    dshift[b, c] = sum_s dx from the registers."""
     i_g = tl.program_id(0)
     i_bb = tl.program_id(1)
     o_s = tl.arange(0, BLOCK_S)
@@ -355,6 +396,8 @@ def _group_norm_bwd_one_pass_kernel(
         b_rstd = tl.load(rstd_ptr + i_b * G + i_g)
         b_x = tl.load(x_ptr + o_batch + (o_cl if X_CL else o_nc), mask=m, other=0.0).to(tl.float32)
         b_dz = tl.load(dy_ptr + o_batch + (o_cl if DY_CL else o_nc), mask=m, other=0.0).to(tl.float32)
+        if HAS_SHIFT:
+            b_x += _load_shift(shift_ptr, i_b, C, o_c, m_c)[None, :]
         b_xhat = tl.where(m, (b_x - b_mean) * b_rstd, 0.0)
         if SILU:  # dz = dy * silu'(z) at z = xhat * w + bias, after the affine
             b_z = b_xhat * b_w[None, :] + b_bias[None, :]
@@ -366,6 +409,9 @@ def _group_norm_bwd_one_pass_kernel(
         b_c2 = tl.sum(b_w * t_sdzx) / n
         b_dx = b_rstd * (b_dz * b_w[None, :] - b_c1 - b_xhat * b_c2)
         tl.store(dx_ptr + o_batch + (o_cl if DX_CL else o_nc), b_dx.to(dx_ptr.dtype.element_ty), mask=m)
+        if HAS_SHIFT:
+            t_dshift = tl.sum(tl.where(m, b_dx, 0.0), axis=0)
+            tl.store(dshift_ptr + i_b * C + o_c, t_dshift.to(dshift_ptr.dtype.element_ty), mask=m_c)
         b_sdz += t_sdz
         b_sdzx += t_sdzx
 
@@ -378,12 +424,13 @@ def _group_norm_bwd_one_pass_kernel(
 def _group_norm_bwd_stats_kernel(
     x_ptr, dy_ptr,  # [B, C, S], layouts X_CL, DY_CL
     w_ptr, b_ptr,  # [C]
+    shift_ptr,  # [B, C] contiguous, read when HAS_SHIFT (None otherwise)
     mean_ptr, rstd_ptr,  # [B, G] fp32
-    part_ptr,  # [2, B, n_chunks, C] fp32, written: per-channel sum dz and sum dz * xhat of each chunk
-    C, S, G, n_chunks, tiles_per_program, part_plane,
+    part_ptr,  # [2 (3 with HAS_SHIFT), B, n_chunks, C] fp32, written: per-channel sum dz, sum dz * xhat
+    C, S, G, n_chunks, tiles_per_program, part_plane,  # (and sum xhat) of each chunk
     CG: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
     X_CL: tl.constexpr, DY_CL: tl.constexpr, SILU: tl.constexpr,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SHIFT: tl.constexpr,
 ):
     """Program (chunk, channel block, batch): per-channel sums over tiles_per_program tiles."""
     i_n = tl.program_id(0)
@@ -395,6 +442,8 @@ def _group_norm_bwd_stats_kernel(
     o_g = i_b * G + o_c // CG
     b_mean = tl.load(mean_ptr + o_g, mask=m_c, other=0.0)
     b_rstd = tl.load(rstd_ptr + o_g, mask=m_c, other=0.0)
+    if HAS_SHIFT:  # x + shift - mean: the shift folded into the per-channel mean
+        b_mean -= _load_shift(shift_ptr, i_b, C, o_c, m_c)
     b_w = _load_param(w_ptr, o_c, m_c, HAS_W, 1.0)
     b_bias = _load_param(b_ptr, o_c, m_c, HAS_B, 0.0)
     s_begin = i_n * tiles_per_program * BLOCK_S
@@ -402,6 +451,7 @@ def _group_norm_bwd_stats_kernel(
 
     b_sdz = tl.zeros([BLOCK_C], tl.float32)
     b_sdzx = tl.zeros([BLOCK_C], tl.float32)
+    b_sx = tl.zeros([BLOCK_C], tl.float32)
     for i_t in range(0, n_tiles):
         o_s = s_begin + i_t * BLOCK_S + tl.arange(0, BLOCK_S)
         m = (o_s < S)[:, None] & m_c[None, :]
@@ -416,26 +466,32 @@ def _group_norm_bwd_stats_kernel(
             b_dz = b_dz * b_sig * (1.0 + b_z * (1.0 - b_sig))
         b_sdz += tl.sum(b_dz, axis=0)
         b_sdzx += tl.sum(b_dz * b_xhat, axis=0)
+        if HAS_SHIFT:
+            b_sx += tl.sum(b_xhat, axis=0)
 
     o_part = (i_b.to(tl.int64) * n_chunks + i_n) * C + o_c
     tl.store(part_ptr + o_part, b_sdz, mask=m_c)
     tl.store(part_ptr + part_plane + o_part, b_sdzx, mask=m_c)
+    if HAS_SHIFT:
+        tl.store(part_ptr + 2 * part_plane + o_part, b_sx, mask=m_c)
 
 
 @triton.jit(do_not_specialize=["B", "n_chunks", "part_plane"])
 def _group_norm_bwd_finalize_kernel(
-    part_ptr,  # [2, B, n_chunks, C] fp32 from the statistics kernel
+    part_ptr,  # [2 (3 with HAS_SHIFT), B, n_chunks, C] fp32 from the statistics kernel
     w_ptr,  # [C]
     c1_ptr, c2_ptr,  # [B, G] fp32, written
     dw_ptr, db_ptr,  # [C] (their own dtypes), written when HAS_W / HAS_B
+    rstd_ptr, dshift_ptr,  # [B, G] fp32 and [B, C] (shift's dtype, written) when HAS_SHIFT (None otherwise)
     B, C, S, G, n_chunks, part_plane,
     CG: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SHIFT: tl.constexpr,
 ):
     """One program per group g, over every batch item in order: for each b,
     c1[b, g] = sum_c w * sum dz / N and c2[b, g] = sum_c w * sum dz * xhat / N; then the group's
     weight and bias gradients dweight[c] = sum_{b, chunk} sum dz * xhat, dbias[c] = sum_{b, chunk} sum dz
-    (a fixed order: deterministic, and no separate column-sum launch)."""
+    (a fixed order: deterministic, and no separate column-sum launch). With HAS_SHIFT also
+    dshift[b, c] = sum_s dx = rstd * (w * sum dz - S * c1 - c2 * sum xhat)."""
     i_g = tl.program_id(0)
     o_k = tl.arange(0, BLOCK_C)
     o_c = i_g * CG + o_k
@@ -449,16 +505,25 @@ def _group_norm_bwd_finalize_kernel(
         o_batch = i_b * n_chunks * C  # the partial buffer is small: int32
         b_acc1 = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
         b_acc2 = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+        b_acc3 = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
         for n0 in range(0, n_chunks, BLOCK_N):
             o_n = n0 + tl.arange(0, BLOCK_N)
             m = (o_n < n_chunks)[:, None] & m_c[None, :]
             p_part = part_ptr + o_batch + o_n.to(tl.int64)[:, None] * C + o_c[None, :]
             b_acc1 += tl.load(p_part, mask=m, other=0.0)
             b_acc2 += tl.load(p_part + part_plane, mask=m, other=0.0)
+            if HAS_SHIFT:
+                b_acc3 += tl.load(p_part + 2 * part_plane, mask=m, other=0.0)
         t_sdz = tl.sum(b_acc1, axis=0)
         t_sdzx = tl.sum(b_acc2, axis=0)
-        tl.store(c1_ptr + i_b * G + i_g, tl.sum(t_sdz * b_w) / n)
-        tl.store(c2_ptr + i_b * G + i_g, tl.sum(t_sdzx * b_w) / n)
+        g_c1 = tl.sum(t_sdz * b_w) / n
+        g_c2 = tl.sum(t_sdzx * b_w) / n
+        tl.store(c1_ptr + i_b * G + i_g, g_c1)
+        tl.store(c2_ptr + i_b * G + i_g, g_c2)
+        if HAS_SHIFT:
+            g_rstd = tl.load(rstd_ptr + i_b * G + i_g)
+            t_dshift = g_rstd * (b_w * t_sdz - S * g_c1 - g_c2 * tl.sum(b_acc3, axis=0))
+            tl.store(dshift_ptr + i_b * C + o_c, t_dshift.to(dshift_ptr.dtype.element_ty), mask=m_c)
         b_col1 += t_sdz
         b_col2 += t_sdzx
     if HAS_W:
@@ -471,11 +536,12 @@ def _group_norm_bwd_finalize_kernel(
 def _group_norm_bwd_apply_kernel(
     x_ptr, dy_ptr, dx_ptr,  # [B, C, S], layouts X_CL, DY_CL, DX_CL; dx written
     w_ptr, b_ptr,  # [C]
+    shift_ptr,  # [B, C] contiguous, read when HAS_SHIFT (None otherwise)
     mean_ptr, rstd_ptr, c1_ptr, c2_ptr,  # [B, G] fp32
     C, S, G, tiles_per_program,
     CG: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
     X_CL: tl.constexpr, DY_CL: tl.constexpr, DX_CL: tl.constexpr, SILU: tl.constexpr,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SHIFT: tl.constexpr,
 ):
     """Program (chunk, channel block, batch): dx = rstd * (dz * w - c1 - xhat * c2) over
     tiles_per_program tiles, the per-channel factors loaded once."""
@@ -490,6 +556,8 @@ def _group_norm_bwd_apply_kernel(
     b_rstd = tl.load(rstd_ptr + o_g, mask=m_c, other=0.0)
     b_c1 = tl.load(c1_ptr + o_g, mask=m_c, other=0.0)
     b_c2 = tl.load(c2_ptr + o_g, mask=m_c, other=0.0)
+    if HAS_SHIFT:
+        b_mean -= _load_shift(shift_ptr, i_b, C, o_c, m_c)
     b_w = _load_param(w_ptr, o_c, m_c, HAS_W, 1.0)
     b_bias = _load_param(b_ptr, o_c, m_c, HAS_B, 0.0)
     s_begin = i_n * tiles_per_program * BLOCK_S
@@ -672,6 +740,21 @@ def _check_out(out: torch.Tensor, x: torch.Tensor) -> None:
         )
 
 
+def _check_shift(shift, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """The shift ``[B, C]`` made contiguous (None stays None); a clear error for anything else."""
+    if shift is None:
+        return None
+    if not isinstance(shift, torch.Tensor):
+        raise TypeError(f"shift must be a torch.Tensor or None, got {type(shift).__name__}")
+    if not shift.is_floating_point():
+        raise TypeError(f"shift must be a floating-point tensor, got {shift.dtype}")
+    if tuple(shift.shape) != tuple(x.shape[:2]):
+        raise ValueError(f"shift must have the shape [B, C] = {tuple(x.shape[:2])}, got {tuple(shift.shape)}")
+    if shift.device != x.device:
+        raise ValueError(f"shift is on {shift.device}, x on {x.device}")
+    return shift.contiguous()
+
+
 def _tuning() -> tuple:
     """The module's tuning constants, part of every plan's cache key (tests change them)."""
     return (ONE_PASS_MAX, ONE_PASS_MAX_BYTES, ONE_PASS_MAX_BWD, ONE_PASS_MIN_PROGRAMS, TILE, TARGET_PROGRAMS,
@@ -756,6 +839,7 @@ def group_norm_fwd(
     *,
     out=None,
     stats: bool = True,
+    shift=None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Launch the forward: ``(y, mean, rstd)``. One launch on the one-pass path, two on the split
     path (statistics per chunk of each group; apply, which first merges its groups' chunks); no
@@ -766,10 +850,14 @@ def group_norm_fwd(
     caller checks). y: ``[B, C, *spatial]`` in x's dtype, channels-last when ``channels_last_out``
     (None: x's layout), or written into ``out`` (NCHW-contiguous or channels-last: its layout
     decides). mean, rstd: ``[B, G]`` fp32, what the backward needs; None with ``stats=False``
-    (inference: neither allocated nor written).
-    Eager equivalent: :func:`group_norm_reference` (mean/rstd: ``torch.ops.aten.native_group_norm``).
+    (inference: neither allocated nor written). shift: ``[B, C]`` any float dtype, or None: y is
+    the norm of ``x + shift[:, :, None, ...]`` (added in fp32 as x is read; the sum is never
+    stored), and mean/rstd are that sum's.
+    Eager equivalent: :func:`group_norm_reference` (mean/rstd: ``torch.ops.aten.native_group_norm``
+    of ``x + shift[:, :, None, ...]``).
     """
     silu = _activation_flag(activation)
+    shift = _check_shift(shift, x)
     x, x_cl = _canonical(x)
     B, C = x.shape[0], x.shape[1]
     S = math.prod(x.shape[2:])
@@ -785,13 +873,14 @@ def group_norm_fwd(
         return y, mean, rstd
     w = x if weight is None else weight.contiguous()
     b = x if bias is None else bias.contiguous()
-    flags = dict(SILU=silu, HAS_W=weight is not None, HAS_B=bias is not None, WRITE_STATS=stats)
+    flags = dict(SILU=silu, HAS_W=weight is not None, HAS_B=bias is not None, WRITE_STATS=stats,
+                 HAS_SHIFT=shift is not None)
     mean_p, rstd_p = (mean, rstd) if stats else (y, y)
     plan = _fwd_plan(B, C, S, G, x.dtype, x_cl, y_cl, _tuning())
 
     if plan.one_pass:
         _group_norm_fwd_one_pass_kernel[plan.grid](
-            x, y, w, b, mean_p, rstd_p, B, C, S, G, plan.batches_per_program, eps,
+            x, y, w, b, shift, mean_p, rstd_p, B, C, S, G, plan.batches_per_program, eps,
             X_CL=x_cl, Y_CL=y_cl, **flags, **plan.meta,
         )
         return y, mean, rstd
@@ -800,11 +889,12 @@ def group_norm_fwd(
     part = torch.empty((2, B, G, st.n_chunks), dtype=torch.float32, device=x.device)
     part_plane = B * G * st.n_chunks
     _group_norm_fwd_stats_kernel[st.grid](
-        x, part, C, S, G, st.n_chunks, st.chunk_len // st.BLOCK_S, part_plane,
-        CG=C // G, BLOCK_S=st.BLOCK_S, BLOCK_C=st.BLOCK_C, X_CL=x_cl, num_warps=SPLIT_WARPS,
+        x, shift, part, C, S, G, st.n_chunks, st.chunk_len // st.BLOCK_S, part_plane,
+        CG=C // G, BLOCK_S=st.BLOCK_S, BLOCK_C=st.BLOCK_C, X_CL=x_cl, HAS_SHIFT=shift is not None,
+        num_warps=SPLIT_WARPS,
     )
     _group_norm_fwd_apply_kernel[ap.grid](
-        x, y, w, b, part, mean_p, rstd_p, C, S, G, ap.tiles_per_program, st.n_chunks, st.chunk_count, part_plane, eps,
+        x, y, w, b, shift, part, mean_p, rstd_p, C, S, G, ap.tiles_per_program, st.n_chunks, st.chunk_count, part_plane, eps,
         CG=C // G, BLOCK_S=ap.BLOCK_S, BLOCK_C=ap.BLOCK_C, BLOCK_N=plan.BLOCK_N, X_CL=x_cl, Y_CL=y_cl, **flags,
         num_warps=SPLIT_WARPS,
     )
@@ -852,8 +942,9 @@ def group_norm_bwd(
     activation=None,
     *,
     out=None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the backward: ``(dx, dweight, dbias)``. Two launches on the one-pass path (the
+    shift=None,
+) -> tuple[torch.Tensor, ...]:
+    """Launch the backward: ``(dx, dweight, dbias)``, and ``dshift`` fourth when ``shift`` is given. Two launches on the one-pass path (the
     kernel, then one column sum for both parameter gradients; one without parameters), three on
     the split path (statistics, finalize with the parameter gradients, apply).
 
@@ -861,9 +952,14 @@ def group_norm_bwd(
     weight, bias: ``[C]`` or None as in the forward; mean, rstd: ``[B, G]`` fp32 from
     :func:`group_norm_fwd`. dx: ``[B, C, *spatial]`` in x's dtype and layout (or written into
     ``out``); dweight, dbias: ``[C]`` in the weight's / bias's dtype, or empty ``[0]`` tensors when
-    that parameter is None. Eager equivalent: autograd through :func:`group_norm_reference`.
+    that parameter is None. shift: the forward's ``[B, C]`` or None; then mean/rstd are the
+    statistics of ``x + shift`` (as the forward returns them) and dshift ``[B, C]`` in shift's
+    dtype is ``dx.sum(spatial)``, computed in fp32 by the kernels that compute dx (no extra
+    launch). Eager equivalent: autograd through :func:`group_norm_reference` (``shift=``).
     """
     silu = _activation_flag(activation)
+    shift = _check_shift(shift, x)
+    has_shift = shift is not None
     x, x_cl = _canonical(x)
     dy, dy_cl = _canonical(dy)
     B, C = x.shape[0], x.shape[1]
@@ -877,43 +973,48 @@ def group_norm_bwd(
     has_w, has_b = weight is not None, bias is not None
     dw = torch.empty_like(weight) if has_w else x.new_empty((0,))
     db = torch.empty_like(bias) if has_b else x.new_empty((0,))
+    dshift = torch.empty((B, C), dtype=shift.dtype, device=x.device) if has_shift else None
     if x.numel() == 0:
-        return dx, dw.zero_(), db.zero_()
+        return (dx, dw.zero_(), db.zero_()) + ((dshift.zero_(),) if has_shift else ())
     w = x if weight is None else weight.contiguous()
     b = x if bias is None else bias.contiguous()
     flags = dict(SILU=silu, HAS_W=has_w, HAS_B=has_b)
     mean, rstd = mean.contiguous(), rstd.contiguous()
     plan = _bwd_plan(B, C, S, G, x_cl, dy_cl, dx_cl, _tuning())
-    part = torch.empty((2, plan.rows, C), dtype=torch.float32, device=x.device)
+    # a third plane (sum xhat per channel and chunk) for the split path's dshift
+    planes = 3 if has_shift and not plan.one_pass else 2
+    part = torch.empty((planes, plan.rows, C), dtype=torch.float32, device=x.device)
     part_plane = plan.rows * C
 
     if plan.one_pass:
         _group_norm_bwd_one_pass_kernel[plan.grid](
-            x, dy, dx, w, b, mean, rstd, part, B, C, S, G, plan.batches_per_program, part_plane,
-            X_CL=x_cl, DY_CL=dy_cl, DX_CL=dx_cl, **flags, **plan.meta,
+            x, dy, dx, w, b, shift, dshift, mean, rstd, part, B, C, S, G, plan.batches_per_program, part_plane,
+            X_CL=x_cl, DY_CL=dy_cl, DX_CL=dx_cl, HAS_SHIFT=has_shift, **flags, **plan.meta,
         )
         if has_w or has_b:
             _column_sum_kernel[plan.sum_grid](
                 part, dw, db, plan.rows, C, part_plane, HAS_W=has_w, HAS_B=has_b, **plan.sum_meta,
             )
-        return dx, dw, db
+        return (dx, dw, db, dshift) if has_shift else (dx, dw, db)
 
     st, ap = plan.stats, plan.apply
     _group_norm_bwd_stats_kernel[st.grid](
-        x, dy, w, b, mean, rstd, part, C, S, G, st.n_chunks, st.tiles_per_program, part_plane,
-        CG=C // G, BLOCK_S=st.BLOCK_S, BLOCK_C=st.BLOCK_C, X_CL=x_cl, DY_CL=dy_cl, **flags, num_warps=SPLIT_WARPS,
+        x, dy, w, b, shift, mean, rstd, part, C, S, G, st.n_chunks, st.tiles_per_program, part_plane,
+        CG=C // G, BLOCK_S=st.BLOCK_S, BLOCK_C=st.BLOCK_C, X_CL=x_cl, DY_CL=dy_cl, HAS_SHIFT=has_shift, **flags,
+        num_warps=SPLIT_WARPS,
     )
     c1 = torch.empty((B, G), dtype=torch.float32, device=x.device)
     c2 = torch.empty((B, G), dtype=torch.float32, device=x.device)
     _group_norm_bwd_finalize_kernel[(G,)](
-        part, w, c1, c2, dw, db, B, C, S, G, st.n_chunks, part_plane, HAS_W=has_w, HAS_B=has_b, **plan.meta,
+        part, w, c1, c2, dw, db, rstd if has_shift else None, dshift, B, C, S, G, st.n_chunks, part_plane,
+        HAS_W=has_w, HAS_B=has_b, HAS_SHIFT=has_shift, **plan.meta,
     )
     _group_norm_bwd_apply_kernel[ap.grid](
-        x, dy, dx, w, b, mean, rstd, c1, c2, C, S, G, ap.tiles_per_program,
-        CG=C // G, BLOCK_S=ap.BLOCK_S, BLOCK_C=ap.BLOCK_C, X_CL=x_cl, DY_CL=dy_cl, DX_CL=dx_cl, **flags,
-        num_warps=SPLIT_WARPS,
+        x, dy, dx, w, b, shift, mean, rstd, c1, c2, C, S, G, ap.tiles_per_program,
+        CG=C // G, BLOCK_S=ap.BLOCK_S, BLOCK_C=ap.BLOCK_C, X_CL=x_cl, DY_CL=dy_cl, DX_CL=dx_cl,
+        HAS_SHIFT=has_shift, **flags, num_warps=SPLIT_WARPS,
     )
-    return dx, dw, db
+    return (dx, dw, db, dshift) if has_shift else (dx, dw, db)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -929,14 +1030,18 @@ def group_norm_reference(
     activation=None,
     *,
     upcast: bool = False,
+    shift=None,
 ) -> torch.Tensor:
     """Eager reference, differentiable by autograd: ``F.group_norm`` then ``F.silu`` when asked.
 
-    x: ``[B, C, *spatial]``; weight, bias: ``[C]`` or None. Returns ``[B, C, *spatial]`` in x's
-    dtype. ``upcast=True`` is the SD U-Net's GroupNorm32: ``F.group_norm(x.float(), ...)`` cast
+    x: ``[B, C, *spatial]``; weight, bias: ``[C]`` or None; shift: ``[B, C]`` or None, first added
+    as diffusers' ResnetBlock2D adds its time embedding: ``x + shift[:, :, None, None]`` (cast to
+    x's dtype, so the sum is rounded to it). Returns ``[B, C, *spatial]`` in x's dtype. ``upcast=True`` is the SD U-Net's GroupNorm32: ``F.group_norm(x.float(), ...)`` cast
     back to x's dtype, then the activation in x's dtype (as ``GroupNorm32`` followed by ``nn.SiLU``).
     Bit-for-bit what plain PyTorch gives.
     """
+    if shift is not None:
+        x = x + shift.to(x.dtype).reshape(tuple(shift.shape) + (1,) * (x.dim() - 2))
     if upcast:
         y = F.group_norm(x.float(), num_groups, weight, bias, eps).type(x.dtype)
     else:

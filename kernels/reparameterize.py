@@ -1,6 +1,9 @@
 """Reparameterize-and-scale of VAE latents: one pass from (mean, logvar) to the scaled latent z.
 
-    z = (mean + exp(0.5 * clamp(logvar, -30, 20)) * eps - shift) * scale
+    z = (mean + exp(0.5 * clamp(logvar, LOGVAR_MIN, LOGVAR_MAX)) * eps - shift) * scale
+
+(LOGVAR_MIN, LOGVAR_MAX = -30, 20, as diffusers' DiagonalGaussianDistribution.) A NaN logvar or
+mean gives a NaN z, as torch.clamp does (Triton's clamp is told to propagate NaN).
 
 eps is a given tensor, or drawn inside the kernel (counter-based Philox, see ``_random.py``) so it
 never touches memory; the backward kernel draws the same eps again from the seed instead of
@@ -30,6 +33,7 @@ def _reparameterize_fwd_kernel(
     K, mean_row_stride, logvar_row_stride, noise_row_stride, n_col_blocks,
     seed, seed_ptr, scale, shift,
     HAS_NOISE: tl.constexpr, SEED_FROM_PTR: tl.constexpr, BLOCK: tl.constexpr,
+    LOGVAR_MIN: tl.constexpr, LOGVAR_MAX: tl.constexpr,
 ):
     i_row, i_col, row, o_col, m_col = row_block(n_col_blocks, K, BLOCK)
     if SEED_FROM_PTR:  # drawn on the device (CUDA-graph replays and compiled graphs draw anew)
@@ -41,7 +45,7 @@ def _reparameterize_fwd_kernel(
         b_eps = tl.load(noise_ptr + row * noise_row_stride + o_col, mask=m_col).to(tl.float32)
     else:
         b_eps = randn_row_block(seed, i_row, i_col * BLOCK, BLOCK)
-    b_std = tl.exp(0.5 * tl.clamp(b_logvar, -30.0, 20.0))
+    b_std = tl.exp(0.5 * tl.clamp(b_logvar, LOGVAR_MIN, LOGVAR_MAX, propagate_nan=tl.PropagateNan.ALL))
     b_z = (b_mean + b_std * b_eps - shift) * scale
     tl.store(z_ptr + row * K + o_col, b_z.to(z_ptr.dtype.element_ty), mask=m_col)
 
@@ -52,6 +56,7 @@ def _reparameterize_bwd_kernel(
     K, grad_row_stride, logvar_row_stride, noise_row_stride, n_col_blocks,
     seed, seed_ptr, scale,
     HAS_NOISE: tl.constexpr, SEED_FROM_PTR: tl.constexpr, BLOCK: tl.constexpr,
+    LOGVAR_MIN: tl.constexpr, LOGVAR_MAX: tl.constexpr,
 ):
     i_row, i_col, row, o_col, m_col = row_block(n_col_blocks, K, BLOCK)
     if SEED_FROM_PTR:
@@ -63,9 +68,11 @@ def _reparameterize_bwd_kernel(
         b_eps = tl.load(noise_ptr + row * noise_row_stride + o_col, mask=m_col).to(tl.float32)
     else:
         b_eps = randn_row_block(seed, i_row, i_col * BLOCK, BLOCK)
-    b_std = tl.exp(0.5 * tl.clamp(b_logvar, -30.0, 20.0))
-    # clamp passes the gradient where min <= logvar <= max, as torch.clamp's backward does.
-    m_inside = (b_logvar >= -30.0) & (b_logvar <= 20.0)
+    b_std = tl.exp(0.5 * tl.clamp(b_logvar, LOGVAR_MIN, LOGVAR_MAX, propagate_nan=tl.PropagateNan.ALL))
+    # clamp passes the gradient where min <= logvar <= max, as torch.clamp's backward does: a NaN
+    # logvar is outside (torch gives dlogvar 0 there, and so does this), a NaN grad or eps inside
+    # gives a NaN dlogvar.
+    m_inside = (b_logvar >= LOGVAR_MIN) & (b_logvar <= LOGVAR_MAX)
     b_dlogvar = tl.where(m_inside, b_g * b_eps * 0.5 * b_std, 0.0)
     tl.store(dmean_ptr + row * K + o_col, b_g.to(dmean_ptr.dtype.element_ty), mask=m_col)
     tl.store(dlogvar_ptr + row * K + o_col, b_dlogvar.to(dlogvar_ptr.dtype.element_ty), mask=m_col)
@@ -93,7 +100,8 @@ def reparameterize_fwd(mean, logvar, noise, seed, scale: float, shift: float) ->
         mean, logvar, noise, z,
         K, mean_rs, logvar_rs, noise_rs, n_col_blocks,
         *seed_args(seed), float(scale), float(shift),
-        HAS_NOISE=has_noise, SEED_FROM_PTR=isinstance(seed, torch.Tensor), BLOCK=block, num_warps=NUM_WARPS,
+        HAS_NOISE=has_noise, SEED_FROM_PTR=isinstance(seed, torch.Tensor), BLOCK=block,
+        LOGVAR_MIN=LOGVAR_MIN, LOGVAR_MAX=LOGVAR_MAX, num_warps=NUM_WARPS,
     )
     return z
 
@@ -103,7 +111,8 @@ def reparameterize_bwd(grad, logvar, noise, seed, scale: float) -> tuple[torch.T
 
     grad: dL/dz, ``[R, *rest]``; logvar and noise (or None with the forward's ``seed``) as in
     :func:`reparameterize_fwd`. dmean = scale * grad;
-    dlogvar = scale * grad * eps * 0.5 * std where -30 <= logvar <= 20, else 0.
+    dlogvar = scale * grad * eps * 0.5 * std where LOGVAR_MIN <= logvar <= LOGVAR_MAX, else 0
+    (0 at a NaN logvar too, as torch.clamp's backward gives).
     """
     dmean = torch.empty(logvar.shape, dtype=logvar.dtype, device=logvar.device)
     dlogvar = torch.empty_like(dmean)
@@ -120,7 +129,8 @@ def reparameterize_bwd(grad, logvar, noise, seed, scale: float) -> tuple[torch.T
         grad, logvar, noise, dmean, dlogvar,
         K, grad_rs, logvar_rs, noise_rs, n_col_blocks,
         *seed_args(seed), float(scale),
-        HAS_NOISE=has_noise, SEED_FROM_PTR=isinstance(seed, torch.Tensor), BLOCK=block, num_warps=NUM_WARPS,
+        HAS_NOISE=has_noise, SEED_FROM_PTR=isinstance(seed, torch.Tensor), BLOCK=block,
+        LOGVAR_MIN=LOGVAR_MIN, LOGVAR_MAX=LOGVAR_MAX, num_warps=NUM_WARPS,
     )
     return dmean, dlogvar
 

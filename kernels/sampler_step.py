@@ -152,7 +152,8 @@ def sampler_step_fwd(model_output, x, coefficients, index, noise, seed, guidance
     an integer tensor ``[]``/``[1]``/``[B]`` on x's device, read in place; asserted in
     ``[0, N)`` on the device with ``check_index``) holds them; noise: x's shape, or None: then with
     ``add_noise`` z is drawn in-kernel from ``seed`` (an int, or a one-element int64 tensor on the
-    device; None when nothing is drawn). Without noise and ``add_noise`` the std term is skipped.
+    device; None when nothing is drawn). Without ``add_noise`` the std term is skipped, whether or
+    not a noise tensor is given (as the eager path does).
     Eager equivalent: :func:`sampler_step_reference`.
     """
     order = memory_order(x)
@@ -164,7 +165,7 @@ def sampler_step_fwd(model_output, x, coefficients, index, noise, seed, guidance
     x_rows, x_rs = as_rows(view(x))
     eps_rows, eps_rs = as_rows(view(model_output))
     out_rs = out_rows.numel() // batch  # contiguous in x's order
-    has_noise = noise is not None
+    has_noise = add_noise and noise is not None  # a given z is ignored without add_noise, as eager does
     noise_rows, noise_rs = as_rows(view(noise)) if has_noise else (x_rows, 0)
     K = out.numel() // batch
     block, n_col_blocks, n_programs = row_blocks(batch, K)

@@ -365,6 +365,127 @@ def test_every_output_element_is_written(path, layout, force_split):
 
 
 # ---------------------------------------------------------------------------------------------
+# shift (issue #16): y = GroupNorm(x + shift[:, :, None, None]) without materializing the sum, as
+# diffusers' ResnetBlock2D does before norm2 (``h = conv1(h) + temb[:, :, None, None]``). The
+# launchers are called directly (the public op does not take a shift yet).
+
+# (x dtype, activation, shift dtype): the shift in x's dtype, or fp32 beside a low-precision x
+SHIFT_DTYPES = [(torch.float32, None, torch.float32), (torch.float16, "silu", torch.float16),
+                (torch.bfloat16, "silu", torch.float32)]
+SHIFT_DTYPE_IDS = ["fp32-plain", "fp16-silu", "bf16-silu-fp32-shift"]
+# (shape, groups): 3 channels per group over 35 positions (masked tails, straddling channel
+# blocks); a group of one channel (dshift is then 0: each channel's dx sums to 0)
+SHIFT_SHAPES = {"cg3-7x5": ((2, 12, 7, 5), 4), "group-of-1-channel": ((2, 8, 5, 3), 8)}
+
+
+def _shift_inputs(shape, dtype, shift_dtype, channels_last):
+    x, weight, bias = _inputs(shape, dtype)
+    g = torch.Generator().manual_seed(5)
+    shift = (3 * torch.randn(shape[:2], generator=g)).to(shift_dtype)  # of the order of x's spread and more
+    grad = torch.randn(shape, generator=g).to(dtype)
+    if channels_last:
+        x, grad = _channels_last(x), _channels_last(grad)
+    return x, weight, bias, shift, grad
+
+
+def _shift_references(x, groups, weight, bias, shift, eps, activation, grad):
+    """{cast: (y, dx, dweight, dbias, dshift)} by autograd through ``group_norm_reference(...,
+    shift=)`` at float64 (exact) and at x's dtype (eager; the parameters fp32 as in _reference)."""
+    results = {}
+    for cast in (torch.float64, x.dtype):
+        pcast = torch.float64 if cast == torch.float64 else torch.float32
+        leaves = [x.detach().to(cast), weight.detach().to(pcast), bias.detach().to(pcast),
+                  shift.detach().to(torch.float64 if cast == torch.float64 else shift.dtype)]
+        leaves = [t.requires_grad_() for t in leaves]
+        y = group_norm_reference(leaves[0], groups, leaves[1], leaves[2], eps, activation, shift=leaves[3])
+        y.backward(grad.to(cast))
+        results[cast] = (y.detach(),) + tuple(t.grad for t in leaves)
+    return results[torch.float64], results[x.dtype]
+
+
+@pytest.mark.parametrize("dtype, activation, shift_dtype", SHIFT_DTYPES, ids=SHIFT_DTYPE_IDS)
+@pytest.mark.parametrize("layout", ["nchw", "channels-last"])
+@pytest.mark.parametrize("path", ["one-pass", "split"])
+@pytest.mark.parametrize("shape, groups", SHIFT_SHAPES.values(), ids=SHIFT_SHAPES.keys())
+def test_shift_forward_and_backward(shape, groups, path, layout, dtype, activation, shift_dtype, force_split,
+                                    monkeypatch, poison):
+    """y, mean/rstd, dx, dweight, dbias and dshift of the fused shift against F.group_norm(x + shift)
+    by autograd, float64 and eager, on both paths (the split one over several chunks) and layouts."""
+    if path == "split":
+        force_split()
+    spies = {name: _LaunchSpy(getattr(gn, name)) for name in (
+        "_group_norm_fwd_one_pass_kernel", "_group_norm_fwd_apply_kernel",
+        "_group_norm_bwd_one_pass_kernel", "_group_norm_bwd_finalize_kernel")}
+    for name, spy in spies.items():
+        monkeypatch.setattr(gn, name, spy)
+    x, weight, bias, shift, grad = _shift_inputs(shape, dtype, shift_dtype, layout == "channels-last")
+    eps = 1e-5
+    y, mean, rstd = gn.group_norm_fwd(x, weight, bias, groups, eps, activation, shift=shift)
+    dx, dw, db, dshift = gn.group_norm_bwd(grad, x, weight, bias, mean, rstd, groups, activation, shift=shift)
+    one_pass = path == "one-pass"
+    assert [s.launches for s in spies.values()] == ([1, 0, 1, 0] if one_pass else [0, 1, 0, 1])
+    assert y.stride() == x.stride() and dx.stride() == x.stride()
+    assert dshift.shape == shift.shape and dshift.dtype == shift.dtype
+    exact, eager = _shift_references(x, groups, weight, bias, shift, eps, activation, grad)
+    for got, ex, ea in zip((y, dx, dw, db, dshift), exact, eager):
+        assert_close_to_exact(got, ex, ea.to(got.dtype))
+    xs = x.double() + shift.double()[:, :, None, None]
+    torch.testing.assert_close(mean.double(), xs.reshape(shape[0], groups, -1).mean(-1), rtol=0, atol=1e-5)
+    torch.testing.assert_close(rstd.double(), torch.rsqrt(xs.reshape(shape[0], groups, -1).var(-1, unbiased=False)
+                                                         + eps), rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("path", ["one-pass", "split"])
+def test_shift_without_affine_and_into_out(path, force_split, poison):
+    """No weight or bias, y and dx written into NaN-filled buffers of the other layout: every
+    element written, the shift still applied."""
+    if path == "split":
+        force_split()
+    x, _, _, shift, grad = _shift_inputs((2, 12, 7, 5), torch.float16, torch.float16, False)
+    y, mean, rstd = gn.group_norm_fwd(x, None, None, 4, 1e-5, "silu", shift=shift, out=nan_like(_channels_last(x)))
+    dx, dw, db, dshift = gn.group_norm_bwd(grad, x, None, None, mean, rstd, 4, "silu", shift=shift,
+                                           out=nan_like(_channels_last(x)))
+    assert dw.numel() == 0 and db.numel() == 0 and torch.isfinite(y).all() and torch.isfinite(dx).all()
+    xr, sr = x.double().requires_grad_(), shift.double().requires_grad_()
+    ref = group_norm_reference(xr, 4, None, None, 1e-5, "silu", shift=sr)
+    ref.backward(grad.double())
+    eager = group_norm_reference(x, 4, None, None, 1e-5, "silu", shift=shift)
+    assert_close_to_exact(y, ref.detach(), eager)
+    torch.testing.assert_close(dx.double(), xr.grad, rtol=0, atol=2e-2)
+    torch.testing.assert_close(dshift.double(), sr.grad, rtol=0, atol=5e-2)
+
+
+def test_shift_none_is_the_plain_norm(poison):
+    """shift=None keeps the three-tuple backward and the plain statistics; a zero shift equals it."""
+    x, weight, bias, _, grad = _shift_inputs((2, 12, 7, 5), torch.float32, torch.float32, False)
+    y, mean, rstd = gn.group_norm_fwd(x, weight, bias, 4, 1e-5, "silu")
+    y0, mean0, rstd0 = gn.group_norm_fwd(x, weight, bias, 4, 1e-5, "silu", shift=torch.zeros(2, 12))
+    assert torch.equal(y, y0) and torch.equal(mean, mean0) and torch.equal(rstd, rstd0)
+    plain = gn.group_norm_bwd(grad, x, weight, bias, mean, rstd, 4, "silu")
+    shifted = gn.group_norm_bwd(grad, x, weight, bias, mean, rstd, 4, "silu", shift=torch.zeros(2, 12))
+    assert len(plain) == 3 and len(shifted) == 4
+    for a, b in zip(plain, shifted):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(shifted[3], plain[0].sum((2, 3)), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "shift, error, match",
+    [(torch.zeros(2, 11), ValueError, r"shift must have the shape \[B, C\] = \(2, 12\)"),
+     (torch.zeros(2, 12, dtype=torch.int32), TypeError, "shift must be a floating-point"),
+     ([0.0] * 12, TypeError, "shift must be a torch.Tensor"),
+     (torch.zeros(2, 12, device="meta"), ValueError, "shift is on meta")],
+    ids=["shape", "int-dtype", "not-tensor", "device"],
+)
+def test_bad_shift_names_the_argument(shift, error, match):
+    x = torch.zeros(2, 12, 3, 3)
+    with pytest.raises(error, match=match):
+        gn.group_norm_fwd(x, None, None, 4, 1e-5, shift=shift)
+    with pytest.raises(error, match=match):
+        gn.group_norm_bwd(x, x, None, None, torch.zeros(2, 4), torch.ones(2, 4), 4, shift=shift)
+
+
+# ---------------------------------------------------------------------------------------------
 # modules
 
 

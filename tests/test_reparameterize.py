@@ -72,6 +72,65 @@ def test_logvar_clamp():
     torch.testing.assert_close(z, expected.expand(2, 4))
 
 
+def _special_inputs(dtype):
+    """Rows of NaN / +-inf logvar and NaN mean among ordinary values (issue #17 item 3)."""
+    mean, logvar, noise = _inputs((3, 2, 5, 7), dtype, seed=4)
+    nan, inf = float("nan"), float("inf")
+    logvar[0, 0, 0, :4] = torch.tensor([nan, inf, -inf, nan])
+    logvar[1, 1, 2, 3] = nan
+    mean[0, 1, 1, :2] = nan
+    mean[2, 0, 4, 6] = nan
+    logvar[2, 0, 4, 5] = inf
+    return mean, logvar, noise
+
+
+def _assert_same_with_nan(out, expected):
+    """Equal NaN positions, and the rest within torch's per-dtype tolerance of ``expected``."""
+    assert torch.equal(out.isnan(), expected.isnan()), (out.isnan().nonzero(), expected.isnan().nonzero())
+    keep = ~expected.isnan()
+    torch.testing.assert_close(out[keep], expected[keep])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("in_kernel_noise", [False, True], ids=["given-noise", "in-kernel-noise"])
+def test_nan_propagates_and_inf_logvar_is_clamped(dtype, in_kernel_noise, poison, triton_backend):
+    """A NaN logvar or mean gives a NaN z (tl.clamp alone maps NaN to the lower limit); +-inf
+    logvar clamps to exp(0.5 * 20) / exp(0.5 * -30), as eager and torch.clamp."""
+    mean, logvar, noise = _special_inputs(dtype)
+    z = F.reparameterize(mean, logvar, noise=None if in_kernel_noise else noise, seed=3, scale=0.5, shift=0.1)
+    assert triton_backend("reparameterize")
+    expected_nan = mean.isnan() | logvar.isnan()
+    assert torch.equal(z.isnan(), expected_nan) and torch.isfinite(z[~expected_nan]).all()
+    if not in_kernel_noise:
+        _assert_same_with_nan(z, reparameterize_reference(mean, logvar, noise, 0.5, 0.1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nan_propagates_from_moments(dtype, poison, triton_backend):
+    mean, logvar, noise = _special_inputs(dtype)
+    z = F.reparameterize_moments(torch.cat([mean, logvar], dim=1), noise=noise, scale=0.18215)
+    assert triton_backend("reparameterize")
+    _assert_same_with_nan(z, reparameterize_reference(mean, logvar, noise, 0.18215))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gradients_at_nan_and_inf_match_torch_clamp(dtype, poison, triton_backend):
+    """dmean = scale * grad everywhere; dlogvar is torch.clamp's: 0 at a NaN or +-inf logvar (outside
+    [min, max]), NaN where the upstream gradient is NaN inside the range."""
+    mean, logvar, noise = _special_inputs(dtype)
+    grad = torch.randn(mean.shape, generator=torch.Generator().manual_seed(9)).to(dtype)
+    grad[1, 0, 0, :3] = float("nan")
+    m, lv = mean.clone().requires_grad_(), logvar.clone().requires_grad_()
+    F.reparameterize(m, lv, noise=noise, scale=0.5, shift=0.1).backward(grad)
+    assert triton_backend("reparameterize")
+    em, elv = mean.clone().requires_grad_(), logvar.clone().requires_grad_()
+    reparameterize_reference(em, elv, noise, 0.5, 0.1).backward(grad)
+    assert (elv.grad[logvar.isnan() | logvar.isinf()] == 0).all()  # what torch gives
+    assert elv.grad.isnan().any()
+    _assert_same_with_nan(m.grad, em.grad)
+    _assert_same_with_nan(lv.grad, elv.grad)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("in_kernel_noise", [False, True], ids=["given-noise", "in-kernel-noise"])
 def test_gradients(dtype, in_kernel_noise, triton_backend):

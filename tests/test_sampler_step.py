@@ -96,6 +96,28 @@ def test_in_kernel_noise_is_the_philox_stream_of_the_seed(dtype, method, eta, po
     assert not torch.equal(out, F.sampler_step(eps, x, alpha_t, alpha_prev, seed=12, **kwargs))
 
 
+@pytest.mark.parametrize("coefficients", ["alphas", "table"])
+def test_add_noise_false_ignores_a_given_noise(coefficients, poison, triton_backend):
+    """Issue #17 item 2: ``noise=z, add_noise=False`` adds no noise under the kernel, as eager."""
+    x, eps, noise = _inputs((2, 4, 6, 5), torch.float16, cfg=True)
+    alpha_t, alpha_prev = _alphas("ddpm", 500, 499)
+    coefs = step_coefficients(alpha_t, alpha_prev, "ddpm")
+    assert coefs.std > 0
+    if coefficients == "table":
+        kwargs = dict(coefficients=_table([coefs]), index=0)
+    else:
+        kwargs = dict(alpha_t=alpha_t, alpha_prev=alpha_prev, method="ddpm")
+    out = F.sampler_step(eps, x, guidance_scale=3.0, noise=noise, add_noise=False, **kwargs)
+    assert triton_backend("sampler_step")
+    with ldm_fast.use_backend("eager"):
+        eager = F.sampler_step(eps, x, guidance_scale=3.0, noise=noise, add_noise=False, **kwargs)
+    expected = sampler_step_reference(eps, x, coefs, None, 3.0)
+    torch.testing.assert_close(eager, expected, rtol=0, atol=0)
+    torch.testing.assert_close(out, expected, rtol=0, atol=2e-3)
+    exact = sampler_step_reference(eps.double(), x.double(), coefs, None, 3.0)
+    assert_close_to_exact(out, exact, expected)
+
+
 def test_in_kernel_noise_statistics(triton_backend):
     x, eps = torch.zeros(4, 4, 64, 64), torch.zeros(4, 4, 64, 64)
     alpha_t, alpha_prev = _alphas("ddim", 981, 961)
