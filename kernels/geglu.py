@@ -20,7 +20,8 @@ gelu'(x) = 0.5 * (1 + t) + 0.5 * x * (1 - t^2) * sqrt(2/pi) * (1 + 3 * 0.044715 
 
 Math in fp32 whatever the storage dtype. Tensors are R rows (every leading dimension) of 2F
 elements; the last dimension must be contiguous, rows may be strided (a row stride that is not a
-single stride over the leading dimensions costs a copy). Row offsets are int64.
+single stride over the leading dimensions costs a copy). Each program takes a tile of ROWS rows x
+BLOCK columns of 4096 elements (:func:`_plan`); row offsets are int64.
 """
 
 from __future__ import annotations
@@ -30,11 +31,11 @@ import functools
 import torch
 import torch.nn.functional as TF
 
-from ._layout import MAX_BLOCK, row_block
 from ._triton import cdiv, next_pow2, tl, triton
 
 APPROXIMATE = ("none", "tanh")
-NUM_WARPS = 4
+NUM_WARPS = 8
+TILE = 4096  # elements per program: 16 per thread
 MIN_BLOCK = 128
 
 
@@ -62,49 +63,64 @@ def _gelu_and_grad(b_x, TANH: tl.constexpr, WITH_GRAD: tl.constexpr):
 
 
 @triton.jit
+def _tile(n_col_blocks, R, F, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's tile of ROWS rows x BLOCK columns: ``(o_row [ROWS, 1] int64, o_col [1, BLOCK], mask)``."""
+    i_pid = tl.program_id(0)
+    i_rows = i_pid // n_col_blocks
+    i_col = i_pid % n_col_blocks
+    o_row = (i_rows.to(tl.int64) * ROWS + tl.arange(0, ROWS))[:, None]
+    o_col = (i_col * BLOCK + tl.arange(0, BLOCK))[None, :]
+    return o_row, o_col, (o_row < R) & (o_col < F)
+
+
+@triton.jit
 def _geglu_fwd_kernel(
     proj_ptr, out_ptr,  # proj [R, 2F] (row stride below, last dim contiguous); out [R, F] contiguous
-    F, proj_row_stride, n_col_blocks,
-    TANH: tl.constexpr, BLOCK: tl.constexpr,
+    R, F, proj_row_stride, n_col_blocks,
+    TANH: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    i_row, i_col, row, o_col, m_col = row_block(n_col_blocks, F, BLOCK)
-    p_hidden = proj_ptr + row * proj_row_stride + o_col
-    b_hidden = tl.load(p_hidden, mask=m_col).to(tl.float32)
-    b_gate = tl.load(p_hidden + F, mask=m_col).to(tl.float32)
+    o_row, o_col, m = _tile(n_col_blocks, R, F, ROWS, BLOCK)
+    p_hidden = proj_ptr + o_row * proj_row_stride + o_col
+    b_hidden = tl.load(p_hidden, mask=m).to(tl.float32)
+    b_gate = tl.load(p_hidden + F, mask=m).to(tl.float32)
     b_gelu, _ = _gelu_and_grad(b_gate, TANH, False)
-    tl.store(out_ptr + row * F + o_col, (b_hidden * b_gelu).to(out_ptr.dtype.element_ty), mask=m_col)
+    tl.store(out_ptr + o_row * F + o_col, (b_hidden * b_gelu).to(out_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
 def _geglu_bwd_kernel(
     grad_ptr, proj_ptr, dproj_ptr,  # grad [R, F], proj [R, 2F] (row strides below); dproj [R, 2F] contiguous
-    F, grad_row_stride, proj_row_stride, n_col_blocks,
-    TANH: tl.constexpr, BLOCK: tl.constexpr,
+    R, F, grad_row_stride, proj_row_stride, n_col_blocks,
+    TANH: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    i_row, i_col, row, o_col, m_col = row_block(n_col_blocks, F, BLOCK)
-    b_g = tl.load(grad_ptr + row * grad_row_stride + o_col, mask=m_col).to(tl.float32)
-    p_hidden = proj_ptr + row * proj_row_stride + o_col
-    b_hidden = tl.load(p_hidden, mask=m_col).to(tl.float32)
-    b_gate = tl.load(p_hidden + F, mask=m_col).to(tl.float32)
+    o_row, o_col, m = _tile(n_col_blocks, R, F, ROWS, BLOCK)
+    b_g = tl.load(grad_ptr + o_row * grad_row_stride + o_col, mask=m).to(tl.float32)
+    p_hidden = proj_ptr + o_row * proj_row_stride + o_col
+    b_hidden = tl.load(p_hidden, mask=m).to(tl.float32)
+    b_gate = tl.load(p_hidden + F, mask=m).to(tl.float32)
     b_gelu, b_dgelu = _gelu_and_grad(b_gate, TANH, True)
-    p_dhidden = dproj_ptr + row * (2 * F) + o_col
-    tl.store(p_dhidden, (b_g * b_gelu).to(dproj_ptr.dtype.element_ty), mask=m_col)
-    tl.store(p_dhidden + F, (b_g * b_hidden * b_dgelu).to(dproj_ptr.dtype.element_ty), mask=m_col)
+    p_dhidden = dproj_ptr + o_row * (2 * F) + o_col
+    tl.store(p_dhidden, (b_g * b_gelu).to(dproj_ptr.dtype.element_ty), mask=m)
+    tl.store(p_dhidden + F, (b_g * b_hidden * b_dgelu).to(dproj_ptr.dtype.element_ty), mask=m)
 
 
 @functools.lru_cache(maxsize=1024)
-def _plan(rows: int, F: int) -> tuple[int, int, int]:
-    """``(BLOCK, column blocks per row, programs)``: the largest power-of-two block (128 to 1024)
-    that divides F, so no lane is masked off (F = 1280: 256); else the smallest that covers F up to
-    1024."""
-    block = min(MAX_BLOCK, max(MIN_BLOCK, next_pow2(F)))
+def _plan(R: int, F: int) -> tuple[int, int, int, int]:
+    """``(ROWS, BLOCK, column blocks per row, programs)`` for tiles of TILE elements.
+
+    BLOCK is the largest power of two from 128 to TILE that divides F, so no lane is masked off
+    (F = 1280: 256; 2560: 512), else the smallest that covers F, up to TILE (F = 77: 128); a tile
+    holds ``ROWS = TILE / BLOCK`` rows (16 elements per thread at 8 warps: 128-bit accesses).
+    """
+    block = min(TILE, max(MIN_BLOCK, next_pow2(F)))
     divisor = block
     while divisor >= MIN_BLOCK and F % divisor:
         divisor //= 2
     if divisor >= MIN_BLOCK:
         block = divisor
+    rows = TILE // block
     n_col_blocks = cdiv(F, block)
-    return block, n_col_blocks, rows * n_col_blocks
+    return rows, block, n_col_blocks, cdiv(R, rows) * n_col_blocks
 
 
 def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -150,10 +166,11 @@ def geglu_fwd(proj: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     if out.numel() == 0:
         return out
     proj, proj_rs = _rows(proj)
-    block, n_col_blocks, n_programs = _plan(out.numel() // F, F)
+    R = out.numel() // F
+    rows, block, n_col_blocks, n_programs = _plan(R, F)
     _geglu_fwd_kernel[(n_programs,)](
-        proj, out, F, proj_rs, n_col_blocks,
-        TANH=approximate == "tanh", BLOCK=block, num_warps=NUM_WARPS,
+        proj, out, R, F, proj_rs, n_col_blocks,
+        TANH=approximate == "tanh", ROWS=rows, BLOCK=block, num_warps=NUM_WARPS,
     )
     return out
 
@@ -174,10 +191,11 @@ def geglu_bwd(grad: torch.Tensor, proj: torch.Tensor, approximate: str = "none")
         return dproj
     grad, grad_rs = _rows(grad)
     proj, proj_rs = _rows(proj)
-    block, n_col_blocks, n_programs = _plan(grad.numel() // F, F)
+    R = grad.numel() // F
+    rows, block, n_col_blocks, n_programs = _plan(R, F)
     _geglu_bwd_kernel[(n_programs,)](
-        grad, proj, dproj, F, grad_rs, proj_rs, n_col_blocks,
-        TANH=approximate == "tanh", BLOCK=block, num_warps=NUM_WARPS,
+        grad, proj, dproj, R, F, grad_rs, proj_rs, n_col_blocks,
+        TANH=approximate == "tanh", ROWS=rows, BLOCK=block, num_warps=NUM_WARPS,
     )
     return dproj
 

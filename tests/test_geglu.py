@@ -17,11 +17,12 @@ from _numerics import assert_close_to_exact
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 APPROXIMATE = ["none", "tanh"]
 SHAPES = {  # proj [..., 2F]
-    "sd-ff-scaled": (2, 77, 2 * 320),  # SD's [B, tokens, 2 * 4 * 320] scaled down to F = 320 (one block of 512)
-    "sd-1280-rows": (3, 2 * 1280),  # SD's F = 1280: five blocks of 256, none masked
+    "sd-ff-scaled": (2, 77, 2 * 320),  # SD's [B, tokens, 2 * 4 * 320] scaled down to F = 320 (tiles of 8 rows x 512 columns)
+    "sd-1280-rows": (3, 2 * 1280),  # SD's F = 1280: five blocks of 256 columns, 3 of a tile's 16 rows
     "tokens-odd-F130": (1, 256, 2 * 130),  # [1, 4096 tokens] scaled down; F = 130: one partial block
     "odd-F77": (2, 77, 2 * 77),
-    "multi-block-partial": (2, 3, 2 * 1100),  # two blocks of 1024, the last mostly masked
+    "multi-block-partial": (2, 3, 2 * 4100),  # two blocks of 4096 columns, the last 4 lanes in use
+    "odd-F1100": (2, 3, 2 * 1100),  # one block of 2048 columns, 948 lanes masked
     "one-row": (2 * 77,),
 }
 
@@ -149,8 +150,10 @@ def test_bad_arguments_name_the_argument():
 
 
 def test_block_plan():
-    """F = 1280 (SD 1.5's first level) and 2560 use whole blocks: no masked lane."""
-    assert geglu._plan(8192, 1280)[:2] == (256, 5)
-    assert geglu._plan(8192, 2560)[:2] == (512, 5)
-    assert geglu._plan(4, 77)[:2] == (128, 1)
-    assert geglu._plan(4, 1100)[:2] == (1024, 2)
+    """Tiles of 4096 elements; F = 1280 and 2560 (SD 1.5's first two levels) in whole blocks: no masked lane."""
+    assert geglu._plan(8192, 1280) == (16, 256, 5, 512 * 5)
+    assert geglu._plan(8192, 2560) == (8, 512, 5, 1024 * 5)
+    assert geglu._plan(5, 77) == (32, 128, 1, 1)
+    assert geglu._plan(6, 1100) == (2, 2048, 1, 3)
+    assert geglu._plan(6, 5120) == (4, 1024, 5, 10)
+    assert geglu._plan(6, 4100) == (1, 4096, 2, 12)
