@@ -262,7 +262,14 @@ def main(argv=None) -> int:
                         help="with --e2e on a CPU: run the torch.compile variants too (minutes on 2 cores)")
     parser.add_argument("--e2e-scenarios", default="",
                         help="with --e2e: comma-separated scenario names (default: all)")
+    parser.add_argument("--model", action="store_true",
+                        help="only the whole-model instrument (benchmarks/model.py): SD 1.5 U-Net / VAE on fake "
+                             "tensors, launches and bytes by kind, eager vs optimize, H100 estimate; writes model.json")
     args = parser.parse_args(argv)
+    if args.model:
+        from . import model
+
+        return model.main(quick=args.quick, out_dir=Path(args.out))
     if args.host or args.e2e:
         return _host_e2e(args, argv)
     started = time.perf_counter()
