@@ -36,14 +36,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import functional as F
+from . import functional as lf
+from ._loop import mix_seed, progress_bar
 from .kernels.sampler_step import NUM_COEFFICIENTS, StepCoefficients, step_coefficients
 from .schedules import Schedule
 
 __all__ = ["DDIMSampler", "DDPMSampler", "SPACINGS", "StepCoefficients", "make_timesteps", "step_coefficients"]
 
 SPACINGS = ("leading", "trailing", "linspace")
-_MASK64 = (1 << 64) - 1
 _STEP_SALT, _MASK_SALT, _START_SALT = 0x51A3, 0x3A5C, 0x57A7
 
 
@@ -81,24 +81,6 @@ def _alphas_cumprod(schedule) -> Tensor:
     return table
 
 
-def _mix(seed: int, step: int, salt: int) -> int:
-    """An independent seed in [0, 2**63) for (seed, step, salt): splitmix64, on the host."""
-    z = (seed + (step + 1) * 0x9E3779B97F4A7C15 + salt * 0xD1B54A32D192ED03) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return (z ^ (z >> 31)) >> 1
-
-
-def _progress(iterable, enabled: bool, total: int):
-    if not enabled:
-        return iterable
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is optional: a plain loop
-        return iterable
-    return tqdm(iterable, total=total)
-
-
 def _module_attr(model_fn, attr: str):
     """``device``/``dtype`` of model_fn's first parameter when it is an nn.Module, else None."""
     if isinstance(model_fn, torch.nn.Module):
@@ -130,7 +112,7 @@ class _Sampler:
         for t, p in zip(ts, self.prev_timesteps):
             alpha_prev = abar[p] if p >= 0 else self.final_alpha_cumprod
             # the checked coefficients (a readable error here for a bad schedule or eta)
-            self._steps.append(F._check_step_coefficients(abar[t], alpha_prev, self.method, self.eta))
+            self._steps.append(lf._check_step_coefficients(abar[t], alpha_prev, self.method, self.eta))
         self.stochastic = any(c.std > 0.0 for c in self._steps)
         self._tables: dict = {}
         self._device_alphas: dict = {}
@@ -165,7 +147,7 @@ class _Sampler:
 
     def coefficient_table(self, device) -> Tensor:
         """float32 ``[T, 6]`` on ``device``: row t holds the coefficients of the step from timestep t
-        (NaN for timesteps this sampler never visits), for ``F.sampler_step(..., coefficients=table,
+        (NaN for timesteps this sampler never visits), for ``lf.sampler_step(..., coefficients=table,
         index=t)`` with t on the device. Built once per device."""
         device = torch.device(device)
         table = self._tables.get(device)
@@ -186,11 +168,11 @@ class _Sampler:
         ``noise``, or drawn in-kernel from ``seed``.
         """
         if isinstance(t, Tensor) and t.device.type != "cpu":
-            return F.sampler_step(model_output, x, coefficients=self.coefficient_table(t.device), index=t,
-                                  add_noise=self.stochastic, guidance_scale=guidance_scale,
-                                  clip_sample=self.clip_sample, noise=noise, seed=seed)
-        return F.sampler_step(model_output, x, coefficients=self._steps[self._step_index(t)],
-                              guidance_scale=guidance_scale, clip_sample=self.clip_sample, noise=noise, seed=seed)
+            return lf.sampler_step(model_output, x, coefficients=self.coefficient_table(t.device), index=t,
+                                   add_noise=self.stochastic, guidance_scale=guidance_scale,
+                                   clip_sample=self.clip_sample, noise=noise, seed=seed)
+        return lf.sampler_step(model_output, x, coefficients=self._steps[self._step_index(t)],
+                               guidance_scale=guidance_scale, clip_sample=self.clip_sample, noise=noise, seed=seed)
 
     # -----------------------------------------------------------------------------------------
     # the loop
@@ -275,7 +257,7 @@ class _Sampler:
                 fits = False
             if not fits:
                 raise ValueError(f"mask must broadcast to x's shape {shape}, got {tuple(mask.shape)}")
-        F._check_seed(seed)
+        lf._check_seed(seed)
         base = seed if seed is not None else int(torch.randint(0, 2**62, ()))
 
         def draw_noise():
@@ -291,22 +273,27 @@ class _Sampler:
         else:
             alphas = self._alphas_on(device)
             noise = x_T.to(device=device, dtype=dtype) if x_T is not None else None
-            x, _ = F.q_sample(x0, timesteps[start], alphas, noise=noise, seed=_mix(base, start, _START_SALT))
+            x, _ = lf.q_sample(x0, timesteps[start], alphas, noise=noise, seed=mix_seed(base, start, _START_SALT))
 
         steps_on_device = self.timesteps.to(device)
         batch = shape[0] * (2 if cfg else 1)
-        for i in _progress(range(start, len(timesteps)), progress, len(timesteps) - start):
+        bar = progress_bar(progress, len(timesteps) - start)
+        for i in range(start, len(timesteps)):
             t = timesteps[i]
             if mask is not None:  # the kept region, noised to t, before the step (CompVis)
-                known, _ = F.q_sample(x0, t, self._alphas_on(device), seed=_mix(base, i, _MASK_SALT))
+                known, _ = lf.q_sample(x0, t, self._alphas_on(device), seed=mix_seed(base, i, _MASK_SALT))
                 x = torch.lerp(x, known, mask)
             t_model = steps_on_device[i].expand(batch)
             if cfg:
                 eps = model_fn(torch.cat([x, x]), t_model, model_cond)
-                x = self.step(eps, t, x, guidance_scale=guidance_scale, seed=_mix(base, i, _STEP_SALT))
+                x = self.step(eps, t, x, guidance_scale=guidance_scale, seed=mix_seed(base, i, _STEP_SALT))
             else:
                 eps = model_fn(x, t_model, model_cond)
-                x = self.step(eps, t, x, seed=_mix(base, i, _STEP_SALT))
+                x = self.step(eps, t, x, seed=mix_seed(base, i, _STEP_SALT))
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
         return x
 
     def img2img(self, model_fn, x0: Tensor, strength: float = 0.75, *, noise: Optional[Tensor] = None,

@@ -55,7 +55,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from . import functional as F
+from . import functional as lf
+from ._loop import mix_seed, progress_bar
 from .models.autoencoder import DiagonalGaussianDistribution
 from .schedules import Schedule, make_schedule
 
@@ -65,7 +66,6 @@ __all__ = [
 ]
 
 CHECKPOINT_FORMAT = "ldm_fast.train/1"
-_MASK64 = (1 << 64) - 1
 _BATCH_SALT, _POSTERIOR_SALT, _NOISE_SALT, _T_SALT = 0xBA7C, 0x9057, 0x4015E, 0x7177
 
 
@@ -165,14 +165,6 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 # the shared loop
 
 
-def _mix(seed: int, step: int, salt: int, rank: int = 0) -> int:
-    """An independent seed in [0, 2**63) for (seed, step, salt, rank): splitmix64 on the host."""
-    z = (seed + (step + 1) * 0x9E3779B97F4A7C15 + salt * 0xD1B54A32D192ED03 + rank * 0x8CB92BA72F3D8DD7) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return (z ^ (z >> 31)) >> 1
-
-
 class _Batches:
     """Rank ``rank``'s rows of the global batch of each step: per-epoch permutations of ``n`` rows
     seeded by ``(seed, epoch)``, ``global_batch`` rows a step (drop-last), one contiguous shard per rank."""
@@ -190,20 +182,10 @@ class _Batches:
         """int64 ``[batch_size]`` row indices (CPU) for ``step``."""
         epoch, k = divmod(step, self.steps_per_epoch)
         if epoch != self._epoch:
-            g = torch.Generator().manual_seed(_mix(self.seed, epoch, _BATCH_SALT))
+            g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, _BATCH_SALT))
             self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
         start = k * self.global_batch + self.rank * self.batch_size
         return self._perm[start:start + self.batch_size]
-
-
-def _progress_bar(total: int, initial: int, desc: str, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is optional: _fit prints a line every log_every steps instead
-        return None
-    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
 
 
 def _fit(
@@ -258,7 +240,7 @@ def _fit(
         ids = [device.index] if device.type == "cuda" else None
         wrapped = nn.parallel.DistributedDataParallel(loss_module, device_ids=ids)
     batches = _Batches(n_rows, batch_size, info, seed)
-    bar = _progress_bar(steps, min(step, steps), kind, progress and info.is_main)
+    bar = progress_bar(progress and info.is_main, steps, min(step, steps), kind)
     pending: list[Tensor] = []  # detached losses not yet read on the host (one sync per log interval)
     start_time, start_step = time.perf_counter(), step
 
@@ -408,7 +390,7 @@ def train_vae(
 
     def batch_fn(indices: Tensor, step: int, rank: int):
         x = data[indices.to(data.device)].to(device, non_blocking=True)
-        return x, _mix(seed, step, _POSTERIOR_SALT, rank)
+        return x, mix_seed(seed, step, _POSTERIOR_SALT, rank)
 
     return _fit("vae", vae, loss_module, batch_fn, data.shape[0], steps=steps, batch_size=batch_size, lr=lr,
                 weight_decay=weight_decay, max_grad_norm=max_grad_norm, seed=seed, checkpoint=checkpoint,
@@ -451,7 +433,7 @@ class _DenoiserLoss(nn.Module):
         self.context = context
 
     def forward(self, z0: Tensor, t: Tensor, seed: int) -> Tensor:
-        z_t, eps = F.q_sample(z0, t, self.alphas_cumprod, seed=seed)  # noise drawn in the kernel; eps is the target
+        z_t, eps = lf.q_sample(z0, t, self.alphas_cumprod, seed=seed)  # noise drawn in the kernel; eps is the target
         if self.context is None:
             pred = self.denoiser(z_t, t)
         else:
@@ -524,12 +506,12 @@ def train_denoiser(
                 posterior = DiagonalGaussianDistribution(moments[indices.to(moments.device)])
             else:
                 posterior = vae.encode(data[indices.to(data.device)].to(device, non_blocking=True))
-            z0 = posterior.sample(seed=_mix(seed, step, _POSTERIOR_SALT, rank), scale=scale)
+            z0 = posterior.sample(seed=mix_seed(seed, step, _POSTERIOR_SALT, rank), scale=scale)
         # timesteps of the global batch, the same on every rank; this rank's shard of them
-        g = torch.Generator().manual_seed(_mix(seed, step, _T_SALT))
+        g = torch.Generator().manual_seed(mix_seed(seed, step, _T_SALT))
         t = torch.randint(0, num_steps, (batch_size * info.world_size,), generator=g)
         t = t[info.rank * batch_size:(info.rank + 1) * batch_size].to(device, non_blocking=True)
-        return z0, t, _mix(seed, step, _NOISE_SALT, rank)
+        return z0, t, mix_seed(seed, step, _NOISE_SALT, rank)
 
     return _fit("denoiser", denoiser, loss_module, batch_fn, data.shape[0], steps=steps, batch_size=batch_size,
                 lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm, seed=seed, checkpoint=checkpoint,
