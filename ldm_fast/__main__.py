@@ -381,7 +381,7 @@ def vector_demo(args, info, device) -> Optional[dict]:
 
     t0 = time.perf_counter()
     scale = latent_scale(vae, data, seed=args.seed)
-    schedule = mlp.make_schedule(denoiser.num_steps)
+    schedule = mlp.make_mlp_schedule(denoiser.num_steps)
     _log(info, f"[2/3] MLP denoiser: {sum(p.numel() for p in denoiser.parameters()):,} parameters, "
                f"{cfg['steps']} steps (scale factor {scale:.4g})")
     ldm_losses = train_denoiser(denoiser, vae, data, steps=cfg["steps"], batch_size=cfg["batch"], lr=cfg["lr"],

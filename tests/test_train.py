@@ -118,7 +118,7 @@ def test_vector_ldm_trains_with_both_stages():
     assert _mean(vae_losses[-10:]) < 0.5 * _mean(vae_losses[:10])
     scale = train.latent_scale(vae, x)
     losses = train.train_denoiser(denoiser, vae, x, steps=150, batch_size=32, lr=3e-3, scale_factor=scale,
-                                  schedule=mlp.make_schedule(100), cache_latents=False, **QUIET)
+                                  schedule=mlp.make_mlp_schedule(100), cache_latents=False, **QUIET)
     assert _mean(losses[-20:]) < 0.8 * _mean(losses[:10])  # measured: 1.07 -> 0.69
 
 
