@@ -8,7 +8,8 @@ Image demo (default): procedural 32x32 shapes (:func:`ldm_fast.data.shapes`), a 
 :class:`~ldm_fast.models.UNetModel` on its latents (the cross-attention sees a zero context),
 sampled with DDIM. Writes ``samples.png`` (samples | data | VAE reconstructions of the data),
 ``loss.png`` (both loss curves), ``summary.json`` and the checkpoints (``ckpt/``: rerunning with
-the same ``--out`` resumes, or skips finished training). ``--vector``: the vector LDM
+the same ``--out`` resumes, or skips finished training; another ``--seed`` or ``--quick`` there is
+refused, as not an exact resume: use another ``--out``). ``--vector``: the vector LDM
 (:mod:`ldm_fast.models.mlp`) on a Gaussian mixture in R^16 (:func:`ldm_fast.data.gaussian_mixture`);
 writes ``loss.png``, ``scatter.png`` (data and samples projected on the mixture's plane),
 ``summary.txt`` and ``summary.json``.

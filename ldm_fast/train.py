@@ -29,11 +29,15 @@ Both functions share one loop:
   checkpoint therefore continues exactly where it stopped; torch's global RNG state (dropout) is
   saved and restored per rank as well.
 - **Checkpoints** (``checkpoint=path``): every ``checkpoint_every`` steps and at the end, rank 0
-  writes ``{model, optimizer, step, losses, rng}`` to a temporary file in the same directory and
-  ``os.replace``-s it over ``path`` (atomic: a reader sees the old or the new file, never half of
-  one). If ``path`` exists when training starts, training resumes from it (every rank reads it: use
-  a shared file system across machines). Run N steps, or N/2 then N on the same path: the same
-  weights, bit for bit.
+  writes ``{model, optimizer, step, losses, rng, seed, batch_size, world_size}`` (and ``ema``) to a
+  temporary file in the same directory and ``os.replace``-s it over ``path`` (atomic: a reader sees
+  the old or the new file, never half of one). If ``path`` exists when training starts, training
+  resumes from it (every rank reads it: use a shared file system across machines). Run N steps, or
+  N/2 then N on the same path: the same weights, bit for bit. A resume that could not be exact is
+  refused with a ValueError naming the argument (another ``seed`` or ``batch_size``; ``ema=None``
+  for a checkpoint with EMA weights, or an ``ema`` for one without); another world size resumes with
+  a RuntimeWarning. Files are read with ``torch.load(weights_only=True)`` (a pickled payload is
+  refused, not run); an empty, truncated or foreign file raises a ValueError naming it.
 - **Distributed**: launched by ``torchrun`` (``WORLD_SIZE`` > 1 in the environment), the process
   group is initialized (gloo on CPU, nccl on CUDA) and the model wrapped in
   ``DistributedDataParallel``; the returned losses are averaged over ranks.
@@ -46,7 +50,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 import sys
+import warnings
 import time
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -141,11 +147,31 @@ def save_checkpoint(path: Union[str, os.PathLike], state: dict) -> None:
 
 
 def load_checkpoint(path: Union[str, os.PathLike], map_location="cpu") -> Optional[dict]:
-    """The state :func:`save_checkpoint` wrote to ``path``, or None when there is no file."""
+    """The state :func:`save_checkpoint` wrote to ``path``, or None when there is no file.
+
+    Read with ``torch.load(weights_only=True)``: tensors, numbers, strings and plain containers only
+    (all a checkpoint holds), so a pickled payload in the file is refused instead of run. A file that
+    cannot be read (empty, truncated, not a ``torch.save`` file, or holding other objects) raises a
+    ValueError naming it and what is wrong.
+    """
     path = Path(path)
     if not path.exists():
         return None
-    return torch.load(path, map_location=map_location, weights_only=False)
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError(f"checkpoint {path} is empty (0 bytes): not written by save_checkpoint (which replaces "
+                         "the file atomically); delete it to start over")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"checkpoint {path} holds objects other than tensors, numbers, strings and plain "
+                         f"containers; refused (torch.load weights_only=True), as a pickled payload would run "
+                         f"code: {e}") from e
+    except (EOFError, OSError, RuntimeError, KeyError) as e:  # what torch.load raises for torn or foreign bytes
+        if isinstance(e, OSError) and e.filename is not None:
+            raise  # the system's own error (permissions, ...), which names the file
+        raise ValueError(f"checkpoint {path} ({size} bytes) is truncated or not a torch.save file "
+                         f"({type(e).__name__}: {e})") from e
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -188,6 +214,36 @@ class _Batches:
         return self._perm[start:start + self.batch_size]
 
 
+def _check_resume(state, checkpoint, kind: str, *, ema, seed: int, batch_size: int, info: DistInfo) -> None:
+    """Refuse a checkpoint this run cannot continue exactly, naming the argument that differs.
+
+    An EMA checkpoint needs ``ema`` (with ``ema=None`` the next checkpoint would drop the EMA
+    weights), and a checkpoint without EMA weights cannot fill one. ``seed`` and ``batch_size``
+    (per rank) must equal the recorded ones: both decide every later batch and noise. Another
+    world size resumes, with a warning: the global batch and the per-rank RNG states change.
+    Checkpoints written before ``seed``/``batch_size`` were recorded skip those two checks.
+    """
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or state.get("kind") != kind:
+        found = (state.get("format"), state.get("kind")) if isinstance(state, dict) else (type(state).__name__, None)
+        raise ValueError(f"{checkpoint} is not a {kind} checkpoint of this trainer (format {found[0]!r}, kind "
+                         f"{found[1]!r})")
+    if "ema" in state and ema is None:
+        raise ValueError(f"ema=None, but {checkpoint} holds EMA weights: pass ema=<a copy of the denoiser> to resume "
+                         "them (with ema=None the next checkpoint would drop them), or start a new checkpoint")
+    if "ema" not in state and ema is not None:
+        raise ValueError(f"ema is given, but {checkpoint} holds no EMA weights; train with ema=None or start a new "
+                         "checkpoint")
+    for name, value in (("seed", seed), ("batch_size", batch_size)):
+        if name in state and state[name] != value:
+            raise ValueError(f"{name}={value!r}, but {checkpoint} was trained with {name}={state[name]!r}: resuming "
+                             f"with another {name} is not an exact resume; pass {name}={state[name]!r} or start a "
+                             "new checkpoint")
+    if state.get("world_size", info.world_size) != info.world_size:
+        warnings.warn(f"world_size={info.world_size}, but {checkpoint} was written by {state['world_size']} ranks: "
+                      "resuming, but not exactly (the global batch and the per-rank RNG states change)",
+                      RuntimeWarning, stacklevel=3)
+
+
 def _fit(
     kind: str,
     model: nn.Module,
@@ -222,15 +278,11 @@ def _fit(
     # loaded on the CPU: RNG states must stay there; load_state_dict copies the rest to the device
     state = load_checkpoint(checkpoint) if checkpoint is not None else None
     if state is not None:
-        if state.get("format") != CHECKPOINT_FORMAT or state.get("kind") != kind:
-            raise ValueError(f"{checkpoint} is not a {kind} checkpoint of this trainer "
-                             f"(format {state.get('format')!r}, kind {state.get('kind')!r})")
+        _check_resume(state, checkpoint, kind, ema=ema, seed=seed, batch_size=batch_size, info=info)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, losses = state["step"], list(state["losses"])
         if ema is not None:
-            if "ema" not in state:
-                raise ValueError(f"{checkpoint} holds no EMA weights; train with ema=None or start a new checkpoint")
             ema.load_state_dict(state["ema"])
         rng = state["rng"]
         _set_rng_state(rng[info.rank] if len(rng) == info.world_size else rng[0], device)
@@ -259,6 +311,7 @@ def _fit(
             save_checkpoint(checkpoint, {
                 "format": CHECKPOINT_FORMAT, "kind": kind, "step": step, "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "losses": losses, "rng": rng, "world_size": info.world_size,
+                "seed": seed, "batch_size": batch_size,
                 **({"ema": ema.state_dict()} if ema is not None else {}),
             })
         if _distributed():
