@@ -52,8 +52,8 @@ import dataclasses
 import os
 import pickle
 import sys
-import warnings
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -241,7 +241,7 @@ def _check_resume(state, checkpoint, kind: str, *, ema, seed: int, batch_size: i
     if state.get("world_size", info.world_size) != info.world_size:
         warnings.warn(f"world_size={info.world_size}, but {checkpoint} was written by {state['world_size']} ranks: "
                       "resuming, but not exactly (the global batch and the per-rank RNG states change)",
-                      RuntimeWarning, stacklevel=3)
+                      RuntimeWarning, stacklevel=4)  # the caller of train_vae/train_denoiser
 
 
 def _fit(
