@@ -8,7 +8,8 @@ Image demo (default): procedural 32x32 shapes (:func:`ldm_fast.data.shapes`), a 
 :class:`~ldm_fast.models.UNetModel` on its latents (the cross-attention sees a zero context),
 sampled with DDIM. Writes ``samples.png`` (samples | data | VAE reconstructions of the data),
 ``loss.png`` (both loss curves), ``summary.json`` and the checkpoints (``ckpt/``: rerunning with
-the same ``--out`` resumes, or skips finished training). ``--vector``: the vector LDM
+the same ``--out`` resumes, or skips finished training; another ``--seed`` or ``--quick`` there is
+refused, as not an exact resume: use another ``--out``). ``--vector``: the vector LDM
 (:mod:`ldm_fast.models.mlp`) on a Gaussian mixture in R^16 (:func:`ldm_fast.data.gaussian_mixture`);
 writes ``loss.png``, ``scatter.png`` (data and samples projected on the mixture's plane),
 ``summary.txt`` and ``summary.json``.
@@ -199,49 +200,6 @@ def scatter(groups: Sequence[tuple[np.ndarray, tuple]], title: str, limit: float
 
 
 # ---------------------------------------------------------------------------------------------
-# sampling: ldm_fast.samplers.DDIMSampler when it is there, else a minimal DDIM loop
-
-
-class _MinimalDDIM:
-    """DDIM (eta = 0) with ``leading`` spacing and ``steps_offset`` 1, the final step landing on
-    ``abar[0]`` (SD's DDIM settings): the subset of ``ldm_fast.samplers.DDIMSampler`` the demo uses,
-    for trees that do not have that module."""
-
-    def __init__(self, schedule, num_inference_steps: int, eta: float = 0.0, spacing: str = "leading"):
-        if eta != 0.0 or spacing != "leading":
-            raise ValueError("the fallback DDIM loop does eta=0, spacing='leading' only")
-        self.alphas_cumprod = schedule.alphas_cumprod.double()
-        step = len(self.alphas_cumprod) // num_inference_steps
-        self.timesteps = torch.arange(num_inference_steps).flip(0) * step + 1
-
-    @torch.no_grad()
-    def sample(self, model_fn, x_T_or_shape, *, cond=None, seed=None, progress=False, device=None, dtype=None,
-               **unused):
-        if isinstance(x_T_or_shape, torch.Tensor):
-            x = x_T_or_shape.to(device=device or x_T_or_shape.device, dtype=dtype or x_T_or_shape.dtype)
-        else:
-            g = torch.Generator().manual_seed(seed) if seed is not None else None
-            x = torch.randn(tuple(x_T_or_shape), generator=g).to(device=device, dtype=dtype or torch.float32)
-        abar = self.alphas_cumprod
-        ts = self.timesteps.tolist()
-        for t, prev in zip(ts, ts[1:] + [-1]):  # the last step lands on abar[0]
-            a, a_prev = float(abar[t]), float(abar[max(prev, 0)])
-            eps = model_fn(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long), cond)
-            x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
-            x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
-        return x
-
-
-def make_ddim(schedule, num_inference_steps: int):
-    """``(sampler, name)``: ``ldm_fast.samplers.DDIMSampler`` if importable, else :class:`_MinimalDDIM`."""
-    try:
-        from .samplers import DDIMSampler
-    except ImportError:
-        return _MinimalDDIM(schedule, num_inference_steps), "ldm_fast.__main__._MinimalDDIM (fallback)"
-    return DDIMSampler(schedule, num_inference_steps, eta=0.0, spacing="leading"), "ldm_fast.samplers.DDIMSampler"
-
-
-# ---------------------------------------------------------------------------------------------
 # the demos
 
 #: Sizes per mode. ``quick`` is for tests (seconds); the default takes 2-3 minutes on 2 CPU cores.
@@ -258,6 +216,8 @@ VECTOR_CONFIG = {
                   n_samples=500, sampling_steps=10),
 }
 IMAGE_SIZE, LATENT_CHANNELS, CONTEXT_DIM = 32, 4, 32
+#: What both demos sample with (DDIM, eta 0, SD's leading spacing), as written to summary.json.
+SAMPLER_NAME = "ldm_fast.samplers.DDIMSampler"
 VECTOR_DIM, VECTOR_LATENT, VECTOR_COMPONENTS = 16, 4, 6
 
 
@@ -291,6 +251,7 @@ def _log(info, *parts) -> None:
 def image_demo(args, info, device) -> Optional[dict]:
     from .data import shapes
     from .models import AutoencoderKL, UNetModel
+    from .samplers import DDIMSampler
     from .schedules import make_schedule
     from .train import latent_scale, train_denoiser, train_vae
 
@@ -329,8 +290,8 @@ def image_demo(args, info, device) -> Optional[dict]:
         return None
 
     t0 = time.perf_counter()
-    sampler, sampler_name = make_ddim(schedule, cfg["sampling_steps"])
-    _log(info, f"[3/3] sampling {cfg['n_samples']} images, {cfg['sampling_steps']} DDIM steps ({sampler_name})")
+    sampler = DDIMSampler(schedule, cfg["sampling_steps"])
+    _log(info, f"[3/3] sampling {cfg['n_samples']} images, {cfg['sampling_steps']} DDIM steps ({SAMPLER_NAME})")
     latent_hw = IMAGE_SIZE // 4
     with torch.no_grad():
         model_fn = lambda x, t, cond: ema(x, t, context.expand(x.shape[0], -1, -1))  # noqa: E731
@@ -349,7 +310,7 @@ def image_demo(args, info, device) -> Optional[dict]:
                                         plot_curve(ldm_losses, "LDM LOSS (EPS MSE)")]))
     summary = {
         "mode": "image", "quick": args.quick, "device": str(device), "world_size": info.world_size,
-        "sampler": sampler_name, "config": cfg, "scale_factor": scale, "seconds": times,
+        "sampler": SAMPLER_NAME, "config": cfg, "scale_factor": scale, "seconds": times,
         "vae_loss_first_last": [_mean(vae_losses[:10]), _mean(vae_losses[-10:])],
         "ldm_loss_first_last": [_mean(ldm_losses[:10]), _mean(ldm_losses[-10:])],
         "recon_l1": float((recon - real).abs().mean()),
@@ -361,6 +322,7 @@ def image_demo(args, info, device) -> Optional[dict]:
 def vector_demo(args, info, device) -> Optional[dict]:
     from .data import gaussian_mixture, mixture_basis, mixture_means
     from .models import mlp
+    from .samplers import DDIMSampler
     from .train import VectorVAE, latent_scale, train_denoiser, train_vae
 
     cfg = _config(VECTOR_CONFIG, args)
@@ -381,7 +343,7 @@ def vector_demo(args, info, device) -> Optional[dict]:
 
     t0 = time.perf_counter()
     scale = latent_scale(vae, data, seed=args.seed)
-    schedule = mlp.make_schedule(denoiser.num_steps)
+    schedule = mlp.make_mlp_schedule(denoiser.num_steps)
     _log(info, f"[2/3] MLP denoiser: {sum(p.numel() for p in denoiser.parameters()):,} parameters, "
                f"{cfg['steps']} steps (scale factor {scale:.4g})")
     ldm_losses = train_denoiser(denoiser, vae, data, steps=cfg["steps"], batch_size=cfg["batch"], lr=cfg["lr"],
@@ -392,8 +354,8 @@ def vector_demo(args, info, device) -> Optional[dict]:
         return None
 
     t0 = time.perf_counter()
-    sampler, sampler_name = make_ddim(schedule, cfg["sampling_steps"])
-    _log(info, f"[3/3] sampling {cfg['n_samples']} vectors, {cfg['sampling_steps']} DDIM steps ({sampler_name})")
+    sampler = DDIMSampler(schedule, cfg["sampling_steps"])
+    _log(info, f"[3/3] sampling {cfg['n_samples']} vectors, {cfg['sampling_steps']} DDIM steps ({SAMPLER_NAME})")
     with torch.no_grad():
         z = sampler.sample(lambda x, t, cond: denoiser(x, t), (cfg["n_samples"], VECTOR_LATENT), seed=args.seed,
                            progress=progress, device=device, dtype=torch.float32)
@@ -411,7 +373,7 @@ def vector_demo(args, info, device) -> Optional[dict]:
     write_png(out / "loss.png", hstack([plot_curve(vae_losses, "VAE LOSS (L2 + KL)"),
                                         plot_curve(ldm_losses, "LDM LOSS (EPS MSE)")]))
     lines = [f"vector LDM demo: R^{VECTOR_DIM} Gaussian mixture ({len(means)} components on a circle in a 2-plane), "
-             f"latent R^{VECTOR_LATENT}, sampler {sampler_name}",
+             f"latent R^{VECTOR_LATENT}, sampler {SAMPLER_NAME}",
              f"VAE loss {_mean(vae_losses[:10]):.4g} -> {_mean(vae_losses[-10:]):.4g}; "
              f"denoiser loss {_mean(ldm_losses[:10]):.4g} -> {_mean(ldm_losses[-10:]):.4g}",
              f"{'':8} {'near a mode':>12} {'off-plane rms':>14}  share per component"]
@@ -421,7 +383,7 @@ def vector_demo(args, info, device) -> Optional[dict]:
     (out / "summary.txt").write_text("\n".join(lines) + "\n")
     return {
         "mode": "vector", "quick": args.quick, "device": str(device), "world_size": info.world_size,
-        "sampler": sampler_name, "config": cfg, "scale_factor": scale, "seconds": times,
+        "sampler": SAMPLER_NAME, "config": cfg, "scale_factor": scale, "seconds": times,
         "vae_loss_first_last": [_mean(vae_losses[:10]), _mean(vae_losses[-10:])],
         "ldm_loss_first_last": [_mean(ldm_losses[:10]), _mean(ldm_losses[-10:])],
         "stats": stats, "scatter_png": [2 * 300 + 16, 300 + 24],

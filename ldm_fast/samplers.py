@@ -30,22 +30,22 @@ from a table on the device (:meth:`coefficient_table`), no sync, CUDA-graph safe
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from . import functional as F
+from . import functional as lf
+from ._loop import mix_seed, progress_bar
 from .ops._common import check_seed
 from .ops.sampler_step import step_coefficients_checked
 from .kernels.sampler_step import NUM_COEFFICIENTS, StepCoefficients, step_coefficients
-from .schedules import Schedule
+from .schedules import Schedule, make_schedule
 
 __all__ = ["DDIMSampler", "DDPMSampler", "SPACINGS", "StepCoefficients", "make_timesteps", "step_coefficients"]
 
 SPACINGS = ("leading", "trailing", "linspace")
-_MASK64 = (1 << 64) - 1
 _STEP_SALT, _MASK_SALT, _START_SALT = 0x51A3, 0x3A5C, 0x57A7
 
 
@@ -83,24 +83,6 @@ def _alphas_cumprod(schedule) -> Tensor:
     return table
 
 
-def _mix(seed: int, step: int, salt: int) -> int:
-    """An independent seed in [0, 2**63) for (seed, step, salt): splitmix64, on the host."""
-    z = (seed + (step + 1) * 0x9E3779B97F4A7C15 + salt * 0xD1B54A32D192ED03) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return (z ^ (z >> 31)) >> 1
-
-
-def _progress(iterable, enabled: bool, total: int):
-    if not enabled:
-        return iterable
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is optional: a plain loop
-        return iterable
-    return tqdm(iterable, total=total)
-
-
 def _module_attr(model_fn, attr: str):
     """``device``/``dtype`` of model_fn's first parameter when it is an nn.Module, else None."""
     if isinstance(model_fn, torch.nn.Module):
@@ -109,13 +91,86 @@ def _module_attr(model_fn, attr: str):
     return None
 
 
+# ---------------------------------------------------------------------------------------------
+# diffusers schedulers: their config fields, read without importing diffusers
+
+#: diffusers' class defaults (DDIMScheduler, DDPMScheduler) of the fields ``from_diffusers`` reads.
+_DIFFUSERS_DEFAULTS = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                           trained_betas=None, clip_sample=True, clip_sample_range=1.0, prediction_type="epsilon",
+                           thresholding=False, timestep_spacing="leading", steps_offset=0,
+                           rescale_betas_zero_snr=False)
+_DIFFUSERS_CLASS_DEFAULTS = {"DDIMScheduler": dict(set_alpha_to_one=True),
+                             "DDPMScheduler": dict(variance_type="fixed_small")}
+#: diffusers' beta_schedule -> make_schedule's kind
+_DIFFUSERS_BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
+
+
+def _diffusers_config(scheduler_or_config, class_name: str) -> dict:
+    """The fields of a diffusers scheduler (``class_name``) or of its config mapping, diffusers' class
+    defaults filled in; ValueError naming a field these samplers cannot reproduce."""
+    if hasattr(scheduler_or_config, "config") and not isinstance(scheduler_or_config, Mapping):  # a scheduler
+        if type(scheduler_or_config).__name__ != class_name:
+            raise TypeError(f"scheduler_or_config must be a diffusers {class_name} or a config mapping, got a "
+                            f"{type(scheduler_or_config).__name__}; pass its .config to take its schedule only")
+        config = scheduler_or_config.config
+    else:
+        config = scheduler_or_config
+    if not isinstance(config, Mapping):
+        raise TypeError(f"scheduler_or_config must be a diffusers {class_name} or its config (a mapping), got "
+                        f"{type(config).__name__}")
+    # keys diffusers does not read into this class (``_class_name``, another scheduler's fields) are ignored, as
+    # ``{class_name}.from_config`` ignores them
+    cfg = {**_DIFFUSERS_DEFAULTS, **_DIFFUSERS_CLASS_DEFAULTS[class_name]}
+    cfg.update((k, v) for k, v in config.items() if k in cfg)
+    unsupported = [
+        ("prediction_type", cfg["prediction_type"] != "epsilon", "the step kernel takes eps predictions only"),
+        ("thresholding", bool(cfg["thresholding"]), "dynamic thresholding is not implemented"),
+        ("rescale_betas_zero_snr", bool(cfg["rescale_betas_zero_snr"]),
+         "zero terminal SNR (abar = 0 at the last timestep) is outside the samplers' (0, 1) range"),
+        ("beta_schedule", cfg["trained_betas"] is None and cfg["beta_schedule"] not in _DIFFUSERS_BETA_SCHEDULES,
+         f"supported: {tuple(_DIFFUSERS_BETA_SCHEDULES)} or trained_betas"),
+        ("timestep_spacing", cfg["timestep_spacing"] not in SPACINGS, f"supported: {SPACINGS}"),
+        ("variance_type", cfg.get("variance_type", "fixed_small") not in ("fixed_small", "fixed_small_log"),
+         "DDPMSampler's variance is 'fixed_small' (the same as 'fixed_small_log')"),
+    ]
+    for field, bad, why in unsupported:
+        if bad:
+            raise ValueError(f"{class_name} {field}={cfg[field]!r} cannot be reproduced: {why}")
+    return cfg
+
+
+def _diffusers_alphas_cumprod(cfg: dict) -> Tensor:
+    """float32 alphas_cumprod ``[num_train_timesteps]`` of a diffusers config (computed in float64;
+    diffusers computes in float32, a difference below 1e-6)."""
+    T = cfg["num_train_timesteps"]
+    if cfg["trained_betas"] is not None:
+        betas = torch.as_tensor(cfg["trained_betas"], dtype=torch.float64).flatten()
+        if len(betas) != T:
+            raise ValueError(f"trained_betas holds {len(betas)} betas, but num_train_timesteps={T}")
+        return torch.cumprod(1.0 - betas, 0).float()
+    kind = _DIFFUSERS_BETA_SCHEDULES[cfg["beta_schedule"]]
+    if kind == "cosine":  # diffusers' squaredcos_cap_v2: the same formula, max beta 0.999; no beta_start/end
+        return make_schedule(kind, T).alphas_cumprod
+    return make_schedule(kind, T, cfg["beta_start"], cfg["beta_end"]).alphas_cumprod
+
+
+def _diffusers_steps(scheduler_or_config, num_inference_steps: Optional[int]) -> Optional[int]:
+    """``num_inference_steps``, else the scheduler's own (after its ``set_timesteps``), else None."""
+    if num_inference_steps is not None or isinstance(scheduler_or_config, Mapping):
+        return num_inference_steps
+    if getattr(scheduler_or_config, "custom_timesteps", False):
+        raise ValueError("the scheduler has custom timesteps (set_timesteps(timesteps=...)); they cannot be "
+                         "reproduced: give num_inference_steps")
+    return getattr(scheduler_or_config, "num_inference_steps", None)
+
+
 class _Sampler:
     """What DDPM and DDIM share: timesteps, per-step coefficients, ``step``, ``sample``."""
 
     method = "ddim"
 
     def __init__(self, schedule, timesteps: Tensor, final_alpha_cumprod: float, eta: float,
-                 clip_sample: Optional[float]):
+                 clip_sample: Optional[float], prev_timesteps: Optional[list] = None):
         table = _alphas_cumprod(schedule)
         self.alphas_cumprod = table.detach().to("cpu", torch.float32)  # the schedule's values, on the host
         abar = self.alphas_cumprod.double().tolist()
@@ -125,8 +180,9 @@ class _Sampler:
         self.clip_sample = None if clip_sample is None else float(clip_sample)
         self.final_alpha_cumprod = float(final_alpha_cumprod)
         ts = timesteps.tolist()
-        #: the timestep each step lands on (-1: the end, alpha = final_alpha_cumprod)
-        self.prev_timesteps = ts[1:] + [-1]
+        #: the timestep each step lands on (-1: alpha = final_alpha_cumprod); the next listed one, unless
+        #: from_diffusers gave diffusers' DDIM rule
+        self.prev_timesteps = ts[1:] + [-1] if prev_timesteps is None else prev_timesteps
         self._index = {t: i for i, t in enumerate(ts)}
         self._steps = []
         for t, p in zip(ts, self.prev_timesteps):
@@ -167,7 +223,7 @@ class _Sampler:
 
     def coefficient_table(self, device) -> Tensor:
         """float32 ``[T, 6]`` on ``device``: row t holds the coefficients of the step from timestep t
-        (NaN for timesteps this sampler never visits), for ``F.sampler_step(..., coefficients=table,
+        (NaN for timesteps this sampler never visits), for ``ldm_fast.functional.sampler_step(..., coefficients=table,
         index=t)`` with t on the device. Built once per device."""
         device = torch.device(device)
         table = self._tables.get(device)
@@ -188,11 +244,11 @@ class _Sampler:
         ``noise``, or drawn in-kernel from ``seed``.
         """
         if isinstance(t, Tensor) and t.device.type != "cpu":
-            return F.sampler_step(model_output, x, coefficients=self.coefficient_table(t.device), index=t,
-                                  add_noise=self.stochastic, guidance_scale=guidance_scale,
-                                  clip_sample=self.clip_sample, noise=noise, seed=seed)
-        return F.sampler_step(model_output, x, coefficients=self._steps[self._step_index(t)],
-                              guidance_scale=guidance_scale, clip_sample=self.clip_sample, noise=noise, seed=seed)
+            return lf.sampler_step(model_output, x, coefficients=self.coefficient_table(t.device), index=t,
+                                   add_noise=self.stochastic, guidance_scale=guidance_scale,
+                                   clip_sample=self.clip_sample, noise=noise, seed=seed)
+        return lf.sampler_step(model_output, x, coefficients=self._steps[self._step_index(t)],
+                               guidance_scale=guidance_scale, clip_sample=self.clip_sample, noise=noise, seed=seed)
 
     # -----------------------------------------------------------------------------------------
     # the loop
@@ -293,22 +349,27 @@ class _Sampler:
         else:
             alphas = self._alphas_on(device)
             noise = x_T.to(device=device, dtype=dtype) if x_T is not None else None
-            x, _ = F.q_sample(x0, timesteps[start], alphas, noise=noise, seed=_mix(base, start, _START_SALT))
+            x, _ = lf.q_sample(x0, timesteps[start], alphas, noise=noise, seed=mix_seed(base, start, _START_SALT))
 
         steps_on_device = self.timesteps.to(device)
         batch = shape[0] * (2 if cfg else 1)
-        for i in _progress(range(start, len(timesteps)), progress, len(timesteps) - start):
+        bar = progress_bar(progress, len(timesteps) - start)
+        for i in range(start, len(timesteps)):
             t = timesteps[i]
             if mask is not None:  # the kept region, noised to t, before the step (CompVis)
-                known, _ = F.q_sample(x0, t, self._alphas_on(device), seed=_mix(base, i, _MASK_SALT))
+                known, _ = lf.q_sample(x0, t, self._alphas_on(device), seed=mix_seed(base, i, _MASK_SALT))
                 x = torch.lerp(x, known, mask)
             t_model = steps_on_device[i].expand(batch)
             if cfg:
                 eps = model_fn(torch.cat([x, x]), t_model, model_cond)
-                x = self.step(eps, t, x, guidance_scale=guidance_scale, seed=_mix(base, i, _STEP_SALT))
+                x = self.step(eps, t, x, guidance_scale=guidance_scale, seed=mix_seed(base, i, _STEP_SALT))
             else:
                 eps = model_fn(x, t_model, model_cond)
-                x = self.step(eps, t, x, seed=_mix(base, i, _STEP_SALT))
+                x = self.step(eps, t, x, seed=mix_seed(base, i, _STEP_SALT))
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
         return x
 
     def img2img(self, model_fn, x0: Tensor, strength: float = 0.75, *, noise: Optional[Tensor] = None,
@@ -332,9 +393,13 @@ class _Sampler:
 
 class DDIMSampler(_Sampler):
     """DDIM (Song et al. 2021) with ``num_inference_steps`` steps: deterministic at ``eta=0``, DDPM-like
-    noise at ``eta=1``. Equal to diffusers' ``DDIMScheduler`` with ``clip_sample=False``,
-    ``set_alpha_to_one=False`` (the final step lands on ``abar[0]``, as CompVis), ``steps_offset=1``
-    for ``leading`` spacing: SD's settings.
+    noise at ``eta=1``.
+
+    Built directly, it equals diffusers' ``DDIMScheduler`` only with SD's settings: a
+    ``scaled_linear`` schedule, ``clip_sample=False``, ``set_alpha_to_one=False`` (the final step
+    lands on ``abar[0]``, as CompVis) and ``steps_offset=1`` (``leading`` spacing); diffusers' class
+    defaults differ (``linear``, ``clip_sample=True``, ``set_alpha_to_one=True``, ``steps_offset=0``).
+    For any other scheduler use :meth:`from_diffusers`.
     """
 
     method = "ddim"
@@ -346,12 +411,50 @@ class DDIMSampler(_Sampler):
         final = 1.0 if set_alpha_to_one else float(abar[0])
         super().__init__(abar, timesteps, final, eta, clip_sample)
 
+    @classmethod
+    def from_diffusers(cls, scheduler_or_config, num_inference_steps: Optional[int] = None,
+                       eta: float = 0.0) -> "DDIMSampler":
+        """The sampler of a diffusers ``DDIMScheduler`` (or of its ``config``, a mapping: diffusers need
+        not be imported) after ``set_timesteps(num_inference_steps)``, stepped with ``eta`` (the
+        argument diffusers' ``step`` takes).
+
+        Read: ``num_train_timesteps``, ``beta_schedule`` (``linear``, ``scaled_linear``,
+        ``squaredcos_cap_v2``) with ``beta_start``/``beta_end``, or ``trained_betas``;
+        ``timestep_spacing``, ``steps_offset``, ``set_alpha_to_one``, ``clip_sample`` with
+        ``clip_sample_range``; missing fields take diffusers' class defaults, other keys are ignored
+        (as ``DDIMScheduler.from_config`` does). ValueError naming the field for what the kernel
+        cannot do: ``prediction_type`` other than ``"epsilon"``, ``thresholding=True``,
+        ``rescale_betas_zero_snr=True``, another ``beta_schedule``. ``num_inference_steps`` defaults
+        to the scheduler's own (after its ``set_timesteps``).
+
+        Each step lands where diffusers' does, on ``t - num_train_timesteps // num_inference_steps``
+        (``abar`` = ``final_alpha_cumprod`` below 0): the next listed timestep except for ``trailing``
+        and ``linspace`` spacing when the step count does not divide ``num_train_timesteps`` (see the
+        module docstring; ``DDIMSampler(...)`` itself always lands on the next listed timestep).
+        The schedule is computed in float64 (diffusers: float32; abar differs by < 1e-6).
+        """
+        cfg = _diffusers_config(scheduler_or_config, "DDIMScheduler")
+        steps = _diffusers_steps(scheduler_or_config, num_inference_steps)
+        if steps is None:
+            raise ValueError("num_inference_steps is needed (the scheduler has not run set_timesteps)")
+        abar = _diffusers_alphas_cumprod(cfg)
+        T = len(abar)
+        timesteps = make_timesteps(T, steps, cfg["timestep_spacing"], cfg["steps_offset"])
+        ratio = T // len(timesteps)
+        prev = [t - ratio if t - ratio >= 0 else -1 for t in timesteps.tolist()]
+        final = 1.0 if cfg["set_alpha_to_one"] else float(abar[0])
+        clip = float(cfg["clip_sample_range"]) if cfg["clip_sample"] else None
+        sampler = cls.__new__(cls)  # DDIMSampler's own __init__ lands on the next listed timestep
+        _Sampler.__init__(sampler, abar, timesteps, final, eta, clip, prev_timesteps=prev)
+        return sampler
+
 
 class DDPMSampler(_Sampler):
     """Ancestral DDPM sampling (Ho et al. 2020), variance "fixed_small", over every timestep
     ``T-1, ..., 0`` (or ``num_inference_steps`` of them, spaced as diffusers' ``DDPMScheduler``).
-    Equal to diffusers' ``DDPMScheduler.step`` with ``clip_sample=False``; the final step lands on
-    abar = 1 (x0 itself) with no noise.
+    Equal to diffusers' ``DDPMScheduler.step`` with ``clip_sample=False`` (diffusers' class default
+    is True) on the same schedule; the final step lands on abar = 1 (x0 itself) with no noise. For
+    any other scheduler use :meth:`from_diffusers`.
     """
 
     method = "ddpm"
@@ -363,3 +466,20 @@ class DDPMSampler(_Sampler):
         timesteps = (torch.arange(T - 1, -1, -1, dtype=torch.int64) if num_inference_steps is None
                      else make_timesteps(T, num_inference_steps, spacing, steps_offset))
         super().__init__(abar, timesteps, 1.0, 0.0, clip_sample)
+
+    @classmethod
+    def from_diffusers(cls, scheduler_or_config, num_inference_steps: Optional[int] = None) -> "DDPMSampler":
+        """The sampler of a diffusers ``DDPMScheduler`` (or of its ``config``, a mapping: diffusers need
+        not be imported), over ``num_inference_steps`` (default: the scheduler's own after its
+        ``set_timesteps``, else every timestep).
+
+        Reads the fields :meth:`DDIMSampler.from_diffusers` reads (no ``set_alpha_to_one``: DDPM ends
+        on abar = 1) and ``variance_type``, which must be ``"fixed_small"`` or ``"fixed_small_log"``
+        (the same variance); the same ValueErrors name what cannot be reproduced, and custom
+        timesteps (``set_timesteps(timesteps=...)``) are refused.
+        """
+        cfg = _diffusers_config(scheduler_or_config, "DDPMScheduler")
+        steps = _diffusers_steps(scheduler_or_config, num_inference_steps)
+        clip = float(cfg["clip_sample_range"]) if cfg["clip_sample"] else None
+        return cls(_diffusers_alphas_cumprod(cfg), steps, cfg["timestep_spacing"], steps_offset=cfg["steps_offset"],
+                   clip_sample=clip)

@@ -29,11 +29,15 @@ Both functions share one loop:
   checkpoint therefore continues exactly where it stopped; torch's global RNG state (dropout) is
   saved and restored per rank as well.
 - **Checkpoints** (``checkpoint=path``): every ``checkpoint_every`` steps and at the end, rank 0
-  writes ``{model, optimizer, step, losses, rng}`` to a temporary file in the same directory and
-  ``os.replace``-s it over ``path`` (atomic: a reader sees the old or the new file, never half of
-  one). If ``path`` exists when training starts, training resumes from it (every rank reads it: use
-  a shared file system across machines). Run N steps, or N/2 then N on the same path: the same
-  weights, bit for bit.
+  writes ``{model, optimizer, step, losses, rng, seed, batch_size, world_size}`` (and ``ema``) to a
+  temporary file in the same directory and ``os.replace``-s it over ``path`` (atomic: a reader sees
+  the old or the new file, never half of one). If ``path`` exists when training starts, training
+  resumes from it (every rank reads it: use a shared file system across machines). Run N steps, or
+  N/2 then N on the same path: the same weights, bit for bit. A resume that could not be exact is
+  refused with a ValueError naming the argument (another ``seed`` or ``batch_size``; ``ema=None``
+  for a checkpoint with EMA weights, or an ``ema`` for one without); another world size resumes with
+  a RuntimeWarning. Files are read with ``torch.load(weights_only=True)`` (a pickled payload is
+  refused, not run); an empty, truncated or foreign file raises a ValueError naming it.
 - **Distributed**: launched by ``torchrun`` (``WORLD_SIZE`` > 1 in the environment), the process
   group is initialized (gloo on CPU, nccl on CUDA) and the model wrapped in
   ``DistributedDataParallel``; the returned losses are averaged over ranks.
@@ -46,8 +50,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -55,7 +61,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from . import functional as F
+from . import functional as lf
+from ._loop import mix_seed, progress_bar
 from .models.autoencoder import DiagonalGaussianDistribution
 from .schedules import Schedule, make_schedule
 
@@ -65,7 +72,6 @@ __all__ = [
 ]
 
 CHECKPOINT_FORMAT = "ldm_fast.train/1"
-_MASK64 = (1 << 64) - 1
 _BATCH_SALT, _POSTERIOR_SALT, _NOISE_SALT, _T_SALT = 0xBA7C, 0x9057, 0x4015E, 0x7177
 
 
@@ -141,11 +147,31 @@ def save_checkpoint(path: Union[str, os.PathLike], state: dict) -> None:
 
 
 def load_checkpoint(path: Union[str, os.PathLike], map_location="cpu") -> Optional[dict]:
-    """The state :func:`save_checkpoint` wrote to ``path``, or None when there is no file."""
+    """The state :func:`save_checkpoint` wrote to ``path``, or None when there is no file.
+
+    Read with ``torch.load(weights_only=True)``: tensors, numbers, strings and plain containers only
+    (all a checkpoint holds), so a pickled payload in the file is refused instead of run. A file that
+    cannot be read (empty, truncated, not a ``torch.save`` file, or holding other objects) raises a
+    ValueError naming it and what is wrong.
+    """
     path = Path(path)
     if not path.exists():
         return None
-    return torch.load(path, map_location=map_location, weights_only=False)
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError(f"checkpoint {path} is empty (0 bytes): not written by save_checkpoint (which replaces "
+                         "the file atomically); delete it to start over")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"checkpoint {path} holds objects other than tensors, numbers, strings and plain "
+                         f"containers; refused (torch.load weights_only=True), as a pickled payload would run "
+                         f"code: {e}") from e
+    except (EOFError, OSError, RuntimeError, KeyError) as e:  # what torch.load raises for torn or foreign bytes
+        if isinstance(e, OSError) and e.filename is not None:
+            raise  # the system's own error (permissions, ...), which names the file
+        raise ValueError(f"checkpoint {path} ({size} bytes) is truncated or not a torch.save file "
+                         f"({type(e).__name__}: {e})") from e
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -165,14 +191,6 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 # the shared loop
 
 
-def _mix(seed: int, step: int, salt: int, rank: int = 0) -> int:
-    """An independent seed in [0, 2**63) for (seed, step, salt, rank): splitmix64 on the host."""
-    z = (seed + (step + 1) * 0x9E3779B97F4A7C15 + salt * 0xD1B54A32D192ED03 + rank * 0x8CB92BA72F3D8DD7) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return (z ^ (z >> 31)) >> 1
-
-
 class _Batches:
     """Rank ``rank``'s rows of the global batch of each step: per-epoch permutations of ``n`` rows
     seeded by ``(seed, epoch)``, ``global_batch`` rows a step (drop-last), one contiguous shard per rank."""
@@ -190,20 +208,40 @@ class _Batches:
         """int64 ``[batch_size]`` row indices (CPU) for ``step``."""
         epoch, k = divmod(step, self.steps_per_epoch)
         if epoch != self._epoch:
-            g = torch.Generator().manual_seed(_mix(self.seed, epoch, _BATCH_SALT))
+            g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, _BATCH_SALT))
             self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
         start = k * self.global_batch + self.rank * self.batch_size
         return self._perm[start:start + self.batch_size]
 
 
-def _progress_bar(total: int, initial: int, desc: str, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is optional: _fit prints a line every log_every steps instead
-        return None
-    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
+def _check_resume(state, checkpoint, kind: str, *, ema, seed: int, batch_size: int, info: DistInfo) -> None:
+    """Refuse a checkpoint this run cannot continue exactly, naming the argument that differs.
+
+    An EMA checkpoint needs ``ema`` (with ``ema=None`` the next checkpoint would drop the EMA
+    weights), and a checkpoint without EMA weights cannot fill one. ``seed`` and ``batch_size``
+    (per rank) must equal the recorded ones: both decide every later batch and noise. Another
+    world size resumes, with a warning: the global batch and the per-rank RNG states change.
+    Checkpoints written before ``seed``/``batch_size`` were recorded skip those two checks.
+    """
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or state.get("kind") != kind:
+        found = (state.get("format"), state.get("kind")) if isinstance(state, dict) else (type(state).__name__, None)
+        raise ValueError(f"{checkpoint} is not a {kind} checkpoint of this trainer (format {found[0]!r}, kind "
+                         f"{found[1]!r})")
+    if "ema" in state and ema is None:
+        raise ValueError(f"ema=None, but {checkpoint} holds EMA weights: pass ema=<a copy of the denoiser> to resume "
+                         "them (with ema=None the next checkpoint would drop them), or start a new checkpoint")
+    if "ema" not in state and ema is not None:
+        raise ValueError(f"ema is given, but {checkpoint} holds no EMA weights; train with ema=None or start a new "
+                         "checkpoint")
+    for name, value in (("seed", seed), ("batch_size", batch_size)):
+        if name in state and state[name] != value:
+            raise ValueError(f"{name}={value!r}, but {checkpoint} was trained with {name}={state[name]!r}: resuming "
+                             f"with another {name} is not an exact resume; pass {name}={state[name]!r} or start a "
+                             "new checkpoint")
+    if state.get("world_size", info.world_size) != info.world_size:
+        warnings.warn(f"world_size={info.world_size}, but {checkpoint} was written by {state['world_size']} ranks: "
+                      "resuming, but not exactly (the global batch and the per-rank RNG states change)",
+                      RuntimeWarning, stacklevel=4)  # the caller of train_vae/train_denoiser
 
 
 def _fit(
@@ -240,15 +278,11 @@ def _fit(
     # loaded on the CPU: RNG states must stay there; load_state_dict copies the rest to the device
     state = load_checkpoint(checkpoint) if checkpoint is not None else None
     if state is not None:
-        if state.get("format") != CHECKPOINT_FORMAT or state.get("kind") != kind:
-            raise ValueError(f"{checkpoint} is not a {kind} checkpoint of this trainer "
-                             f"(format {state.get('format')!r}, kind {state.get('kind')!r})")
+        _check_resume(state, checkpoint, kind, ema=ema, seed=seed, batch_size=batch_size, info=info)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, losses = state["step"], list(state["losses"])
         if ema is not None:
-            if "ema" not in state:
-                raise ValueError(f"{checkpoint} holds no EMA weights; train with ema=None or start a new checkpoint")
             ema.load_state_dict(state["ema"])
         rng = state["rng"]
         _set_rng_state(rng[info.rank] if len(rng) == info.world_size else rng[0], device)
@@ -258,7 +292,7 @@ def _fit(
         ids = [device.index] if device.type == "cuda" else None
         wrapped = nn.parallel.DistributedDataParallel(loss_module, device_ids=ids)
     batches = _Batches(n_rows, batch_size, info, seed)
-    bar = _progress_bar(steps, min(step, steps), kind, progress and info.is_main)
+    bar = progress_bar(progress and info.is_main, steps, min(step, steps), kind)
     pending: list[Tensor] = []  # detached losses not yet read on the host (one sync per log interval)
     start_time, start_step = time.perf_counter(), step
 
@@ -277,6 +311,7 @@ def _fit(
             save_checkpoint(checkpoint, {
                 "format": CHECKPOINT_FORMAT, "kind": kind, "step": step, "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "losses": losses, "rng": rng, "world_size": info.world_size,
+                "seed": seed, "batch_size": batch_size,
                 **({"ema": ema.state_dict()} if ema is not None else {}),
             })
         if _distributed():
@@ -408,7 +443,7 @@ def train_vae(
 
     def batch_fn(indices: Tensor, step: int, rank: int):
         x = data[indices.to(data.device)].to(device, non_blocking=True)
-        return x, _mix(seed, step, _POSTERIOR_SALT, rank)
+        return x, mix_seed(seed, step, _POSTERIOR_SALT, rank)
 
     return _fit("vae", vae, loss_module, batch_fn, data.shape[0], steps=steps, batch_size=batch_size, lr=lr,
                 weight_decay=weight_decay, max_grad_norm=max_grad_norm, seed=seed, checkpoint=checkpoint,
@@ -451,7 +486,7 @@ class _DenoiserLoss(nn.Module):
         self.context = context
 
     def forward(self, z0: Tensor, t: Tensor, seed: int) -> Tensor:
-        z_t, eps = F.q_sample(z0, t, self.alphas_cumprod, seed=seed)  # noise drawn in the kernel; eps is the target
+        z_t, eps = lf.q_sample(z0, t, self.alphas_cumprod, seed=seed)  # noise drawn in the kernel; eps is the target
         if self.context is None:
             pred = self.denoiser(z_t, t)
         else:
@@ -524,12 +559,12 @@ def train_denoiser(
                 posterior = DiagonalGaussianDistribution(moments[indices.to(moments.device)])
             else:
                 posterior = vae.encode(data[indices.to(data.device)].to(device, non_blocking=True))
-            z0 = posterior.sample(seed=_mix(seed, step, _POSTERIOR_SALT, rank), scale=scale)
+            z0 = posterior.sample(seed=mix_seed(seed, step, _POSTERIOR_SALT, rank), scale=scale)
         # timesteps of the global batch, the same on every rank; this rank's shard of them
-        g = torch.Generator().manual_seed(_mix(seed, step, _T_SALT))
+        g = torch.Generator().manual_seed(mix_seed(seed, step, _T_SALT))
         t = torch.randint(0, num_steps, (batch_size * info.world_size,), generator=g)
         t = t[info.rank * batch_size:(info.rank + 1) * batch_size].to(device, non_blocking=True)
-        return z0, t, _mix(seed, step, _NOISE_SALT, rank)
+        return z0, t, mix_seed(seed, step, _NOISE_SALT, rank)
 
     return _fit("denoiser", denoiser, loss_module, batch_fn, data.shape[0], steps=steps, batch_size=batch_size,
                 lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm, seed=seed, checkpoint=checkpoint,

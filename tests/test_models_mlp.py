@@ -158,30 +158,31 @@ def test_timestep_embedding_is_parameter_free_and_matches_the_formula(dim):
     torch.testing.assert_close(denoiser.time_embed(t), got, rtol=0, atol=0)
 
 
-def test_reparameterize_with_a_seed_is_reproducible():
+def test_sample_latent_with_a_seed_is_reproducible():
     g = torch.Generator().manual_seed(0)
     mu, log_var = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
-    a, b = mlp.reparameterize(mu, log_var, seed=5), mlp.reparameterize(mu, log_var, seed=5)
+    a, b = mlp.sample_latent(mu, log_var, seed=5), mlp.sample_latent(mu, log_var, seed=5)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert not torch.equal(a, mlp.reparameterize(mu, log_var, seed=6))
+    assert not torch.equal(a, mlp.sample_latent(mu, log_var, seed=6))
     eps = (a - mu) / torch.exp(0.5 * log_var)  # the noise it drew, recovered
-    torch.testing.assert_close(mlp.reparameterize(mu, log_var, noise=eps), a)
+    torch.testing.assert_close(mlp.sample_latent(mu, log_var, noise=eps), a)
     # Edifice's check: a tiny variance returns the mean
-    near = mlp.reparameterize(torch.full((64, 8), 5.0), torch.full((64, 8), -20.0), seed=1)
+    near = mlp.sample_latent(torch.full((64, 8), 5.0), torch.full((64, 8), -20.0), seed=1)
     assert (near - 5.0).abs().max().item() < 1e-3
 
 
-def test_reparameterize_with_a_seed_is_reproducible_on_the_kernel(triton_backend):
+def test_sample_latent_with_a_seed_is_reproducible_on_the_kernel(triton_backend):
     g = torch.Generator().manual_seed(0)
     mu, log_var = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
-    a, b = mlp.reparameterize(mu, log_var, seed=5), mlp.reparameterize(mu, log_var, seed=5)
+    a, b = mlp.sample_latent(mu, log_var, seed=5), mlp.sample_latent(mu, log_var, seed=5)
     assert triton_backend("reparameterize")
     torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert not torch.equal(a, mlp.reparameterize(mu, log_var, seed=6))
+    assert not torch.equal(a, mlp.sample_latent(mu, log_var, seed=6))
 
 
-def test_make_schedule_is_edifices_linear_schedule():
-    s = mlp.make_schedule()
+def test_make_mlp_schedule_is_edifices_linear_schedule():
+    s = mlp.make_mlp_schedule()
+    assert not hasattr(mlp, "make_schedule") and not hasattr(mlp, "reparameterize")  # no shadows of the public API
     assert s.kind == "linear" and s.num_steps == 1000 and s.alphas_cumprod.dtype == torch.float32
     assert s.betas[0].item() == pytest.approx(1e-4, rel=1e-6) and s.betas[-1].item() == pytest.approx(0.02, rel=1e-6)
     # Edifice: abar = exp(cumsum(log(1 - betas + 1e-10))) in float32
@@ -189,7 +190,7 @@ def test_make_schedule_is_edifices_linear_schedule():
     edifice = torch.exp(torch.cumsum(torch.log(1 - betas + 1e-10), dim=0))
     assert (s.alphas_cumprod - edifice).abs().max().item() < 3e-7
     assert (s.alphas_cumprod[1:] < s.alphas_cumprod[:-1]).all()
-    assert mlp.make_schedule(50, beta_start=0.001, beta_end=0.05).alphas_cumprod[0].item() > 0.99
+    assert mlp.make_mlp_schedule(50, beta_start=0.001, beta_end=0.05).alphas_cumprod[0].item() > 0.99
 
 
 # ---------------------------------------------------------------------------------------------

@@ -294,3 +294,152 @@ def test_sample_without_tqdm_and_with_it(monkeypatch):
 def test_bad_arguments_name_the_argument(make, error, match):
     with pytest.raises(error, match=match):
         make()
+
+
+# ---------------------------------------------------------------------------------------------
+# from_diffusers: the sampler of any DDIMScheduler / DDPMScheduler these kernels can reproduce
+
+_TRAINED_BETAS = torch.linspace(2e-4, 0.03, T, dtype=torch.float64).tolist()
+DDIM_CONFIGS = {
+    "sd": dict(SD, set_alpha_to_one=False, steps_offset=1),
+    # diffusers' class defaults: linear 1e-4..0.02, clip_sample=True (range 1), set_alpha_to_one=True, offset 0
+    "class-defaults": {},
+    "linear-trailing-alpha-one": dict(beta_schedule="linear", set_alpha_to_one=True, steps_offset=0,
+                                      timestep_spacing="trailing", clip_sample=False),
+    "cosine-linspace-clip2": dict(beta_schedule="squaredcos_cap_v2", timestep_spacing="linspace", clip_sample_range=2.0),
+    "trained-betas-offset3": dict(trained_betas=_TRAINED_BETAS, steps_offset=3, clip_sample=False),
+}
+DDPM_CONFIGS = {
+    "sd-20": (dict(SD, steps_offset=1), 20),
+    "class-defaults-full-chain": ({}, None),
+    "linear-trailing-clip1.5-log": (dict(timestep_spacing="trailing", clip_sample_range=1.5,
+                                         variance_type="fixed_small_log"), 25),
+    "cosine-linspace": (dict(beta_schedule="squaredcos_cap_v2", timestep_spacing="linspace", clip_sample=False), 30),
+}
+
+
+def _eps_model(seed=0):
+    """eps = tanh(W x) for x [N, 4, H, W] of any float dtype (float64 for the exact trajectory)."""
+    (w,) = _tensors((4, 4), seed=seed)
+    return lambda x: torch.tanh(torch.einsum("oc,nchw->nohw", 0.5 * w.to(x.dtype), x))
+
+
+def _run(step, x, timesteps, noises, model):
+    for t, noise in zip(timesteps, noises):
+        x = step(model(x), t, x, noise)
+    return x
+
+
+def _exact_run(sampler, x, noises, model):
+    """The float64 trajectory of ``sampler``'s own coefficients (step_coefficients, float64)."""
+    def step(eps, t, x, noise):
+        c = sampler.step_coefficients(t)
+        return sampler_step_reference(eps, x, c, noise if c.std > 0 else None, clip_sample=sampler.clip_sample)
+    return _run(step, x.double(), sampler.timesteps.tolist(), [n.double() for n in noises], model)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5], ids=["eta0", "eta0.5"])
+@pytest.mark.parametrize("steps", [20, 30])
+@pytest.mark.parametrize("name", list(DDIM_CONFIGS))
+def test_ddim_from_diffusers_follows_diffusers_trajectory(name, steps, eta):
+    """Timesteps, landing points (diffusers' ``t - T // S``: 30 steps of trailing or linspace land off
+    the next listed timestep), final alpha, clipping and schedule, from the scheduler and from its config."""
+    sched = DDIMScheduler(**DDIM_CONFIGS[name])
+    sched.set_timesteps(steps)
+    sampler = DDIMSampler.from_diffusers(sched, eta=eta)
+    from_config = DDIMSampler.from_diffusers(dict(sched.config), steps, eta=eta)
+    assert torch.equal(sampler.timesteps, sched.timesteps) and torch.equal(from_config.timesteps, sched.timesteps)
+    assert from_config._steps == sampler._steps and from_config.prev_timesteps == sampler.prev_timesteps
+    assert sampler.final_alpha_cumprod == pytest.approx(float(sched.final_alpha_cumprod), rel=1e-6)
+    torch.testing.assert_close(sampler.alphas_cumprod, sched.alphas_cumprod, rtol=2e-6, atol=1e-7)
+    (x,) = _tensors((2, 4, 4, 4), seed=1)
+    noises = _tensors(*[(2, 4, 4, 4)] * steps, seed=2)
+    model = _eps_model()
+    theirs = _run(lambda eps, t, x, z: sched.step(eps, t, x, eta=eta, variance_noise=z).prev_sample, x,
+                  sched.timesteps, noises, model)
+    ours = _run(lambda eps, t, x, z: sampler.step(eps, int(t), x, noise=z), x, sched.timesteps, noises, model)
+    assert_close_to_exact(ours, _exact_run(sampler, x, noises, model), theirs)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)  # and to diffusers' fp32 rounding
+
+
+@pytest.mark.parametrize("name", list(DDPM_CONFIGS))
+def test_ddpm_from_diffusers_follows_diffusers_trajectory(name):
+    config, steps = DDPM_CONFIGS[name]
+    sched = DDPMScheduler(**config)
+    if steps is not None:
+        sched.set_timesteps(steps)
+    sampler = DDPMSampler.from_diffusers(sched)  # the scheduler's own step count
+    assert torch.equal(sampler.timesteps, sched.timesteps)
+    assert DDPMSampler.from_diffusers(dict(sched.config), steps)._steps == sampler._steps
+    (x,) = _tensors((2, 4, 4, 4), seed=1)
+    timesteps = sched.timesteps.tolist()
+    noises = [torch.randn(x.shape, generator=torch.Generator().manual_seed(t)) for t in timesteps]  # diffusers' draws
+    model = _eps_model()
+    theirs = _run(lambda eps, t, x, z: sched.step(eps, t, x, generator=torch.Generator().manual_seed(t)).prev_sample,
+                  x, timesteps, noises, model)
+    ours = _run(lambda eps, t, x, z: sampler.step(eps, t, x, noise=z), x, timesteps, noises, model)
+    assert_close_to_exact(ours, _exact_run(sampler, x, noises, model), theirs)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_from_diffusers_sample_loop_runs_the_kernel(triton_backend):
+    """A non-SD scheduler (linear, trailing, set_alpha_to_one, no offset, clip) through ``sample`` on the kernel."""
+    sched = DDIMScheduler(set_alpha_to_one=True, steps_offset=0, timestep_spacing="trailing")
+    sched.set_timesteps(7)
+    sampler = DDIMSampler.from_diffusers(sched)
+    (x_T,) = _tensors((1, 4, 4, 4), seed=3)
+    model = StandIn()
+    ours = sampler.sample(model, x_T, progress=False)
+    assert triton_backend("sampler_step")
+    x = x_T.clone()
+    for t in sched.timesteps:
+        x = sched.step(model(x, t.expand(1), None), t, x).prev_sample
+    torch.testing.assert_close(ours, x, rtol=1e-5, atol=1e-5)
+
+
+def test_from_diffusers_takes_a_config_dict_without_diffusers(monkeypatch):
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # any import of diffusers now fails
+    pndm_config = {"_class_name": "PNDMScheduler", "skip_prk_steps": True, **SD, "set_alpha_to_one": False,
+                   "steps_offset": 1}  # SD's scheduler config; PNDM's own fields ignored, as from_config does
+    sampler = DDIMSampler.from_diffusers(pndm_config, 50)
+    direct = DDIMSampler(ldm_fast.make_schedule("scaled_linear"), 50)
+    assert torch.equal(sampler.timesteps, direct.timesteps) and sampler._steps == direct._steps
+    assert sampler.prev_timesteps == direct.prev_timesteps
+    ddpm = DDPMSampler.from_diffusers({"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+                                       "clip_sample": False})
+    assert ddpm._steps == DDPMSampler(ldm_fast.make_schedule("scaled_linear"))._steps
+
+
+def _custom_timesteps():
+    sched = DDPMScheduler()
+    sched.set_timesteps(timesteps=[900, 500, 1])
+    return sched
+
+
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda: DDIMSampler.from_diffusers(DDIMScheduler(prediction_type="v_prediction"), 10), ValueError,
+         "prediction_type='v_prediction' cannot be reproduced"),
+        (lambda: DDIMSampler.from_diffusers(DDIMScheduler(thresholding=True), 10), ValueError, "thresholding=True"),
+        (lambda: DDIMSampler.from_diffusers({"rescale_betas_zero_snr": True}, 10), ValueError,
+         "rescale_betas_zero_snr=True"),
+        (lambda: DDPMSampler.from_diffusers(DDPMScheduler(beta_schedule="sigmoid")), ValueError,
+         "beta_schedule='sigmoid'"),
+        (lambda: DDPMSampler.from_diffusers(DDPMScheduler(variance_type="learned_range")), ValueError,
+         "variance_type='learned_range'"),
+        (lambda: DDIMSampler.from_diffusers({"timestep_spacing": "karras"}, 10), ValueError,
+         "timestep_spacing='karras'"),
+        (lambda: DDIMSampler.from_diffusers({"trained_betas": [0.01] * 10}, 5), ValueError,
+         "trained_betas holds 10 betas, but num_train_timesteps=1000"),
+        (lambda: DDIMSampler.from_diffusers(DDIMScheduler()), ValueError, "num_inference_steps is needed"),
+        (lambda: DDIMSampler.from_diffusers(DDPMScheduler(), 10), TypeError, r"DDIMScheduler .*got a DDPMScheduler"),
+        (lambda: DDIMSampler.from_diffusers([("beta_start", 0.1)], 10), TypeError, "config \\(a mapping\\)"),
+        (lambda: DDPMSampler.from_diffusers(_custom_timesteps()), ValueError, "custom timesteps"),
+    ],
+    ids=["v-prediction", "thresholding", "zero-snr", "sigmoid", "learned-variance", "karras", "trained-betas-length",
+         "no-steps", "other-class", "not-a-mapping", "custom-timesteps"],
+)
+def test_from_diffusers_names_what_it_cannot_reproduce(make, error, match):
+    with pytest.raises(error, match=match):
+        make()

@@ -118,7 +118,7 @@ def test_vector_ldm_trains_with_both_stages():
     assert _mean(vae_losses[-10:]) < 0.5 * _mean(vae_losses[:10])
     scale = train.latent_scale(vae, x)
     losses = train.train_denoiser(denoiser, vae, x, steps=150, batch_size=32, lr=3e-3, scale_factor=scale,
-                                  schedule=mlp.make_schedule(100), cache_latents=False, **QUIET)
+                                  schedule=mlp.make_mlp_schedule(100), cache_latents=False, **QUIET)
     assert _mean(losses[-20:]) < 0.8 * _mean(losses[:10])  # measured: 1.07 -> 0.69
 
 
@@ -209,6 +209,83 @@ def test_a_checkpoint_of_the_other_stage_is_refused(tmp_path):
     with pytest.raises(ValueError, match="not a denoiser checkpoint"):
         train.train_denoiser(_unet(), _vae(), images, steps=2, batch_size=8, context=torch.zeros(1, 1, 8),
                              checkpoint=path, **QUIET)
+
+
+class _Payload:
+    """Unpickling this runs ``marker.touch()``: what a crafted checkpoint could do on resume."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def _vector_checkpoint(path, steps=2, ema=False, **kw):
+    """A short vector-LDM denoiser run writing ``path``; returns its losses."""
+    x = data.gaussian_mixture(64, 8, seed=0)
+    vae, denoiser = _vector()
+    args = dict(batch_size=8, lr=1e-3, seed=0, schedule=mlp.make_mlp_schedule(100), checkpoint=path, **QUIET)
+    args.update(kw)
+    return train.train_denoiser(denoiser, vae, x, steps=steps, ema=copy.deepcopy(denoiser) if ema else None, **args)
+
+
+def test_resuming_an_ema_checkpoint_without_ema_is_refused(tmp_path):
+    """#17.9: with ema=None the run used to resume and its next checkpoint dropped the EMA weights."""
+    path = tmp_path / "ema.pt"
+    _vector_checkpoint(path, ema=True)
+    with pytest.raises(ValueError, match="ema=None, but .*ema.pt holds EMA weights"):
+        _vector_checkpoint(path, steps=4, ema=False)
+    assert "ema" in train.load_checkpoint(path) and train.load_checkpoint(path)["step"] == 2  # left as it was
+    _vector_checkpoint(tmp_path / "plain.pt")
+    with pytest.raises(ValueError, match="ema is given, but .*plain.pt holds no EMA weights"):
+        _vector_checkpoint(tmp_path / "plain.pt", steps=4, ema=True)
+
+
+@pytest.mark.parametrize("name, value", [("seed", 1), ("batch_size", 16)])
+def test_resuming_with_another_seed_or_batch_size_is_refused_by_name(tmp_path, name, value):
+    """#17.9: another seed or batch size used to resume silently, and not exactly."""
+    path = tmp_path / "ckpt.pt"
+    _vector_checkpoint(path)
+    state = train.load_checkpoint(path)
+    assert (state["seed"], state["batch_size"], state["world_size"]) == (0, 8, 1)  # recorded
+    with pytest.raises(ValueError, match=f"{name}={value}, but .* was trained with {name}="):
+        _vector_checkpoint(path, steps=4, **{name: value})
+    assert len(_vector_checkpoint(path, steps=4)) == 4  # the recorded settings resume
+
+
+def test_resuming_on_another_world_size_warns(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    _vector_checkpoint(path)
+    state = train.load_checkpoint(path)
+    train.save_checkpoint(path, {**state, "world_size": 2})
+    with pytest.warns(RuntimeWarning, match="world_size=1, but .* written by 2 ranks"):
+        _vector_checkpoint(path, steps=3)
+
+
+def test_a_pickled_payload_in_a_checkpoint_is_refused_not_run(tmp_path):
+    """#17.10: checkpoints are read with weights_only=True; every field the trainer writes loads that way."""
+    marker, path = tmp_path / "payload-ran", tmp_path / "crafted.pt"
+    torch.save({"format": train.CHECKPOINT_FORMAT, "kind": "denoiser", "model": _Payload(marker)}, path)
+    with pytest.raises(ValueError, match="crafted.pt holds objects other than tensors.*weights_only=True"):
+        _vector_checkpoint(path)
+    assert not marker.exists()
+    torch.load(path, weights_only=False)  # what the old loader did: the payload runs
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("keep", [0, 0.5, 20], ids=["empty", "half", "20-bytes"])
+def test_an_empty_or_truncated_checkpoint_names_the_file(tmp_path, keep):
+    """#17.11: these gave a bare EOFError / RuntimeError without the file's name."""
+    path = tmp_path / "torn.pt"
+    _vector_checkpoint(path)
+    blob = path.read_bytes()
+    path.write_bytes(blob[:int(keep * len(blob)) if isinstance(keep, float) else keep])
+    what = "is empty" if keep == 0 else "is truncated or not a torch.save file"
+    with pytest.raises(ValueError, match=f"checkpoint .*torn.pt .*{what}"):
+        train.load_checkpoint(path)
+    with pytest.raises(ValueError, match="torn.pt"):
+        _vector_checkpoint(path, steps=3)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,13 +35,13 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .. import functional as F
+from .. import functional as lf
 from .. import schedules
 from ..latent_diffusion import LatentDiffusion
 
 __all__ = [
     "Decoder", "Denoiser", "Encoder", "ResidualBlock", "TimestepEmbedding", "build", "kl_divergence",
-    "latent_diffusion", "make_schedule", "output_size", "param_count", "recommended_defaults", "reparameterize",
+    "latent_diffusion", "make_mlp_schedule", "output_size", "param_count", "recommended_defaults", "sample_latent",
     "timestep_embedding", "vae_loss",
 ]
 
@@ -223,7 +223,7 @@ def build(
     """Edifice's ``build``: ``(encoder, decoder, denoiser)``, freshly initialised on the CPU in float32.
 
     ``num_steps`` is the diffusion length the denoiser's embedding divides t by; use the same number
-    for :func:`make_schedule`. ``build(**recommended_defaults())`` gives the 2,490,751-parameter model.
+    for :func:`make_mlp_schedule`. ``build(**recommended_defaults())`` gives the 2,490,751-parameter model.
     """
     _check_size("input_size", input_size)
     _check_size("latent_size", latent_size)
@@ -296,7 +296,7 @@ def kl_divergence(mu: Tensor, log_var: Tensor) -> Tensor:
     return (-0.5 * (1.0 + log_var - mu.square() - log_var.exp()).sum(dim=-1)).mean()
 
 
-def reparameterize(
+def sample_latent(
     mu: Tensor, log_var: Tensor, seed: Optional[int] = None, *, noise: Optional[Tensor] = None
 ) -> Tensor:
     """A posterior sample ``z = mu + exp(0.5 * log_var) * eps``, eps ~ N(0, I): mu's shape, promoted dtype.
@@ -308,10 +308,10 @@ def reparameterize(
     Differentiable in mu and log_var. Unlike Edifice, log_var is clamped to [-30, 20] first (as in
     SD/diffusers); no latent scaling factor is applied.
     """
-    return F.reparameterize(mu, log_var, noise=noise, seed=seed)
+    return lf.reparameterize(mu, log_var, noise=noise, seed=seed)
 
 
-def make_schedule(
+def make_mlp_schedule(
     num_steps: int = 1000, beta_start: float = BETA_START, beta_end: float = BETA_END
 ) -> schedules.Schedule:
     """Edifice's schedule: linear betas ``linspace(beta_start, beta_end, num_steps)``, ``abar = cumprod(1 - betas)``.
@@ -333,12 +333,12 @@ def vae_loss(
 ) -> Tensor:
     """The VAE's loss on a batch ``x [B, input_size]``: reconstruction + ``kl_weight`` * KL, a float32 scalar.
 
-    ``mu, log_var = encoder(x)``; ``z = reparameterize(mu, log_var, seed)``; the reconstruction term
+    ``mu, log_var = encoder(x)``; ``z = sample_latent(mu, log_var, seed)``; the reconstruction term
     is the squared error ``sum((decoder(z) - x)**2, dim=-1).mean()``: summed over features and averaged
     over the batch, the same reduction as :func:`kl_divergence`.
     """
     mu, log_var = encoder(x)
-    x_hat = decoder(reparameterize(mu, log_var, seed))
+    x_hat = decoder(sample_latent(mu, log_var, seed))
     recon = (x_hat.float() - x.float()).square().sum(dim=-1).mean()
     return recon + kl_weight * kl_divergence(mu, log_var)
 
@@ -354,7 +354,7 @@ def latent_diffusion(
 ) -> LatentDiffusion:
     """The three modules as an :class:`ldm_fast.LatentDiffusion` with Edifice's settings.
 
-    No latent scaling (``scale_factor=1.0``) and the linear :func:`make_schedule` of
+    No latent scaling (``scale_factor=1.0``) and the linear :func:`make_mlp_schedule` of
     ``num_steps`` steps (default: the denoiser's ``num_steps``, else 1000). Its
     ``training_loss(x)`` samples ``z0`` from the frozen encoder, draws ``t`` uniformly per row,
     noises ``z0`` with :func:`ldm_fast.functional.q_sample` and returns
@@ -362,6 +362,5 @@ def latent_diffusion(
     """
     if num_steps is None:
         num_steps = getattr(denoiser, "num_steps", DEFAULTS["num_steps"])
-    return LatentDiffusion(
-        encoder, decoder, scale_factor=1.0, schedule=make_schedule(num_steps, beta_start, beta_end), denoiser=denoiser
-    )
+    schedule = make_mlp_schedule(num_steps, beta_start, beta_end)
+    return LatentDiffusion(encoder, decoder, scale_factor=1.0, schedule=schedule, denoiser=denoiser)
