@@ -31,7 +31,9 @@ def _torch_group_norm_takes_bias() -> bool:
 class GroupNorm(torch.nn.GroupNorm):
     """``torch.nn.GroupNorm`` with an optional fused SiLU: ``activation=None`` or ``"silu"``.
 
-    Input ``[B, C, *spatial]`` (NCHW or channels-last), output the same shape, dtype and layout.
+    Input ``[B, C, *spatial]`` (NCHW or channels-last), output the same shape, dtype and layout;
+    ``forward(x, shift=None)``: ``shift`` ``[B, C]`` is added to x before the statistics, in the same
+    pass (:func:`ldm_fast.functional.group_norm`).
     The state dict is torch's (``weight`` and ``bias`` ``[C]`` when affine). Forward and backward
     run :func:`ldm_fast.functional.group_norm`: the Triton kernels on CUDA, the eager
     ``F.silu(F.group_norm(...))`` elsewhere or with ``LDM_FAST_BACKEND=eager``.
@@ -59,9 +61,9 @@ class GroupNorm(torch.nn.GroupNorm):
                 self.register_parameter("bias", None)
         self.activation = activation
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, shift: Optional[Tensor] = None) -> Tensor:
         return functional.group_norm(
-            input, self.num_groups, self.weight, self.bias, self.eps, activation=self.activation
+            input, self.num_groups, self.weight, self.bias, self.eps, activation=self.activation, shift=shift
         )
 
     def extra_repr(self) -> str:
@@ -77,9 +79,10 @@ class GroupNorm32(GroupNorm):
     eager path differs from :class:`GroupNorm`.
     """
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, shift: Optional[Tensor] = None) -> Tensor:
         return functional.group_norm(
-            input, self.num_groups, self.weight, self.bias, self.eps, activation=self.activation, upcast=True
+            input, self.num_groups, self.weight, self.bias, self.eps, activation=self.activation, upcast=True,
+            shift=shift,
         )
 
 

@@ -672,3 +672,42 @@ def test_bad_input_names_the_argument(call, error, match):
 def test_torch_raises_the_same_error_type(call):
     with pytest.raises(RuntimeError):
         call()
+
+
+# ---------------------------------------------------------------------------------------------
+# shift through the public op (the launchers' shift is tested above)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(2, 8, 5, 3), (1, 64, 40, 40)], ids=["one-pass", "split"])
+def test_public_group_norm_with_shift(dtype, shape, triton_backend, poison):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(shape, generator=g).to(dtype).requires_grad_(True)
+    shift = torch.randn(shape[:2], generator=g).to(dtype).requires_grad_(True)
+    weight = (1 + 0.1 * torch.randn(shape[1], generator=g)).requires_grad_(True)
+    bias = (0.1 * torch.randn(shape[1], generator=g)).requires_grad_(True)
+    grad = torch.randn(shape, generator=g).to(dtype)
+    y = F.group_norm(x, 4, weight, bias, 1e-5, activation="silu", shift=shift)
+    assert triton_backend("group_norm")
+    grads = torch.autograd.grad(y, (x, weight, bias, shift), grad)
+
+    def run(cast):
+        leaves = [t.detach().to(cast if t.dtype == dtype else torch.promote_types(t.dtype, cast)).requires_grad_(True)
+                  for t in (x, weight, bias, shift)]
+        xc, wc, bc, sc = leaves
+        with ldm_fast.use_backend("eager"):
+            out = TF.silu(TF.group_norm(xc + sc[:, :, None, None], 4, wc, bc, 1e-5))
+        return (out, *torch.autograd.grad(out, leaves, grad.to(cast)))
+
+    exact, eager = run(torch.float64), run(dtype)
+    for got, ex, ea in zip((y, *grads), exact, eager):
+        assert_close_to_exact(got, ex.to(torch.float64), ea.to(got.dtype))
+
+
+def test_public_group_norm_shift_is_checked():
+    x = torch.zeros(2, 8, 4)
+    with pytest.raises(ValueError, match=r"shift must be \[B, C\]"):
+        F.group_norm(x, 4, shift=torch.zeros(2, 4))
+    with pytest.raises(TypeError, match="shift must be a floating"):
+        F.group_norm(x, 4, shift=torch.zeros(2, 8, dtype=torch.int64))
+    torch.testing.assert_close(F.group_norm(x + 1, 4, shift=torch.ones(2, 8, 1)), F.group_norm(x + 2, 4, shift=-torch.ones(2, 8)))

@@ -717,3 +717,46 @@ def test_compile_over_optimize_builds_the_graph_compile_builds_without(monkeypat
     norms = sum(1 for m in model.modules() if isinstance(m, torch.nn.GroupNorm))
     assert kernel_ops["ldm_fast.group_norm"] == norms and report.counts
     restore(model)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_resnet_block_adds_the_time_embedding_inside_norm2(channels_last, poison):
+    """time_embedding_norm="default": norm2(h + temb) becomes norm2(h, shift=temb): bit for bit on the eager
+    backend, within the kernel's error bound interpreted (forward and gradients), the add never dispatched."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func._schema.name)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    block = ResnetBlock2D(in_channels=16, temb_channels=8, groups=4).eval()
+    x, temb = torch.randn(2, 16, 8, 8), torch.randn(2, 8)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    ref = block(x, temb).detach()
+    x.requires_grad_(True)
+    block(x, temb).square().sum().backward()
+    ref_dx, ref_dw = x.grad.clone(), block.time_emb_proj.weight.grad.clone()
+    x.grad = None
+    block.zero_grad()
+    optimize(block, channels_last=channels_last)
+    assert block.forward.fuse_shift
+    with torch.no_grad():
+        assert torch.equal(block(x, temb), ref)  # eager backend: exactly norm2(h + temb)
+    with ldm_fast.use_backend("triton"):
+        before = ldm_fast.ops.kernel_launches["group_norm"]
+        with torch.no_grad(), Ops() as ops:
+            out = block(x, temb)
+        assert ldm_fast.ops.kernel_launches["group_norm"] - before == 2  # norm1, norm2 (+temb) fused
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        assert ops.names.count("aten::add") == 1, ops.names  # only the residual add; temb's is in norm2
+        block(x, temb).square().sum().backward()
+    torch.testing.assert_close(x.grad, ref_dx, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(block.time_emb_proj.weight.grad, ref_dw, rtol=1e-4, atol=1e-4)
+    restore(block)

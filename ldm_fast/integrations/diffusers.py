@@ -238,17 +238,21 @@ def _function_ast_sha256(fn) -> Optional[str]:
 class FusedResnetForward:
     """diffusers 0.42 ``ResnetBlock2D.forward``, statement for statement, except that a fused norm
     (``norm1``; ``norm2`` when ``fuse_norm2``) applies the SiLU itself (``activation="silu"``), so
-    ``nonlinearity`` is not called after it, and the division by ``output_scale_factor`` is skipped
-    when it is 1 (bit for bit the same). Installed as the block's instance-level ``forward``."""
+    ``nonlinearity`` is not called after it; with ``fuse_shift`` (``time_embedding_norm="default"``,
+    norm2 an ldm_fast GroupNorm without hooks) the time embedding is added inside norm2's kernel
+    (``norm2(h, shift=temb)``: the sum ``h + temb`` is never written; the eager path computes exactly
+    ``norm2(h + temb)``); and the division by ``output_scale_factor`` is skipped when it is 1 (bit for
+    bit the same). Installed as the block's instance-level ``forward``."""
 
-    def __init__(self, block: nn.Module, fuse_norm1: bool, fuse_norm2: bool) -> None:
+    def __init__(self, block: nn.Module, fuse_norm1: bool, fuse_norm2: bool, fuse_shift: bool = False) -> None:
         self.block = block
         self.fuse_norm1 = fuse_norm1
         self.fuse_norm2 = fuse_norm2
+        self.fuse_shift = fuse_shift
 
     def __repr__(self) -> str:
         return (f"<ldm_fast fused ResnetBlock2D.forward: norm1 fused={self.fuse_norm1}, "
-                f"norm2 fused={self.fuse_norm2}>")
+                f"norm2 fused={self.fuse_norm2}, temb add fused into norm2={self.fuse_shift}>")
 
     def __call__(self, input_tensor: torch.Tensor, temb: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         self_ = self.block
@@ -282,9 +286,13 @@ class FusedResnetForward:
 
         fused2 = False
         if self_.time_embedding_norm == "default":
-            if temb is not None:
-                hidden_states = hidden_states + temb
-            hidden_states = self_.norm2(hidden_states)
+            if (self.fuse_shift and temb is not None and temb.dtype == hidden_states.dtype
+                    and temb.shape == hidden_states.shape[:2] + (1, 1)):
+                hidden_states = self_.norm2(hidden_states, shift=temb)  # the add inside the norm's pass
+            else:
+                if temb is not None:
+                    hidden_states = hidden_states + temb
+                hidden_states = self_.norm2(hidden_states)
             fused2 = self.fuse_norm2
         elif self_.time_embedding_norm == "scale_shift":
             if temb is None:

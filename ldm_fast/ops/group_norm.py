@@ -27,6 +27,7 @@ def group_norm(
     activation: Optional[str] = None,
     out_memory_format: Optional[torch.memory_format] = None,
     upcast: bool = False,
+    shift: Optional[Tensor] = None,
 ) -> Tensor:
     """Group normalization of ``x`` ``[B, C, *spatial]`` (images ``[B, C, H, W]``, video latents
     ``[B, C, T, H, W]``), optionally followed by SiLU in the same pass.
@@ -38,12 +39,15 @@ def group_norm(
     channels-last whatever x's layout, ``torch.contiguous_format`` writes NCHW.
     ``activation``: ``None`` or ``"silu"``. ``upcast``: the eager path computes as the SD U-Net's
     ``GroupNorm32`` (``F.group_norm(x.float(), ...).type(x.dtype)``; the kernel computes in fp32
-    either way). Differentiable in x, weight and bias (backward in Triton; first order: a double
-    backward raises). Bad arguments raise :class:`ArgumentError` (a ValueError that is also the
+    either way). ``shift``: ``[B, C]`` (or ``[B, C, 1, ...]``), added to x before the statistics
+    without materializing the sum (diffusers' ``ResnetBlock2D`` adds its time embedding so before
+    ``norm2``; the kernel adds in fp32, the eager path as ``x + shift`` in x's dtype). Differentiable
+    in x, weight, bias and shift (backward in Triton; first order: a double backward raises). Bad arguments raise :class:`ArgumentError` (a ValueError that is also the
     RuntimeError torch's group_norm raises) or TypeError, naming the argument.
 
     Eager equivalent (what ``LDM_FAST_BACKEND=eager`` runs, bit for bit):
-    ``F.silu(F.group_norm(x, num_groups, weight, bias, eps))``, without the silu when activation is None.
+    ``F.silu(F.group_norm(x + shift[:, :, None, None], num_groups, weight, bias, eps))``, without the
+    silu when activation is None and without the add when shift is None.
     """
     if not (isinstance(x, Tensor) and x.is_floating_point()):  # the checks inline: each helper call is host time
         check_float("x", x)
@@ -80,21 +84,37 @@ def group_norm(
         raise ValueError("group_norm: out_memory_format must be None, torch.preserve_format, torch.contiguous_format, "
                          f"torch.channels_last or torch.channels_last_3d, got {out_memory_format!r}")
     eps = float(eps)
+    if shift is not None:
+        shift = _check_shift(shift, x)
 
-    if x.numel() and backend.kernel_ok(x, weight, bias):
+    if x.numel() and backend.kernel_ok(x, weight, bias, shift):
         if torch.compiler.is_compiling():  # LDM_FAST_COMPILE: the kernel, or Inductor's own code
-            if backend.compile_uses_kernel(x.numel() // (x.shape[0] * num_groups)):
+            if shift is None and backend.compile_uses_kernel(x.numel() // (x.shape[0] * num_groups)):
                 if channels_last_out is None:
                     channels_last_out = _kernels.is_channels_last(x)
                 return torch.ops.ldm_fast.group_norm(x, weight, bias, num_groups, eps, activation or "",
                                                      channels_last_out)[0]
-        elif needs_grad(x, weight, bias):
-            return _GroupNormFunction.apply(x, weight, bias, num_groups, eps, activation, channels_last_out)
+        elif needs_grad(x, weight, bias, shift):
+            return _GroupNormFunction.apply(x, weight, bias, num_groups, eps, activation, channels_last_out, shift)
         else:
             return launch("group_norm", _kernels.group_norm_fwd, x, weight, bias, num_groups, eps, activation,
-                          channels_last_out, stats=False)[0]
-    y = _kernels.group_norm_reference(x, num_groups, weight, bias, eps, activation, upcast=upcast)
+                          channels_last_out, stats=False, shift=shift)[0]
+    y = _kernels.group_norm_reference(x, num_groups, weight, bias, eps, activation, upcast=upcast, shift=shift)
     return y if channels_last_out is None else _to_layout(y, channels_last_out)
+
+
+def _check_shift(shift, x: Tensor) -> Tensor:
+    """group_norm's shift as ``[B, C]``: a float tensor ``[B, C]`` or ``[B, C, 1, ...]`` on x's device."""
+    if not (isinstance(shift, Tensor) and shift.is_floating_point()):
+        check_float("shift", shift)
+    batch, channels = x.shape[0], x.shape[1]
+    if (shift.dim() < 2 or tuple(shift.shape[:2]) != (batch, channels)
+            or any(size != 1 for size in shift.shape[2:]) or shift.dim() > x.dim()):
+        raise ArgumentError(f"group_norm: shift must be [B, C] = [{batch}, {channels}] (or [B, C, 1, ...]), "
+                            f"got shape {tuple(shift.shape)}")
+    if shift.device != x.device:
+        check_same_device("shift", shift, "x", x)
+    return shift if shift.dim() == 2 else shift.view(batch, channels)
 
 
 def _to_layout(y: Tensor, channels_last: bool) -> Tensor:
@@ -108,21 +128,23 @@ def _to_layout(y: Tensor, channels_last: bool) -> Tensor:
 
 class _GroupNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, num_groups, eps, activation, channels_last_out):
+    def forward(ctx, x, weight, bias, num_groups, eps, activation, channels_last_out, shift):
         y, mean, rstd = launch("group_norm", _kernels.group_norm_fwd, x, weight, bias, num_groups, eps, activation,
-                               channels_last_out)
-        ctx.save_for_backward(x, weight, bias, mean, rstd)
+                               channels_last_out, shift=shift)
+        ctx.save_for_backward(x, weight, bias, mean, rstd, shift)
         ctx.num_groups, ctx.activation = num_groups, activation
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        x, weight, bias, mean, rstd = ctx.saved_tensors
-        dx, dweight, dbias = launch("group_norm", _kernels.group_norm_bwd, grad, x, weight, bias, mean, rstd,
-                                    ctx.num_groups, ctx.activation)
+        x, weight, bias, mean, rstd, shift = ctx.saved_tensors
+        grads = launch("group_norm", _kernels.group_norm_bwd, grad, x, weight, bias, mean, rstd, ctx.num_groups,
+                       ctx.activation, shift=shift)
+        dx, dweight, dbias = grads[:3]
+        dshift = grads[3].to(shift.dtype) if shift is not None else None
         return (dx, dweight if weight is not None else None, dbias if bias is not None else None,
-                None, None, None, None)
+                None, None, None, None, dshift)
 
 
 # torch.compile: one op forward (y and the fp32 mean/rstd [B, G]), one backward

@@ -198,7 +198,8 @@ def _fuse_resnet_block(ctx: _Context, block: nn.Module) -> None:
         _set_silu(ctx, block.norm1)
     if fuse2_reason is None:
         _set_silu(ctx, block.norm2)
-    forward = FusedResnetForward(block, fuse1_reason is None, fuse2_reason is None)
+    fuse_shift = fuse2_reason is None and not _any_hooks(block.norm2)  # norm2(h, shift=temb): no pre-hook sees h + temb
+    forward = FusedResnetForward(block, fuse1_reason is None, fuse2_reason is None, fuse_shift)
     ctx.record(_SetAttr(block, "forward", block.__dict__.get("forward", _MISSING), forward))
     block.__dict__["forward"] = forward
     ctx.changed(block, RESNET_FORWARD)
