@@ -14,9 +14,11 @@ does not give) runs the reference, which is always correct. Bad arguments raise 
     h = lf.group_norm(x, 32, weight, bias, activation="silu")      # GroupNorm + SiLU
     out = lf.attention(q, k, v, heads=8)                           # [B, N, heads*D] in place
     x_prev = lf.sampler_step(eps, x, alpha_t, alpha_prev)          # one DDIM step
+    ff = lf.geglu(proj)                                            # [..., 2F] -> [..., F]
 """
 
 from .ops.attention import ATTENTION_ROUTES_FILE, attention, attention_route
+from .ops.geglu import geglu
 from .ops.group_norm import ACTIVATIONS as GROUP_NORM_ACTIVATIONS
 from .ops.group_norm import group_norm
 from .ops.q_sample import q_sample
@@ -24,4 +26,4 @@ from .ops.reparameterize import reparameterize, reparameterize_moments
 from .ops.sampler_step import SAMPLER_METHODS, sampler_step
 
 __all__ = ["ATTENTION_ROUTES_FILE", "GROUP_NORM_ACTIVATIONS", "SAMPLER_METHODS", "attention", "attention_route",
-           "group_norm", "q_sample", "reparameterize", "reparameterize_moments", "sampler_step"]
+           "geglu", "group_norm", "q_sample", "reparameterize", "reparameterize_moments", "sampler_step"]

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import functional as F
+from . import functional as lf
 from .ops._common import derived_seed
 from .schedules import Schedule, make_schedule
 
@@ -89,14 +89,14 @@ class LatentDiffusion(torch.nn.Module):
             if not sample:
                 return ((mean - self.shift_factor) * self.scale_factor).numpy()
             eps = torch.as_tensor(np.random.randn(*mean.shape)).to(mean.dtype) if noise is None else torch.as_tensor(noise)
-            return F.reparameterize(mean, logvar, noise=eps, scale=self.scale_factor, shift=self.shift_factor).numpy()
+            return lf.reparameterize(mean, logvar, noise=eps, scale=self.scale_factor, shift=self.shift_factor).numpy()
         if not sample:
             mean = value.chunk(2, dim=1)[0] if kind == "moments" else value[0]
             return (mean - self.shift_factor) * self.scale_factor
         kw = dict(noise=noise, seed=seed, scale=self.scale_factor, shift=self.shift_factor)
         if kind == "moments":
-            return F.reparameterize_moments(value, **kw)
-        return F.reparameterize(*value, **kw)
+            return lf.reparameterize_moments(value, **kw)
+        return lf.reparameterize(*value, **kw)
 
     def decode(self, z):
         """``decoder_fn(z / scale + shift)``; numpy in, the decoder's numpy out."""
@@ -114,10 +114,10 @@ class LatentDiffusion(torch.nn.Module):
             abar = self.alphas_cumprod if alpha_bars is None else torch.as_tensor(np.asarray(alpha_bars, dtype=np.float64))
             tt = torch.as_tensor(np.asarray(t)) if not isinstance(t, int) else t
             eps = torch.as_tensor(np.random.randn(*z.shape)).to(zt.dtype) if noise is None else torch.as_tensor(noise)
-            x_t, tgt = F.q_sample(zt, tt, abar.to(zt.dtype), noise=eps, target=target)
+            x_t, tgt = lf.q_sample(zt, tt, abar.to(zt.dtype), noise=eps, target=target)
             return x_t.numpy(), tgt.numpy()
         abar = self.alphas_cumprod if alpha_bars is None else torch.as_tensor(alpha_bars)
-        return F.q_sample(z, t, abar, noise=noise, seed=seed, target=target)
+        return lf.q_sample(z, t, abar, noise=noise, seed=seed, target=target)
 
     def training_loss(
         self,
@@ -144,7 +144,7 @@ class LatentDiffusion(torch.nn.Module):
         if t is None:
             t = torch.randint(0, self.num_steps, (z0.shape[0],), device=z0.device)
         # a seed of its own for the diffusion noise, so it is independent of the posterior sample's
-        z_t, tgt = F.q_sample(z0, t, self.alphas_cumprod, seed=derived_seed(seed, _NOISE_SALT), target=target,
+        z_t, tgt = lf.q_sample(z0, t, self.alphas_cumprod, seed=derived_seed(seed, _NOISE_SALT), target=target,
                               noise_offset=noise_offset)
         # one timestep per row for the denoiser, without reading a device t on the host
         t_rows = t.expand(z0.shape[0]) if isinstance(t, Tensor) else torch.full((z0.shape[0],), t, device=z0.device)

@@ -9,6 +9,8 @@ from collections import Counter
 import pytest
 import torch
 
+import ldm_fast
+
 from ldm_fast.kernels import geglu
 from ldm_fast.kernels.geglu import geglu_bwd, geglu_fwd, geglu_reference
 
@@ -157,3 +159,65 @@ def test_block_plan():
     assert geglu._plan(6, 1100) == (2, 2048, 1, 3)
     assert geglu._plan(6, 5120) == (4, 1024, 5, 10)
     assert geglu._plan(6, 4100) == (1, 4096, 2, 12)
+
+
+# ---------------------------------------------------------------------------------------------
+# the public op and optimize()'s GEGLU pass
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_public_geglu_forward_and_backward(dtype, triton_backend, poison):
+    import ldm_fast.functional as lf
+    from _numerics import assert_close_to_exact
+
+    g = torch.Generator().manual_seed(5)
+    proj = torch.randn(2, 7, 2 * 40, generator=g).to(dtype).requires_grad_(True)
+    grad = torch.randn(2, 7, 40, generator=g).to(dtype)
+    out = lf.geglu(proj)
+    assert triton_backend("geglu")
+    (dproj,) = torch.autograd.grad(out, proj, grad)
+
+    def run(cast):
+        p = proj.detach().to(cast).requires_grad_(True)
+        hidden, gate = p.chunk(2, dim=-1)
+        o = hidden * torch.nn.functional.gelu(gate)
+        return o, torch.autograd.grad(o, p, grad.to(cast))[0]
+
+    (exact, dexact), (eager, deager) = run(torch.float64), run(dtype)
+    assert_close_to_exact(out, exact, eager)
+    assert_close_to_exact(dproj, dexact, deager)
+
+
+def test_public_geglu_checks_and_eager_is_diffusers_bit_for_bit():
+    import ldm_fast.functional as lf
+
+    with pytest.raises(ValueError, match="even last dim"):
+        lf.geglu(torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="approximate"):
+        lf.geglu(torch.zeros(2, 4), approximate="fast")
+    proj = torch.randn(3, 10, dtype=torch.float16)
+    hidden, gate = proj.chunk(2, dim=-1)
+    with ldm_fast.use_backend("eager"):
+        assert torch.equal(lf.geglu(proj), hidden * torch.nn.functional.gelu(gate))
+
+
+def test_optimize_fuses_diffusers_geglu_and_restores(triton_backend):
+    from diffusers.models.activations import GEGLU
+
+    torch.manual_seed(0)
+    module = GEGLU(16, 24)
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        ref = module(x)
+        report = ldm_fast.optimize(module)
+        assert report.paths("GEGLU forward -> fused kernel") == ["<root>"]
+        with ldm_fast.use_backend("eager"):
+            assert torch.equal(module(x), ref)  # the eager statements, bit for bit
+        out = module(x)
+    assert triton_backend("geglu")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    ldm_fast.restore(module)
+    assert "forward" not in module.__dict__
+    report = ldm_fast.optimize(module, geglu=False)
+    assert report.paths("GEGLU forward -> fused kernel") == [] and "geglu: off" in report.notes
+    ldm_fast.restore(module)

@@ -322,7 +322,9 @@ class FusedResnetForward:
             input_tensor = self_.conv_shortcut(input_tensor)
 
         output_tensor = input_tensor + hidden_states
-        if self_.output_scale_factor != 1.0:  # x / 1.0 is x, bit for bit: skip the launch
+        # x / 1.0 is x, bit for bit: skip the launch (under torch.compile the graph stays diffusers' own:
+        # Inductor fuses the divide, and compile with ldm_fast traces what compile without it traces)
+        if self_.output_scale_factor != 1.0 or torch.compiler.is_compiling():
             output_tensor = output_tensor / self_.output_scale_factor
 
         return output_tensor
@@ -378,4 +380,50 @@ def attention_swap_refused(attn: nn.Module, processor: Any) -> Optional[str]:
                 and isinstance(scale, float) and math.isclose(scale, (inner // heads) ** -0.5, rel_tol=1e-12)):
             return (f"AttnProcessor with attn.scale={scale!r} (e.g. scale_qk=False), not D**-0.5 as "
                     "ldm_fast's processor (like AttnProcessor2_0) computes")
+    return None
+
+
+# The GEGLU.forward / GEGLU.gelu sources FusedGEGLUForward reproduces: diffusers 0.42.1.
+_GEGLU_AST_SHA256 = {
+    ("dd7ddb4f856d3276d38275d22e0e2c0219da64d018076a65df4496a23224c5ca",
+     "77cba12125f7e8a77853f97537af6423bc6c2243bb3216d8190556f1f858917e"),  # diffusers 0.42.1
+}
+
+
+class FusedGEGLUForward:
+    """diffusers 0.42 ``GEGLU.forward`` (``proj``, then ``hidden * gelu(gate)``) with the gate in one
+    kernel: :func:`ldm_fast.functional.geglu` reads the projection in place (3F elements a row
+    instead of 5F; bit for bit diffusers' statements on the eager backend and under torch.compile).
+    Installed as the module's instance-level ``forward``."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __repr__(self) -> str:
+        return "<ldm_fast fused GEGLU.forward>"
+
+    def __call__(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        module = self.module
+        if len(args) > 0 or kwargs.get("scale", None) is not None:
+            deprecate = sys.modules[type(module).__module__].deprecate
+            deprecate("scale", "1.0.0", _SCALE_DEPRECATION)
+        return functional.geglu(module.proj(hidden_states))
+
+
+def geglu_unfusable(module: nn.Module) -> Optional[str]:
+    """None when :class:`FusedGEGLUForward` computes what ``module`` (a diffusers GEGLU) does, else why not."""
+    cls = type(module)
+    digests = (_function_ast_sha256(cls.forward), _function_ast_sha256(getattr(cls, "gelu", None)))
+    if None in digests:
+        return f"the source of {cls.__qualname__}.forward/gelu is not available to check"
+    if digests not in _GEGLU_AST_SHA256:
+        return (f"{cls.__module__}.{cls.__qualname__}.forward or .gelu differs from the diffusers 0.42 GEGLU "
+                "ldm_fast reproduces")
+    if "forward" in module.__dict__ or "gelu" in module.__dict__:
+        return "the module has an instance-level forward or gelu"
+    if not isinstance(getattr(module, "proj", None), nn.Linear):
+        return f"its proj is a {type(getattr(module, 'proj', None)).__name__}, not an nn.Linear"
+    npu = getattr(sys.modules.get(cls.__module__), "is_torch_npu_available", None)
+    if callable(npu) and npu():
+        return "torch_npu is available: diffusers runs its own npu_geglu there"
     return None

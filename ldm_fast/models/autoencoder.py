@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as TF
 from torch import Tensor, nn
 
-from .. import functional as F
+from .. import functional as lf
 from ..nn import GroupNorm, SpatialSelfAttention
 
 __all__ = ["AutoencoderKL", "DiagonalGaussianDistribution", "Encoder", "Decoder", "ResnetBlock"]
@@ -176,7 +176,7 @@ class DiagonalGaussianDistribution:
         """``(mean + std * noise) * scale``, ``[B, C, h, w]`` (std = 0 when deterministic)."""
         if self.deterministic:
             return self.mean * scale
-        return F.reparameterize_moments(self.moments, noise=noise, seed=seed, scale=scale)
+        return lf.reparameterize_moments(self.moments, noise=noise, seed=seed, scale=scale)
 
     def mode(self) -> Tensor:
         return self.mean

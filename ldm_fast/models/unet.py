@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as TF
 from torch import Tensor, nn
 
+from .. import functional as lf
 from ..nn import CrossAttention, GroupNorm, GroupNorm32
 from .autoencoder import Upsample  # nearest x2 + 3x3 conv (key ``conv``): the same in the VAE and the U-Net
 
@@ -43,7 +44,7 @@ def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0)
 
 class ResBlock(nn.Module):
     """``skip_connection(x) + out_layers(in_layers(x) + emb_layers(emb)[..., None, None])`` (additive
-    time embedding). Keys: in_layers.{0 norm, 2 conv}, emb_layers.1, out_layers.{0 norm, 3 conv},
+    time embedding, added inside out_layers' GroupNorm kernel: ``norm(h, shift=emb)``). Keys: in_layers.{0 norm, 2 conv}, emb_layers.1, out_layers.{0 norm, 3 conv},
     skip_connection (1x1 conv when the channel count changes)."""
 
     def __init__(self, channels: int, emb_channels: int, out_channels: Optional[int] = None, *,
@@ -63,8 +64,9 @@ class ResBlock(nn.Module):
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         h = self.in_layers(x)
-        h = h + self.emb_layers(emb).type(h.dtype)[:, :, None, None]
-        return self.skip_connection(x) + self.out_layers(h)
+        norm, _, dropout, conv = self.out_layers  # the embedding is added inside the norm's pass
+        h = conv(dropout(norm(h, shift=self.emb_layers(emb).type(h.dtype))))
+        return self.skip_connection(x) + h
 
 
 class GEGLU(nn.Module):
@@ -75,8 +77,7 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim_in, 2 * dim_out)
 
     def forward(self, x: Tensor) -> Tensor:
-        a, gate = self.proj(x).chunk(2, dim=-1)
-        return a * TF.gelu(gate)
+        return lf.geglu(self.proj(x))  # one kernel reading the projection in place
 
 
 class FeedForward(nn.Module):

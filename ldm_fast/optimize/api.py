@@ -12,7 +12,7 @@ from torch import nn
 
 from .. import backend
 from .cuda_graph import _cuda_graph_pass
-from .passes import _attention_pass, _channels_last_pass, _group_norm_pass, _silu_fusion_pass
+from .passes import _attention_pass, _channels_last_pass, _geglu_pass, _group_norm_pass, _silu_fusion_pass
 from .report import OptimizeReport, ReportItem
 from .undo import _STATE_ATTR, _State
 
@@ -67,6 +67,7 @@ class Pass:
 PASSES: List[Pass] = [
     Pass("group_norm", lambda o: o["group_norm"], _group_norm_pass),
     Pass("silu_fusion", lambda o: o["group_norm"], _silu_fusion_pass),
+    Pass("geglu", lambda o: o["geglu"], _geglu_pass),
     Pass("channels_last", lambda o: o["channels_last"], _channels_last_pass),
     Pass("attention", lambda o: o["attention"], _attention_pass),
     Pass("cuda_graph", lambda o: o["cuda_graph"], _cuda_graph_pass),
@@ -74,7 +75,7 @@ PASSES: List[Pass] = [
 
 
 def optimize(model: nn.Module, *, group_norm: bool = True, channels_last: bool = False,
-             cuda_graph: bool = False, attention: bool = False) -> OptimizeReport:
+             cuda_graph: bool = False, attention: bool = False, geglu: bool = True) -> OptimizeReport:
     """Optimize ``model`` in place for the ldm_fast kernels; return an :class:`OptimizeReport`.
 
     Works on any ``nn.Module`` (diffusers ``UNet2DConditionModel``, ``AutoencoderKL``, CompVis
@@ -89,6 +90,9 @@ def optimize(model: nn.Module, *, group_norm: bool = True, channels_last: bool =
       kernels, and GroupNorm followed by SiLU is fused where exact (diffusers ``ResnetBlock2D``,
       ``nn.Sequential(GroupNorm, SiLU, ...)``). With the default backend a CPU model computes
       exactly what it did (the eager reference); on CUDA the kernels' fp32-statistics results.
+    - ``geglu``: diffusers ``GEGLU`` gates (the transformer blocks' feed-forward) run
+      :func:`ldm_fast.functional.geglu`, one kernel reading the projection in place (the eager
+      statements on a CPU and under torch.compile, which fuses them itself).
     - ``channels_last``: 4-d parameters and buffers stored ``torch.channels_last``.
     - ``attention``: diffusers ``Attention`` modules with the default processor get
       :class:`ldm_fast.integrations.diffusers.AttnProcessor` (:func:`ldm_fast.functional.attention`
@@ -104,7 +108,7 @@ def optimize(model: nn.Module, *, group_norm: bool = True, channels_last: bool =
     error propagates. See the module docstring for each pass's rules.
     """
     options = {"group_norm": group_norm, "channels_last": channels_last, "attention": attention,
-               "cuda_graph": cuda_graph}
+               "cuda_graph": cuda_graph, "geglu": geglu}
     for name, value in options.items():
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
@@ -185,7 +189,7 @@ def _optimize_pipeline(pipe, options: Dict[str, bool]) -> OptimizeReport:
     done: List[nn.Module] = []
     try:
         for name in _pipeline_parts(pipe):
-            part_options = options if name == "unet" else {"group_norm": options["group_norm"]}
+            part_options = options if name == "unet" else {"group_norm": options["group_norm"], "geglu": False}
             part = _get(pipe, name)
             sub = optimize(part, **part_options)
             done.append(part)

@@ -1,5 +1,6 @@
 """The passes of :func:`ldm_fast.optimize` that change modules: ``group_norm`` (class swap),
-``silu_fusion`` (GroupNorm+SiLU), ``channels_last`` and ``attention`` (processor swap). Each is
+``silu_fusion`` (GroupNorm+SiLU), ``geglu`` (the feed-forward gate), ``channels_last`` and
+``attention`` (processor swap). Each is
 ``run(ctx)`` on an :class:`~ldm_fast.optimize.api.Context`: it changes the model, records undo
 records and reports what it changed and what it left, with the reason. (``cuda_graph`` is in
 :mod:`ldm_fast.optimize.cuda_graph`.)"""
@@ -18,8 +19,9 @@ from torch import nn
 
 from .. import nn as ldm_nn
 from ..integrations.diffusers import AttnProcessor as _LdmAttnProcessor
-from ..integrations.diffusers import FusedResnetForward, attention_swap_refused, is_diffusers_class, resnet_block_unfusable
-from .report import (ATTENTION, CHANNELS_LAST, FUSED, GROUP_NORM, GROUP_NORM32, RESNET_FORWARD, SEQUENTIAL_SILU,
+from ..integrations.diffusers import (FusedGEGLUForward, FusedResnetForward, attention_swap_refused, geglu_unfusable,
+                                      is_diffusers_class, resnet_block_unfusable)
+from .report import (ATTENTION, CHANNELS_LAST, FUSED, GEGLU, GROUP_NORM, GROUP_NORM32, RESNET_FORWARD, SEQUENTIAL_SILU,
                      ReportItem)
 from .undo import _MISSING, _Restride, _SetAttr, _SetChild, _SetClass
 
@@ -355,3 +357,23 @@ def _attention_pass(ctx: _Context) -> None:
         f"attention: {swapped} diffusers Attention modules run ldm_fast.functional.attention (impl 'auto': SDPA "
         "unless a GPU measurement says the Triton kernel is faster; LDM_FAST_ATTENTION overrides)"
     )
+
+
+# --- geglu -----------------------------------------------------------------------------------
+
+
+def _geglu_pass(ctx: _Context) -> None:
+    fused = 0
+    for module in ctx.modules():
+        if not is_diffusers_class(module, "GEGLU"):
+            continue
+        reason = geglu_unfusable(module)
+        if reason is not None:
+            ctx.left(module, "GEGLU fusion", reason)
+            continue
+        forward = FusedGEGLUForward(module)
+        ctx.record(_SetAttr(module, "forward", _MISSING, forward))
+        module.__dict__["forward"] = forward
+        ctx.changed(module, GEGLU)
+        fused += 1
+    ctx.report.notes.append(f"geglu: {fused} diffusers GEGLU gates run ldm_fast.functional.geglu (one kernel)")

@@ -14,6 +14,7 @@ SEQUENTIAL_SILU = "SiLU -> Identity (fused into the GroupNorm before it)"
 CHANNELS_LAST = "channels_last"
 ATTENTION = "attention processor -> ldm_fast AttnProcessor"
 CUDA_GRAPH = "forward -> CUDA graph cache"
+GEGLU = "GEGLU forward -> fused kernel"
 
 
 class ReportItem(NamedTuple):
