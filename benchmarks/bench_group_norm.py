@@ -19,8 +19,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as TF
 
+from ldm_fast import backend
 from ldm_fast import functional as F
-from ldm_fast.kernels.group_norm import one_pass_fits
+from ldm_fast.kernels.group_norm import group_norm_bwd, group_norm_fwd, one_pass_fits
 
 from .common import DTYPES, Case, benchmark_tests, nbytes
 
@@ -93,7 +94,57 @@ def cases() -> list[Case]:
         for dtype_name in ("fp16", "bf16"):
             out.append(_case("vae", 1, channels, side, dtype_name))
     out.append(_case("vae", 1, 512, 64, "fp32"))
+    out += _shift_cases()
     out += _backward_cases()
+    out += _backward_shift_cases()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# shift (``shift-*``): diffusers' ResnetBlock2D ``h = conv1(h) + temb[:, :, None, None]; h = norm2(h);
+# h = silu(h)``, the add folded into the norm (kernels/group_norm.py ``shift=``: added in fp32 as x is
+# read, the sum never stored). Fused: the launcher ``group_norm_fwd(..., shift=temb, stats=False)``
+# (the public op does not take a shift yet). Baseline: ``F.silu(F.group_norm(x + temb[:, :, None,
+# None], ...))``, eager: the add writes and re-reads a full tensor.
+# Minimum traffic: read x, weight, bias and the shift [B, C] once, write y once. Targets as the plain
+# forward's: one pass 1.0 (the shift is read once per (batch, group)); split SPLIT_TARGET (x read
+# twice; the statistics kernel gathers the shift per NCHW tile, a few bytes per 4096 elements).
+
+
+def _make_shift(batch: int, channels: int, side: int, dtype: torch.dtype):
+    def make(device):
+        inputs = _make(batch, channels, side, dtype)(device)
+        g = torch.Generator(device="cpu").manual_seed(2)
+        inputs["shift"] = torch.randn(batch, channels, generator=g).to(device=device, dtype=dtype)
+        return inputs
+
+    return make
+
+
+def _fused_shift(inputs):
+    backend.kernel_launches["group_norm"] += 1  # counted as the public op counts its launches
+    return group_norm_fwd(inputs["x"], inputs["weight"], inputs["bias"], GROUPS, 1e-5, "silu", stats=False,
+                          shift=inputs["shift"])[0]
+
+
+def _eager_shift(inputs):
+    x = inputs["x"] + inputs["shift"][:, :, None, None]
+    return TF.silu(TF.group_norm(x, GROUPS, inputs["weight"], inputs["bias"], 1e-5))
+
+
+def _min_bytes_shift(inputs):
+    return _min_bytes(inputs) + nbytes(inputs["shift"])
+
+
+def _shift_cases() -> list[Case]:
+    out = []
+    for channels, side in ((1280, 16), (320, 64)):  # one pass; split (statistics, apply)
+        shape = (2, channels, side, side)
+        one_pass = one_pass_fits(shape, GROUPS, dtype=torch.float16)
+        out.append(Case(
+            "group_norm", f"shift-unet-{channels}x{side}x{side}-b2-fp16", _make_shift(2, channels, side, torch.float16),
+            _fused_shift, _eager_shift, _min_bytes_shift, traffic_target=1.0 if one_pass else SPLIT_TARGET, quick=True,
+        ))
     return out
 
 
@@ -181,6 +232,56 @@ def _backward_cases() -> list[Case]:
             "group_norm", f"bwd-{kind}-{channels}x{side}x{side}-b1-{dtype_name}",
             _make_bwd(1, channels, side, dtype, eps), _fused_bwd, _eager_bwd, _min_bytes_bwd,
             traffic_target=_bwd_target(1, channels, side, dtype), quick=quick,
+        ))
+    return out
+
+
+
+# ``bwd-shift-*``: the backward of the shift forward above, ``group_norm_bwd(..., shift=temb)`` ->
+# (dx, dweight, dbias, dshift), the launcher called directly; baseline: the backward only of
+# ``F.silu(F.group_norm(x + temb[:, :, None, None], ...))`` (graph built once in ``make``). Minimum and
+# targets as the plain backward's plus the shift read and dshift written ([B, C] each, in the minimum);
+# the split path's third fp32 partial plane (sum xhat) is within SPLIT_BWD_ALLOWANCE at these shapes.
+# Not quick (the plain bwd-* cases cover the same kernels there); in the full run for the audit.
+
+
+def _make_bwd_shift(batch: int, channels: int, side: int, dtype: torch.dtype, eps: float):
+    def make(device):
+        inputs = _make_shift(batch, channels, side, dtype)(device)
+        x, w, b, shift = inputs["x"], inputs["weight"], inputs["bias"], inputs["shift"]
+        g = torch.Generator(device="cpu").manual_seed(1)
+        dy = torch.randn(x.shape, generator=g).to(device=device, dtype=dtype)
+        xg = (x.double() + shift.double()[:, :, None, None]).view(batch, GROUPS, -1)
+        mean, rstd = xg.mean(-1), torch.rsqrt(xg.var(-1, unbiased=False) + eps)
+        with torch.enable_grad():
+            leaves = tuple(t.clone().requires_grad_() for t in (x, w, b, shift))
+            y = TF.silu(TF.group_norm(leaves[0] + leaves[3][:, :, None, None], GROUPS, leaves[1], leaves[2], eps))
+        return {"dy": dy, "x": x, "weight": w, "bias": b, "shift": shift, "mean": mean.float(), "rstd": rstd.float(),
+                "graph": (y, leaves)}
+
+    return make
+
+
+def _fused_bwd_shift(inputs):
+    backend.kernel_launches["group_norm"] += 1  # counted as the public op counts its launches
+    return group_norm_bwd(inputs["dy"], inputs["x"], inputs["weight"], inputs["bias"], inputs["mean"], inputs["rstd"],
+                          GROUPS, "silu", shift=inputs["shift"])
+
+
+def _min_bytes_bwd_shift(inputs):
+    return _min_bytes_bwd(inputs) + 2 * nbytes(inputs["shift"])  # read shift, write dshift
+
+
+def _backward_shift_cases() -> list[Case]:
+    out = []
+    for channels, side in ((1280, 8), (640, 32)):  # one pass; split
+        # batch 1, as the plain bwd-* cases: their target formula has no term for the weight and bias
+        # re-read per batch block (0.5% of the minimum at 1280x8x8 b2)
+        dtype = torch.float16
+        out.append(Case(
+            "group_norm", f"bwd-shift-unet-{channels}x{side}x{side}-b1-fp16",
+            _make_bwd_shift(1, channels, side, dtype, 1e-5), _fused_bwd_shift, _eager_bwd, _min_bytes_bwd_shift,
+            traffic_target=_bwd_target(1, channels, side, dtype),
         ))
     return out
 
