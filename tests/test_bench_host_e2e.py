@@ -262,3 +262,12 @@ def test_chart_has_one_panel_per_op_family_with_values_on_both_bars(tmp_path):
     report.write_chart(tmp_path / "report.png", rows)
     width, height = struct.unpack(">II", (tmp_path / "report.png").read_bytes()[16:24])
     assert width <= 1600 and height >= width // 2  # panels stacked, not one 5000-px strip
+
+
+def test_readme_states_the_measured_benchmark_run_times_and_the_quick_run():
+    """The run time a user meets (17.5 minutes on 2 busy cores) is stated, with the quick run to start with."""
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    section = (root / "README.md").read_text().split("## Benchmarks", 1)[1].split("\n## ", 1)[0]
+    assert "5 to 8 minutes" not in section
+    assert "17.5" in section and "python -m benchmarks --quick" in section
+    assert "17.5 minutes" in (root / "benchmarks" / "README.md").read_text()
