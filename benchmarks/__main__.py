@@ -243,6 +243,14 @@ def cpu_eager_timings(cases: list[Case], repeats: int) -> dict[str, dict]:
 # ---------------------------------------------------------------------------------------------
 
 
+def case_model(case: Case, rec: dict) -> dict:
+    """The row's bytes-based GPU model, or, for a case whose byte counts do not compare
+    (``Case.bytes_caveat``), no model and the caveat (shown beside the ratios)."""
+    if case.bytes_caveat:
+        return {"model": {}, "bytes_caveat": case.bytes_caveat}
+    return {"model": gpu_model.predict(rec)}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="the quick subset of each bench file (CI, tests)")
@@ -322,7 +330,7 @@ def main(argv=None) -> int:
                 "fused_ratio": rec["fused_ratio"], "eager_ratio": rec["eager_ratio"],
                 "fused_bytes": rec["fused"]["bytes"], "eager_bytes": rec["eager"]["bytes"],
                 "launches": {"fused": rec["fused"]["launches"], "eager": rec["eager"]["launches"]},
-                "model": gpu_model.predict(rec),
+                **case_model(case, rec),
             })
             row["problems"] += [f"traffic: {p}" for p in rec["problems"]]
             row["audit"] = audits.get(case.id, {})
@@ -346,6 +354,8 @@ def main(argv=None) -> int:
         ("GPU timings: triton.testing.do_bench median on " + _gpu_name()) if cuda else
         f"GPU timings skipped ({skipped}); 'CPU eager ms' is a CPU timing of the eager baseline, not a GPU number.",
     ]
+    caveats = sorted({r["bytes_caveat"] for r in rows if r.get("bytes_caveat")})
+    notes += [f"{report.CAVEAT_MARK} {c}." for c in caveats]
     n_skipped = sum(1 for r in rows if r.get("skipped"))
     if n_skipped:
         notes.append(f"{n_skipped} cases above --traffic-max-mb {args.traffic_max_mb:g} were not measured, "

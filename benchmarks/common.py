@@ -34,7 +34,10 @@ class Case:
     ``min_bytes(inputs)`` is the minimum global traffic: each input read once, each output written
     once; ``flops(inputs)`` the useful FLOPs (matrix work only, else 0); ``traffic_target`` the
     most fused bytes / minimum bytes this op may move (the traffic test fails a case above it);
-    ``quick`` puts the case in the quick subset (see the module docstring).
+    ``quick`` puts the case in the quick subset (see the module docstring); ``bytes_caveat``, when
+    set, says why the eager byte count does not compare with the fused one (SDPA is one op to the
+    dispatch counter): the bytes-based GPU model is then left out and the caveat is shown next to
+    the ratios in the table, the JSON and the chart.
     """
 
     op: str
@@ -46,6 +49,7 @@ class Case:
     traffic_target: float = 1.0
     flops: Optional[Callable[[dict], int]] = None
     quick: bool = False
+    bytes_caveat: Optional[str] = None
 
     @property
     def id(self) -> str:

@@ -24,9 +24,13 @@ Each scenario runs in these variants, each on a fresh copy of one randomly initi
   of ``model.decoder`` for the VAE, since the graph serves ``forward`` and ``decode`` calls the
   decoder; with autograd, training, the graph is not used; ``cuda_graph_stats`` records its
   replays, captures and plain calls);
+* ``eager+cuda_graph``: the eager model's call captured in one CUDA graph (static inputs) and
+  replayed (CUDA only; inference only);
 * ``compile``: ``torch.compile`` (default mode) of the model (of ``decode`` for the VAE, whose
   ``decode`` is not ``forward``);
 * ``compile+optimize``: ``torch.compile`` over an optimized model;
+* ``compile-reduce-overhead`` (``+optimize``): the same with ``mode="reduce-overhead"`` (Inductor's
+  CUDA graphs);
 * ``optimize+attention`` (``+cuda_graph``): ``optimize(model, attention=True)`` (diffusers' attention
   processors replaced by ldm_fast's), with the attention kernel forced (``LDM_FAST_ATTENTION=triton``:
   ``auto`` would route to SDPA until a GPU measurement says otherwise);
@@ -39,6 +43,11 @@ synchronizing: the CPU's time to issue the work), **GPU ms** (torch.profiler: th
 activity durations per call, CUDA only), the **first call** (compilation, CUDA-graph capture) and
 for compile variants the **compile time** (the first call's wall time), and the output's largest
 difference from the eager variant's on the same inputs and weights.
+
+On a CPU each variant is timed in :data:`CPU_ROUNDS` interleaved rounds (the order rotated each
+round, the samples pooled): the spread (min, quartiles, max, each round's median) is reported, and
+whether every round ranks the variants alike; a shared machine's drift otherwise decides a ranking
+taken from one pass per variant.
 
 Without a GPU a TINY config of each scenario runs in fp32 on the CPU (every time labelled CPU:
 nothing about a GPU follows from them); the CUDA-graph variant is skipped, the torch.compile
@@ -70,7 +79,10 @@ import ldm_fast
 
 from .host import RESULTS, environment, log, no_gpu_reason, use_cuda, write_report
 
-VARIANTS = ("eager", "optimize", "optimize+cuda_graph", "compile", "compile+optimize", "optimize+attention",
+#: Rounds of interleaved timing on a CPU (a shared machine drifts: one pass per variant ranks noise).
+CPU_ROUNDS = 3
+VARIANTS = ("eager", "eager+cuda_graph", "optimize", "optimize+cuda_graph", "compile", "compile+optimize",
+            "compile-reduce-overhead", "compile-reduce-overhead+optimize", "optimize+attention",
             "optimize+attention+cuda_graph", "ldm_fast-model", "ldm_fast-model+cuda_graph")
 #: Variants that run ldm_fast's attention kernel (LDM_FAST_ATTENTION=triton while they are prepared and
 #: timed): ``impl="auto"`` routes by ldm_fast/attention_routes.json, which this benchmark's GPU numbers
@@ -372,11 +384,31 @@ def _ldm_fast_model(model: torch.nn.Module) -> torch.nn.Module:
     return ours.train(model.training)
 
 
-def _compile(model, scenario: Scenario):
+def _compile(model, scenario: Scenario, mode: Optional[str] = None):
     if scenario.compile_target == "decode":
-        model.decode = torch.compile(model.decode)
+        model.decode = torch.compile(model.decode, mode=mode)
         return model
-    return torch.compile(model)
+    return torch.compile(model, mode=mode)
+
+
+def _graphed(call: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """``call`` (static inputs) captured in one CUDA graph: warm-up on a side stream, capture, then
+    each call replays the graph and returns its (static) output."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+
+    def replay():
+        graph.replay()
+        return out
+
+    return replay
 
 
 def prepare(variant: str, base: torch.nn.Module, scenario: Scenario, device: torch.device) -> tuple[Any, dict]:
@@ -386,7 +418,7 @@ def prepare(variant: str, base: torch.nn.Module, scenario: Scenario, device: tor
     if variant.startswith("ldm_fast-model"):
         model = _ldm_fast_model(model)
         info["model"] = "ldm_fast.models UNetModel/AutoencoderKL .from_diffusers (same weights)"
-    if variant != "eager" and not variant.startswith("compile") and variant != "ldm_fast-model":
+    if wants_optimize(variant):
         api, reason = _optimize_api()
         if api is None:
             raise _Skip(reason)
@@ -405,10 +437,18 @@ def prepare(variant: str, base: torch.nn.Module, scenario: Scenario, device: tor
         info["optimize_s"] = time.perf_counter() - t0
         info["optimize_kwargs"] = kwargs
         info["optimize_report"] = _report_summary(report)
-    if variant in ("compile", "compile+optimize"):
+    if variant.startswith("compile"):
         torch._dynamo.reset()
-        model = _compile(model, scenario)
+        model = _compile(model, scenario, "reduce-overhead" if variant.startswith("compile-reduce-overhead") else None)
+        info["compile_mode"] = "reduce-overhead" if variant.startswith("compile-reduce-overhead") else "default"
     return model, info
+
+
+def wants_optimize(variant: str) -> bool:
+    """Whether ``variant`` runs ``ldm_fast.optimize`` on the model (``compile+optimize``: before compiling)."""
+    if variant in ("eager", "eager+cuda_graph", "ldm_fast-model"):
+        return False
+    return not variant.startswith("compile") or variant.endswith("+optimize")
 
 
 class _Skip(Exception):
@@ -416,7 +456,7 @@ class _Skip(Exception):
 
 
 def skip_reason(variant: str, cuda: bool, compile_on_cpu: bool) -> Optional[str]:
-    if variant.endswith("cuda_graph") and not cuda:
+    if (variant.endswith("cuda_graph") or variant.startswith("compile-reduce-overhead")) and not cuda:
         return f"CUDA graphs need a GPU ({no_gpu_reason()})"
     if variant.startswith("compile") and not cuda and not compile_on_cpu:
         return ("torch.compile on the CPU takes minutes on 2 cores and says nothing about a GPU: "
@@ -483,10 +523,47 @@ def measure(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int
             total.append((t2 - t0) * 1e3)
         host.append((t1 - t0) * 1e3)
         wall.append((t2 - t0) * 1e3)
-    rec = {"first_call_s": first_s, "ms": statistics.median(total), "host_ms": statistics.median(host),
-           "wall_ms": statistics.median(wall), "iters": iters, "warmup": warmup,
-           "ms_samples": [round(x, 4) for x in total]}
-    return rec, out
+    rec = {"first_call_s": first_s, "iters": iters, "warmup": warmup, "rounds": 1,
+           "ms_samples": [round(x, 4) for x in total], "host_samples": [round(x, 4) for x in host],
+           "wall_samples": [round(x, 4) for x in wall]}
+    return {**rec, **spread(rec)}, out
+
+
+def spread(rec: dict) -> dict:
+    """The medians of a record's pooled samples and the spread of its times: min, quartiles, max,
+    the interquartile range as a share of the median, and the median of each round."""
+    ms = sorted(rec["ms_samples"])
+    q = statistics.quantiles(ms, n=4, method="inclusive") if len(ms) > 1 else [ms[0]] * 3
+    per_round = len(ms) // rec["rounds"]
+    return {"ms": statistics.median(ms), "host_ms": statistics.median(rec["host_samples"]),
+            "wall_ms": statistics.median(rec["wall_samples"]), "ms_min": ms[0], "ms_max": ms[-1],
+            "ms_iqr": [q[0], q[2]], "iqr_pct": 100 * (q[2] - q[0]) / q[1] if q[1] else None,
+            "round_ms": [statistics.median(rec["ms_samples"][i * per_round:(i + 1) * per_round])
+                         for i in range(rec["rounds"])]}
+
+
+def merge_rounds(first: dict, later: dict) -> dict:
+    """``first`` (round 1's record: first call, setup, diff) with ``later``'s samples pooled in."""
+    rec = dict(first)
+    for key in ("ms_samples", "host_samples", "wall_samples"):
+        rec[key] = first[key] + later[key]
+    rec["iters"] = first["iters"] + later["iters"]
+    rec["rounds"] = first["rounds"] + 1
+    return {**rec, **spread(rec)}
+
+
+def ranking(scenario: str, recs: list[dict]) -> dict:
+    """Whether every round orders the variants as the pooled medians do (else the ranking is noise)."""
+    ok = [r for r in recs if r["status"] == "ok"]
+    if len(ok) < 2 or ok[0]["rounds"] < 2:
+        return {"scenario": scenario, "order": [r["variant"] for r in sorted(ok, key=lambda r: r["ms"])]}
+    order = [r["variant"] for r in sorted(ok, key=lambda r: r["ms"])]
+    rounds = ok[0]["rounds"]
+    agree = sum(order == [r["variant"] for r in sorted(ok, key=lambda r: r["round_ms"][i])] for i in range(rounds))
+    note = None if agree == rounds else (
+        f"{scenario}: the rounds disagree on the ranking ({agree}/{rounds} agree with the pooled order "
+        f"{' < '.join(order)}): differences within the spread are noise on this machine")
+    return {"scenario": scenario, "order": order, "rounds_agreeing": agree, "rounds": rounds, "note": note}
 
 
 def _diff(out: torch.Tensor, ref: Optional[torch.Tensor]) -> Optional[dict]:
@@ -512,7 +589,10 @@ def _interpret_check(model, scenario: Scenario, inputs: dict, ref: Optional[torc
 
 
 def run_variant(variant: str, scenario: Scenario, base, inputs: dict, device: torch.device,
-                ref: Optional[torch.Tensor]) -> tuple[dict, Optional[torch.Tensor]]:
+                ref: Optional[torch.Tensor], iters: Optional[int] = None,
+                check: bool = True) -> tuple[dict, Optional[torch.Tensor]]:
+    """Prepare ``variant`` on a fresh copy of ``base``, time ``iters`` calls; ``check``: also the
+    CPU's interpreted check (the first round only)."""
     cuda = device.type == "cuda"
     rec: dict = {"scenario": scenario.name, "variant": variant, "device": device.type,
                  "label": "CUDA" if cuda else "CPU"}
@@ -530,14 +610,19 @@ def run_variant(variant: str, scenario: Scenario, base, inputs: dict, device: to
             torch.cuda.reset_peak_memory_stats()
         grad = torch.enable_grad if scenario.train else torch.no_grad  # no_grad: as diffusers pipelines run
         with grad():
-            iters = scenario.iters if cuda else min(scenario.iters, 10)
-            m, out = measure(lambda: scenario.call(model, inputs), device, scenario.warmup, iters)
+            iters = iters or (scenario.iters if cuda else min(scenario.iters, 10))
+            call = lambda: scenario.call(model, inputs)  # noqa: E731
+            if variant == "eager+cuda_graph":
+                if scenario.train:
+                    raise _Skip("an eager CUDA graph of a training step (autograd) is not measured: inference only")
+                call = _graphed(call)
+            m, out = measure(call, device, scenario.warmup, iters)
             rec.update(m)
             if variant.startswith("compile"):
                 rec["compile_s"] = m["first_call_s"]
                 rec["compile_note"] = "wall time of the first call (Dynamo + Inductor compilation, then the run)"
             if cuda:
-                rec.update(_gpu_ms_per_call(lambda: scenario.call(model, inputs), calls=5 if scenario.train else 10))
+                rec.update(_gpu_ms_per_call(call, calls=5 if scenario.train else 10))
                 rec["max_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
             out = out.detach().clone()
         if variant.endswith("cuda_graph"):
@@ -546,7 +631,7 @@ def run_variant(variant: str, scenario: Scenario, base, inputs: dict, device: to
                 rec["cuda_graph_note"] = ("CUDAGraphForward serves inference only: with autograd the forward runs "
                                           "plain, so this row is optimize + channels_last")
         rec["diff_vs_eager"] = _diff(out, ref)
-        if not cuda and scenario.interpret_check and variant in ("optimize", "optimize+attention", "ldm_fast-model"):
+        if check and not cuda and scenario.interpret_check and variant in ("optimize", "optimize+attention", "ldm_fast-model"):
             with grad():
                 rec["interpreted_check"] = _interpret_check(model, scenario, inputs, ref)
         rec["status"] = "ok"
@@ -589,7 +674,8 @@ def _graph_cell(r: dict) -> str:
 
 def table(results: list[dict], cuda: bool) -> str:
     unit = "" if cuda else " (CPU)"
-    headers = ["scenario", "variant", f"ms/call{unit}", f"host ms{unit}", "GPU ms", f"first call s{unit}",
+    headers = ["scenario", "variant", f"ms/call{unit}", f"min-max ms (IQR %){unit}", f"host ms{unit}", "GPU ms",
+               f"first call s{unit}",
                f"compile s{unit}", "max |diff| vs eager", "CUDA graph stats", "status"]
     rows = []
     for r in results:
@@ -597,7 +683,9 @@ def table(results: list[dict], cuda: bool) -> str:
         status = r["status"]
         if status != "ok":
             status += ": " + (r.get("reason") or r.get("error") or "")[:70]
-        rows.append([r["scenario"], r["variant"], _fmt(r.get("ms")), _fmt(r.get("host_ms")),
+        rng = (f"{_fmt(r['ms_min'])}-{_fmt(r['ms_max'])} ({r['iqr_pct']:.0f}%, n={r['iters']})"
+               if r.get("ms_min") is not None and r.get("iqr_pct") is not None else "-")
+        rows.append([r["scenario"], r["variant"], _fmt(r.get("ms")), rng, _fmt(r.get("host_ms")),
                      _fmt(r.get("gpu_ms")) if cuda else "skip", _fmt(r.get("first_call_s")),
                      _fmt(r.get("compile_s")), f"{d['max_abs']:.2e}" if d else "-", _graph_cell(r), status])
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
@@ -607,10 +695,16 @@ def table(results: list[dict], cuda: bool) -> str:
 
 
 def run(scenarios: Optional[list[str]] = None, variants: Optional[list[str]] = None, compile_on_cpu: bool = False,
-        out_dir: Optional[Path] = None, write: bool = True) -> dict:
+        out_dir: Optional[Path] = None, write: bool = True, iters: Optional[int] = None,
+        warmup: Optional[int] = None, rounds: Optional[int] = None) -> dict:
     """Run the scenarios (all, or those named) in the variants (all, or those named); print the table;
     write ``e2e.json`` to ``out_dir`` (default ``benchmarks/results/latest``) and on CUDA merge into
-    ``benchmarks/results/<gpu-name>-e2e.json``. Returns the report."""
+    ``benchmarks/results/<gpu-name>-e2e.json``. ``iters``/``warmup``: override every scenario's (the
+    GPU session's dry run takes one call). ``rounds`` (default :data:`CPU_ROUNDS` on a CPU, 1 on a
+    GPU): each variant is timed once per round, the variants interleaved in a rotated order, so a
+    busy machine's drift spreads over all of them; the samples of all rounds are pooled and their
+    spread reported (``ms_min``, ``ms_iqr``, ``ms_max``, ``round_ms``), with whether the rounds rank
+    the variants alike (``rankings``). Returns the report."""
     started = time.perf_counter()
     cuda = use_cuda()
     device = torch.device("cuda" if cuda else "cpu")
@@ -639,6 +733,8 @@ def run(scenarios: Optional[list[str]] = None, variants: Optional[list[str]] = N
             if missing:
                 raise ValueError(f"unknown scenarios {missing}; known: {sorted(names)}")
             all_scenarios = [s for s in all_scenarios if s.name in scenarios]
+        all_scenarios = [dataclasses.replace(s, iters=iters if iters is not None else s.iters,
+                                             warmup=warmup if warmup is not None else s.warmup) for s in all_scenarios]
         if not cuda:
             notes.append(f"CPU run ({no_gpu_reason()}; {env['cpu']}, {env['cpu_count']} cores, torch threads 1): TINY "
                          "configs in fp32, every time a CPU timing. GPU numbers (ms per call, host ms, GPU kernel ms, "
@@ -647,10 +743,18 @@ def run(scenarios: Optional[list[str]] = None, variants: Optional[list[str]] = N
                          "for CPU tensors): the optimize rows time the swapped modules' overhead, not the kernels; "
                          "'interpreted_check' in the JSON runs the optimized tiny model once with the kernels "
                          "interpreted and compares it with eager.")
-        log(f"end to end: {len(all_scenarios)} scenarios x {len(variants)} variants on "
+        rounds = rounds or (1 if cuda else CPU_ROUNDS)
+        rankings: list[dict] = []
+        log(f"end to end: {len(all_scenarios)} scenarios x {len(variants)} variants x {rounds} rounds on "
             f"{env['gpu'] if cuda else 'the CPU (TINY configs, fp32)'}")
         for scenario in all_scenarios:
             t0 = time.perf_counter()
+            reasons = {v: skip_reason(v, cuda, compile_on_cpu) for v in variants}
+            if all(reasons.values()):  # nothing to run: the model is not built
+                results += [{"scenario": scenario.name, "variant": v, "status": "skipped", "reason": reasons[v],
+                             "description": scenario.description} for v in variants]
+                log(f"[e2e] {scenario.name}: every variant skipped ({'; '.join(sorted(set(reasons.values())))})")
+                continue
             try:
                 base = scenario.build(device)
                 inputs = scenario.make(device)
@@ -662,23 +766,35 @@ def run(scenarios: Optional[list[str]] = None, variants: Optional[list[str]] = N
                 continue
             params = sum(p.numel() for p in base.parameters())
             ref = None
-            for variant in variants:
-                reason = skip_reason(variant, cuda, compile_on_cpu)
-                if reason:
-                    rec = {"scenario": scenario.name, "variant": variant, "status": "skipped", "reason": reason}
-                else:
-                    rec, out = run_variant(variant, scenario, base, inputs, device, ref)
-                    if variant == "eager" and out is not None:
+            recs: dict = {}
+            iters_per_round = scenario.iters if cuda else max(1, min(scenario.iters, 10) // rounds)
+            for r in range(rounds):  # interleaved: every variant once per round, the order rotated
+                order = variants if r == 0 else variants[r % len(variants):] + variants[:r % len(variants)]
+                for variant in order:
+                    if variant in recs and recs[variant]["status"] != "ok":
+                        continue
+                    reason = reasons[variant]
+                    if reason:
+                        recs[variant] = {"scenario": scenario.name, "variant": variant, "status": "skipped",
+                                         "reason": reason}
+                        continue
+                    rec, out = run_variant(variant, scenario, base, inputs, device, ref, iters_per_round, check=r == 0)
+                    if variant == "eager" and out is not None and ref is None:
                         ref = out
+                    recs[variant] = rec if variant not in recs or rec["status"] != "ok" else merge_rounds(recs[variant], rec)
+            for variant in variants:
+                rec = recs[variant]
                 rec["description"] = scenario.description
                 rec["parameters"] = params
                 results.append(rec)
                 if rec["status"] == "ok":
-                    log(f"[e2e] {scenario.name} / {variant}: {rec['ms']:.2f} ms per call, host {rec['host_ms']:.2f} ms"
-                        + (f", GPU {rec['gpu_ms']:.2f} ms" if "gpu_ms" in rec else " (CPU)")
+                    log(f"[e2e] {scenario.name} / {variant}: {rec['ms']:.2f} ms per call (IQR {rec['ms_iqr'][0]:.2f}-"
+                        f"{rec['ms_iqr'][1]:.2f} over {rec['iters']} calls in {rec['rounds']} rounds), host "
+                        f"{rec['host_ms']:.2f} ms" + (f", GPU {rec['gpu_ms']:.2f} ms" if "gpu_ms" in rec else " (CPU)")
                         + f", first call {rec['first_call_s']:.1f} s")
                 else:
                     log(f"[e2e] {scenario.name} / {variant}: {rec['status']}: {rec.get('reason') or rec.get('error')}")
+            rankings.append(ranking(scenario.name, [recs[v] for v in variants]))
             del base, inputs, ref
             gc.collect()
             if cuda:
@@ -693,6 +809,7 @@ def run(scenarios: Optional[list[str]] = None, variants: Optional[list[str]] = N
                         "ms: wall time of the call without synchronizing; GPU ms: torch.profiler, summed GPU activity "
                         "per call; compile s: wall time of the first call.")
     skipped = sorted({f"{r['variant']}: {r['reason']}" for r in results if r["status"] == "skipped"})
+    notes += [rk["note"] for rk in rankings if rk.get("note")]
     print(text)
     print("\n".join(notes))
     for s in skipped:
@@ -708,6 +825,8 @@ def run(scenarios: Optional[list[str]] = None, variants: Optional[list[str]] = N
         "variants": variants,
         "cases": results,
         "unavailable": unavailable,
+        "rounds": rounds,
+        "rankings": rankings,
         "notes": notes,
         "seconds": round(time.perf_counter() - started, 1),
     }

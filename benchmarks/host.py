@@ -133,7 +133,9 @@ def environment() -> dict:
         "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(), "python": platform.python_version(),
         "torch": torch.__version__, "triton": triton.__version__, "diffusers": diffusers_version,
-        "cuda": torch.version.cuda, "ldm_fast": ldm_fast.__version__, "ldm_fast_commit": _git_commit(),
+        "cuda": torch.version.cuda, "ldm_fast": ldm_fast.__version__,
+        # a copy without .git (a device machine's): the commit its runner passes as LDM_FAST_COMMIT
+        "ldm_fast_commit": _git_commit() or os.environ.get("LDM_FAST_COMMIT"),
         "triton_interpret": os.environ.get("TRITON_INTERPRET"),
         "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
     }

@@ -187,3 +187,87 @@ def test_e2e_cli_flag(tmp_path):
         assert r["status"] in ("ok", "skipped"), r
         if r["status"] == "skipped":
             assert r["reason"]
+
+
+def test_e2e_interleaves_rounds_and_reports_the_spread(monkeypatch):
+    """On a busy CPU one pass per variant ranks noise: each variant is timed once per round, the
+    order rotated, the samples pooled, and the spread and the rounds' agreement reported."""
+    pytest.importorskip("diffusers", reason="the end-to-end benchmark needs diffusers (a bench/test extra)")
+    assert e2e.CPU_ROUNDS >= 3
+    calls = []
+    fake_ms = {"eager": [5.0, 5.2, 5.1, 5.3, 4.9, 5.0], "optimize": [4.0, 4.1, 6.0, 6.2, 4.5, 4.4]}
+
+    def fake_run_variant(variant, scenario, base, inputs, device, ref, iters=None, check=True):
+        calls.append((variant, check))
+        ms = [fake_ms[variant].pop(0) for _ in range(iters)]
+        rec = {"scenario": scenario.name, "variant": variant, "status": "ok", "first_call_s": 0.1, "iters": iters,
+               "rounds": 1, "ms_samples": ms, "host_samples": ms, "wall_samples": ms}
+        return {**rec, **e2e.spread(rec)}, torch.zeros(1)
+
+    monkeypatch.setattr(e2e, "run_variant", fake_run_variant)
+    report = e2e.run(scenarios=["unet-step-b1"], variants=["eager", "optimize"], write=False, iters=6, rounds=3)
+    assert calls == [("eager", True), ("optimize", True), ("optimize", False), ("eager", False), ("eager", False),
+                     ("optimize", False)]  # interleaved, rotated; the interpreted check only in round 1
+    recs = {r["variant"]: r for r in report["cases"]}
+    for rec in recs.values():
+        assert rec["rounds"] == 3 and rec["iters"] == 6 and len(rec["ms_samples"]) == 6 and len(rec["round_ms"]) == 3
+        assert rec["ms_min"] <= rec["ms_iqr"][0] <= rec["ms"] <= rec["ms_iqr"][1] <= rec["ms_max"]
+        assert rec["iqr_pct"] > 0
+    assert recs["optimize"]["ms_max"] == 6.2 and recs["optimize"]["ms_min"] == 4.0
+    rk = report["rankings"][0]
+    assert rk["order"] == ["optimize", "eager"] and rk["rounds"] == 3 and rk["rounds_agreeing"] == 2
+    assert "noise" in rk["note"]  # round 2 ranks them the other way: said so
+    assert rk["note"] in report["notes"]
+    assert "IQR" in e2e.table(report["cases"], cuda=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# python -m benchmarks: the report
+
+
+def _row(op, name, eager, fused, caveat=None):
+    return {"case": f"{op}[{name}]", "op": op, "name": name, "eager_ratio": eager, "fused_ratio": fused,
+            "traffic_target": 1.0, "min_bytes": 1e6, "launches": {"fused": 1, "eager": 2}, "problems": [],
+            "model": {} if caveat else {"fused_us": 3.0, "eager_us": 6.0, "speedup": 2.0}, "bytes_caveat": caveat}
+
+
+def test_attention_rows_have_no_model_and_carry_the_bytes_caveat():
+    from benchmarks import report
+    from benchmarks.__main__ import case_model
+
+    rec = {"fused": {"bytes": 4e6, "launches": 1}, "eager": {"bytes": 1e6, "launches": 1}, "dtype": "float16",
+           "flops": 1e9}
+    attention = case_model(find_case("attention[unet-cross-4096x77-h8d40-b2-fp16]"), rec)
+    assert attention["model"] == {} and "do not compare" in attention["bytes_caveat"]
+    assert case_model(find_case(GN_ONE_PASS), rec)["model"]["fused_us"] > 0
+    caveat = attention["bytes_caveat"]
+    text = report.table([_row("group_norm", "a", 2.0, 1.0), _row("attention", "b", 1.0, 4.5, caveat)], "cpu", None)
+    line = next(x for x in text.splitlines() if x.startswith("attention[b]"))
+    assert line.count(report.CAVEAT_MARK) == 3 and "x)" not in line  # both ratios marked; no model value
+
+
+def test_chart_has_one_panel_per_op_family_with_values_on_both_bars(tmp_path):
+    import struct
+
+    from benchmarks import report
+
+    rows = ([_row("group_norm", f"g{i}", 2.0, 1.0 + i / 100) for i in range(30)]
+            + [_row("q_sample", "q", 2.68, 1.002)]
+            + [_row("attention", f"a{i}", 1.0, 4.5, "SDPA is one op: do not compare") for i in range(5)])
+    fig = report.chart_figure(rows)
+    assert len(fig.axes) == 3
+    for ax, n in zip(fig.axes, (30, 1, 5)):
+        assert len([t for t in ax.texts if t.get_text().endswith("x")]) == 2 * n  # a value on each bar
+    assert report.CAVEAT_MARK in fig.axes[2].get_title(loc="left")  # the caveat next to attention's bars
+    report.write_chart(tmp_path / "report.png", rows)
+    width, height = struct.unpack(">II", (tmp_path / "report.png").read_bytes()[16:24])
+    assert width <= 1600 and height >= width // 2  # panels stacked, not one 5000-px strip
+
+
+def test_readme_states_the_measured_benchmark_run_times_and_the_quick_run():
+    """The run time a user meets (17.5 minutes on 2 busy cores) is stated, with the quick run to start with."""
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    section = (root / "README.md").read_text().split("## Benchmarks", 1)[1].split("\n## ", 1)[0]
+    assert "5 to 8 minutes" not in section
+    assert "17.5" in section and "python -m benchmarks --quick" in section
+    assert "17.5 minutes" in (root / "benchmarks" / "README.md").read_text()
