@@ -1,7 +1,7 @@
 """Tier 1 of the GPU session: every op's kernels run on the device against eager and float64.
 
 Each check calls an op with the Triton kernels forced (``use_backend("triton")``), proves that the
-kernel launched (``ldm_fast.backend.kernel_launches``), and judges its output and, where the op has
+kernel launched (``ldm_fast.ops.kernel_launches``), and judges its output and, where the op has
 a backward, its gradients by the project's rule (``tests/_numerics.py``: kernel error <= 2 x the
 eager low-precision error + a floor), against the eager reference run at the input's dtype and at
 float64. fp16 and bf16; GroupNorm+SiLU in NCHW and channels_last. On a GPU the shapes are SD's;
@@ -122,10 +122,10 @@ def run_check(name, op, make, kernel, eager, n_grad: int, device: torch.device, 
     g = torch.Generator().manual_seed(0)
     inputs = make(device, dtype, g)
     leaves = [x.detach().requires_grad_(i < n_grad) for i, x in enumerate(inputs)]
-    before = ldm_fast.backend.kernel_launches[op]
+    before = ldm_fast.ops.kernel_launches[op]
     with ldm_fast.use_backend("triton"):
         outs = _tuple(kernel(*leaves))
-    launched = ldm_fast.backend.kernel_launches[op] > before
+    launched = ldm_fast.ops.kernel_launches[op] > before
     if not launched:
         raise AssertionError(f"{op}: the Triton kernel did not launch (an eager fallback ran)")
     wants = [x for x in leaves if x.requires_grad]
