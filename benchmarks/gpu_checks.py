@@ -22,6 +22,7 @@ import torch
 import ldm_fast
 from ldm_fast import functional as F
 from ldm_fast.kernels.attention import attention_reference
+from ldm_fast.kernels.geglu import geglu_reference
 from ldm_fast.kernels.group_norm import group_norm_reference
 from ldm_fast.kernels.q_sample import q_sample_reference
 from ldm_fast.kernels.reparameterize import reparameterize_reference
@@ -63,6 +64,20 @@ def checks(small: bool) -> list[tuple[str, str, Callable, Callable, Callable, in
     def gn(x, w, b):
         return F.group_norm(x, 32, w, b, 1e-5, activation="silu")
 
+    def gn_shift_make(device, dtype, g):
+        return gn_make(False)(device, dtype, g) + [torch.randn(gn_shape[:2], generator=g).to(device, dtype)]
+
+    def gn_shift(x, w, b, shift):
+        return F.group_norm(x, 32, w, b, 1e-5, activation="silu", shift=shift)
+
+    def gn_shift_ref(x, w, b, shift):
+        return group_norm_reference(x, 32, w, b, 1e-5, activation="silu", shift=shift)
+
+    ff = (2, 64, 2 * 40) if small else (2, 4096, 2 * 1280)  # the SD U-Net's first-level GEGLU projection
+
+    def geglu_make(device, dtype, g):
+        return [torch.randn(ff, generator=g).to(device, dtype)]
+
     def gn_ref(x, w, b):
         return group_norm_reference(x, 32, w, b, 1e-5, activation="silu")
 
@@ -100,6 +115,8 @@ def checks(small: bool) -> list[tuple[str, str, Callable, Callable, Callable, in
     out = [
         (f"group_norm+silu NCHW {gn_shape}", "group_norm", gn_make(False), gn, gn_ref, 3),
         (f"group_norm+silu channels_last {gn_shape}", "group_norm", gn_make(True), gn, gn_ref, 3),
+        (f"group_norm+silu+shift {gn_shape}", "group_norm", gn_shift_make, gn_shift, gn_shift_ref, 4),
+        (f"geglu {ff}", "geglu", geglu_make, F.geglu, geglu_reference, 1),
         (f"reparameterize {lat}", "reparameterize",
          rep_make, lambda m, lv, n: F.reparameterize(m, lv, noise=n, scale=0.18215),
          lambda m, lv, n: reparameterize_reference(m, lv, n, 0.18215), 2),
