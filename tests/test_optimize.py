@@ -15,6 +15,8 @@ from torch import nn
 import ldm_fast
 import importlib
 
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
 from ldm_fast.optimize import cuda_graph as opt_cuda_graph
 from ldm_fast.optimize import passes as opt_passes
 from ldm_fast.optimize import undo as opt_undo
@@ -359,27 +361,28 @@ def test_resnet_block_variants(kwargs):
     assert torch.equal(block(x, temb), ref)
 
 
+class _DispatchedOps(TorchDispatchMode):
+    """The aten ops dispatched inside the ``with`` block, by schema name."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.mark.parametrize("factor", [1.0, 2.0])
 def test_resnet_block_skips_a_division_by_one_bit_for_bit(factor):
     """``(x + h) / output_scale_factor`` is x + h bit for bit when the factor is 1: no divide is dispatched."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func._schema.name)
-            return func(*args, **(kwargs or {}))
-
     torch.manual_seed(0)
     block = ResnetBlock2D(in_channels=16, temb_channels=8, groups=4, output_scale_factor=factor).eval()
     x, temb = torch.randn(2, 16, 8, 8), torch.randn(2, 8)
     with torch.no_grad():
         ref = block(x, temb)
         optimize(block)
-        with Ops() as ops:
+        with _DispatchedOps() as ops:
             out = block(x, temb)
     assert torch.equal(out, ref)
     assert ("aten::div" in ops.names) == (factor != 1.0), ops.names
@@ -723,17 +726,6 @@ def test_compile_over_optimize_builds_the_graph_compile_builds_without(monkeypat
 def test_resnet_block_adds_the_time_embedding_inside_norm2(channels_last, poison):
     """time_embedding_norm="default": norm2(h + temb) becomes norm2(h, shift=temb): bit for bit on the eager
     backend, within the kernel's error bound interpreted (forward and gradients), the add never dispatched."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func._schema.name)
-            return func(*args, **(kwargs or {}))
-
     torch.manual_seed(0)
     block = ResnetBlock2D(in_channels=16, temb_channels=8, groups=4).eval()
     x, temb = torch.randn(2, 16, 8, 8), torch.randn(2, 8)
@@ -751,7 +743,7 @@ def test_resnet_block_adds_the_time_embedding_inside_norm2(channels_last, poison
         assert torch.equal(block(x, temb), ref)  # eager backend: exactly norm2(h + temb)
     with ldm_fast.use_backend("triton"):
         before = ldm_fast.ops.kernel_launches["group_norm"]
-        with torch.no_grad(), Ops() as ops:
+        with torch.no_grad(), _DispatchedOps() as ops:
             out = block(x, temb)
         assert ldm_fast.ops.kernel_launches["group_norm"] - before == 2  # norm1, norm2 (+temb) fused
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
