@@ -107,12 +107,15 @@ def chart_figure(rows: list[dict]):
     rows = [r for r in rows if r.get("fused_ratio") is not None]
     if not rows:
         return None
-    families = list(dict.fromkeys(r["op"] for r in rows))
+    def op_of(r):
+        return r.get("op") or r["case"].split("[", 1)[0]
+
+    families = list(dict.fromkeys(op_of(r) for r in rows))
     timed = [r for r in rows if (r.get("timing") or {}).get("fused_gbps")]
     n_panels = len(families) + (1 if timed else 0)
     fig, axes = plt.subplots(n_panels, 1, figsize=(13.0, 4.2 * n_panels), squeeze=False)
     for ax, op in zip((a[0] for a in axes), families):
-        fam = [r for r in rows if r["op"] == op]
+        fam = [r for r in rows if op_of(r) == op]
         x = list(range(len(fam)))
         eager, fused = [r["eager_ratio"] for r in fam], [r["fused_ratio"] for r in fam]
         ax.bar([i - 0.2 for i in x], eager, width=0.4, label="eager (aten dispatch count)", color="#c44e52")
@@ -132,7 +135,7 @@ def chart_figure(rows: list[dict]):
         ax.set_title(title + ("\n" + _wrap(f"{CAVEAT_MARK} " + "; ".join(caveats)) if caveats else ""), fontsize=9,
                      loc="left")
         ax.set_xticks(x)
-        ax.set_xticklabels([r["name"] + (f" {CAVEAT_MARK}" if r.get("bytes_caveat") else "") for r in fam],
+        ax.set_xticklabels([r.get("name", r["case"]) + (f" {CAVEAT_MARK}" if r.get("bytes_caveat") else "") for r in fam],
                            fontsize=6, rotation=30, ha="right")
         ax.legend(fontsize=7, loc="upper left", ncol=4)
     if timed:

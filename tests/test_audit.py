@@ -180,7 +180,11 @@ def test_main_quick_writes_table_json_png(tmp_path):
     for case_id in ids:
         assert case_id in table
     for row in report["cases"]:
-        assert row["fused_bytes"] > 0 and row["eager_bytes"] > 0 and row["model"]["fused_us"] > 0
+        assert row["fused_bytes"] > 0 and row["eager_bytes"] > 0
+        if row.get("bytes_caveat"):  # attention: byte counts that do not compare, so no model
+            assert row["model"] == {}
+        else:
+            assert row["model"]["fused_us"] > 0
         assert set(row["audit"]) == {"sm_80", "sm_90"}
     assert "H100 MODEL" in table and "predicted, not measured" in table
     if not torch.cuda.is_available():
