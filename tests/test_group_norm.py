@@ -711,3 +711,29 @@ def test_public_group_norm_shift_is_checked():
     with pytest.raises(TypeError, match="shift must be a floating"):
         F.group_norm(x, 4, shift=torch.zeros(2, 8, dtype=torch.int64))
     torch.testing.assert_close(F.group_norm(x + 1, 4, shift=torch.ones(2, 8, 1)), F.group_norm(x + 2, 4, shift=-torch.ones(2, 8)))
+
+
+def test_public_group_norm_with_shift_under_compile_is_one_op(monkeypatch, triton_backend):
+    """LDM_FAST_COMPILE=kernel: group_norm with a shift is one ldm_fast op in the graph, forward and
+    backward (dshift included), equal to the eager kernel call."""
+    monkeypatch.setenv("LDM_FAST_COMPILE", "kernel")
+    ldm_fast.backend.reload_env()
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 8, 5, 3, generator=g, requires_grad=True)
+    shift = torch.randn(2, 8, generator=g, requires_grad=True)
+    ops = []
+
+    def backend_fn(gm, example_inputs):
+        ops.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    fn = lambda x, s: F.group_norm(x, 4, shift=s, activation="silu")  # noqa: E731
+    torch.compiler.reset()
+    y = torch.compile(fn, backend=backend_fn, fullgraph=True)(x, shift)
+    assert ops.count("ldm_fast.group_norm") == 1, ops
+    dx, ds = torch.autograd.grad(y.sum(), (x, shift))
+    y_ref = fn(x, shift)
+    dx_ref, ds_ref = torch.autograd.grad(y_ref.sum(), (x, shift))
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(dx, dx_ref)
+    torch.testing.assert_close(ds, ds_ref)

@@ -89,11 +89,11 @@ def group_norm(
 
     if x.numel() and backend.kernel_ok(x, weight, bias, shift):
         if torch.compiler.is_compiling():  # LDM_FAST_COMPILE: the kernel, or Inductor's own code
-            if shift is None and backend.compile_uses_kernel(x.numel() // (x.shape[0] * num_groups)):
+            if backend.compile_uses_kernel(x.numel() // (x.shape[0] * num_groups)):
                 if channels_last_out is None:
                     channels_last_out = _kernels.is_channels_last(x)
                 return torch.ops.ldm_fast.group_norm(x, weight, bias, num_groups, eps, activation or "",
-                                                     channels_last_out)[0]
+                                                     channels_last_out, shift)[0]
         elif needs_grad(x, weight, bias, shift):
             return _GroupNormFunction.apply(x, weight, bias, num_groups, eps, activation, channels_last_out, shift)
         else:
@@ -159,13 +159,14 @@ def _group_norm_op(
     eps: float,
     activation: str,
     channels_last_out: bool,
+    shift: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     return launch("group_norm", _kernels.group_norm_fwd, x, weight, bias, num_groups, eps, activation or None,
-                  channels_last_out)
+                  channels_last_out, shift=shift)
 
 
 @_group_norm_op.register_fake
-def _(x, weight, bias, num_groups, eps, activation, channels_last_out):
+def _(x, weight, bias, num_groups, eps, activation, channels_last_out, shift=None):
     y = _kernels.empty_nc(x.shape, channels_last_out, x.dtype, x.device)
     mean = x.new_empty((x.shape[0], num_groups), dtype=torch.float32)
     return y, mean, torch.empty_like(mean)
@@ -181,32 +182,39 @@ def _group_norm_backward_op(
     rstd: Tensor,
     num_groups: int,
     activation: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    return launch("group_norm", _kernels.group_norm_bwd, grad, x, weight, bias, mean, rstd, num_groups,
-                  activation or None)
+    shift: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    grads = launch("group_norm", _kernels.group_norm_bwd, grad, x, weight, bias, mean, rstd, num_groups,
+                   activation or None, shift=shift)
+    dshift = grads[3] if shift is not None else x.new_empty(0)
+    # a custom op may not return an input-aliased or None output: absent gradients are empty tensors
+    return grads[0], grads[1] if weight is not None else x.new_empty(0), grads[2] if bias is not None else x.new_empty(0), dshift
 
 
 @_group_norm_backward_op.register_fake
-def _(grad, x, weight, bias, mean, rstd, num_groups, activation):
+def _(grad, x, weight, bias, mean, rstd, num_groups, activation, shift=None):
     dx = _kernels.empty_nc(x.shape, _kernels.is_channels_last(x), x.dtype, x.device)
     dweight = torch.empty_like(weight) if weight is not None else x.new_empty(0)
     dbias = torch.empty_like(bias) if bias is not None else x.new_empty(0)
-    return dx, dweight, dbias
+    dshift = torch.empty_like(shift) if shift is not None else x.new_empty(0)
+    return dx, dweight, dbias, dshift
 
 
 def _group_norm_setup(ctx, inputs, output):
-    x, weight, bias, num_groups, _, activation, _ = inputs
+    x, weight, bias, num_groups, _, activation, _, shift = inputs
     _, mean, rstd = output
-    ctx.save_for_backward(x, weight, bias, mean, rstd)
+    ctx.save_for_backward(x, weight, bias, mean, rstd, shift)
     ctx.num_groups = num_groups
     ctx.activation = activation
     ctx.mark_non_differentiable(mean, rstd)
 
 
 def _group_norm_grad(ctx, grad, _grad_mean, _grad_rstd):
-    x, weight, bias, mean, rstd = ctx.saved_tensors
-    dx, dweight, dbias = _group_norm_backward_op(grad, x, weight, bias, mean, rstd, ctx.num_groups, ctx.activation)
-    return dx, dweight if weight is not None else None, dbias if bias is not None else None, None, None, None, None
+    x, weight, bias, mean, rstd, shift = ctx.saved_tensors
+    dx, dweight, dbias, dshift = _group_norm_backward_op(grad, x, weight, bias, mean, rstd, ctx.num_groups,
+                                                         ctx.activation, shift)
+    return (dx, dweight if weight is not None else None, dbias if bias is not None else None, None, None, None,
+            None, dshift if shift is not None else None)
 
 
 _group_norm_op.register_autograd(_group_norm_grad, setup_context=_group_norm_setup)
