@@ -394,15 +394,11 @@ def _compile(model, scenario: Scenario, mode: Optional[str] = None):
 def _graphed(call: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
     """``call`` (static inputs) captured in one CUDA graph: warm-up on a side stream, capture, then
     each call replays the graph and returns its (static) output."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            call()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = call()
+    from ldm_fast.optimize import CUDAGraphAPI  # the recipe CUDAGraphForward uses, in one place
+
+    api, device = CUDAGraphAPI(), torch.device("cuda", torch.cuda.current_device())
+    api.warmup(device, call, 2)
+    graph, out = api.capture(device, call)
 
     def replay():
         graph.replay()

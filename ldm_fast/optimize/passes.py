@@ -210,16 +210,28 @@ def _fuse_resnet_block(ctx: _Context, block: nn.Module) -> None:
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
+_SPLIT_POSITIONS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # class -> {(name, length): answer}
+
+
 def _split_positions(parent: nn.Module, name: str, length: int) -> Optional[set]:
+    """Cached :func:`_class_split_positions` per holding class (a U-Net holds dozens of instances of one
+    block class; its source is parsed once; weakly: a class seen is not kept alive)."""
+    if isinstance(parent, _CONTAINERS):
+        return set()  # a container calls its entries whole (Sequential) or holds them (lists, dicts)
+    answers = _SPLIT_POSITIONS.setdefault(type(parent), {})
+    if (name, length) not in answers:
+        answers[name, length] = _class_split_positions(type(parent), name, length)
+    return answers[name, length]
+
+
+def _class_split_positions(parent_cls: type, name: str, length: int) -> Optional[set]:
     """The pairs ``(i, i + 1)`` of ``parent.<name>`` (a Sequential of ``length`` entries) that the
     parent's code calls apart, as the set of their ``i``: the source of the parent's class (and its
     bases below nn.Module) indexed with ``self.<name>[k]`` or sliced ``self.<name>[a:b]`` (CompVis'
     ``ResBlock`` with ``use_scale_shift_norm`` calls ``out_layers[0]``, modulates, then
     ``out_layers[1:]``). None when it cannot be known (no source; a computed index; iteration)."""
-    if isinstance(parent, _CONTAINERS):
-        return set()  # a container calls its entries whole (Sequential) or holds them (lists, dicts)
     split: set = set()
-    for cls in type(parent).__mro__:
+    for cls in parent_cls.__mro__:
         if cls in (nn.Module, object) or (cls.__module__ or "").startswith("torch."):
             continue
         try:
