@@ -36,8 +36,8 @@ The rules (:func:`check`), each a failure of the audit test:
    with "out of resources".
 
 A constexpr that a launcher sets only under the interpreter, to work around the interpreter's
-numerics (:data:`GPU_CONSTEXPRS`, e.g. attention's ``BF16_AS_F32``), is compiled with the value a
-GPU launch passes: the audit inspects the binary the GPU runs, not the interpreter's workaround.
+numerics (:data:`GPU_CONSTEXPRS`, e.g. attention's ``BF16_AS_F32``, add_layer_norm's ``BF16_RNE``),
+is compiled with the value a GPU launch passes: the audit inspects the binary the GPU runs, not the interpreter's workaround.
 
 Compiles are cached per (kernel, specialization, target) within a run, and by Triton's own cache
 across runs. ``python -m benchmarks.audit [--quick] [--ops a,b]`` audits from the command line.
@@ -64,7 +64,7 @@ REPO = Path(__file__).resolve().parent.parent
 #: passes (the audit compiles that value). ``BF16_AS_F32`` (kernels/attention.py ``_dot``): the
 #: interpreter's ``tl.dot`` mishandles bf16, so on the CPU bf16 operands multiply as fp32; on a GPU
 #: they go to the tensor cores as they are.
-GPU_CONSTEXPRS = {"BF16_AS_F32": False}
+GPU_CONSTEXPRS = {"BF16_AS_F32": False, "BF16_RNE": False}
 
 #: Most shared memory one block may use, bytes (``cudaDevAttrMaxSharedMemoryPerBlockOptin``): A100
 #: 163 KB (of 164 KB per SM), H100 227 KB (of 228 KB per SM).

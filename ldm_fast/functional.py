@@ -15,8 +15,10 @@ does not give) runs the reference, which is always correct. Bad arguments raise 
     out = lf.attention(q, k, v, heads=8)                           # [B, N, heads*D] in place
     x_prev = lf.sampler_step(eps, x, alpha_t, alpha_prev)          # one DDIM step
     ff = lf.geglu(proj)                                            # [..., 2F] -> [..., F]
+    h, n = lf.add_layer_norm(attn_out, h, norm.weight, norm.bias)   # h = attn_out + h; n = norm(h)
 """
 
+from .ops.add_layer_norm import add_layer_norm
 from .ops.attention import ATTENTION_ROUTES_FILE, attention, attention_route
 from .ops.geglu import geglu
 from .ops.group_norm import ACTIVATIONS as GROUP_NORM_ACTIVATIONS
@@ -25,5 +27,6 @@ from .ops.q_sample import q_sample
 from .ops.reparameterize import reparameterize, reparameterize_moments
 from .ops.sampler_step import SAMPLER_METHODS, sampler_step
 
-__all__ = ["ATTENTION_ROUTES_FILE", "GROUP_NORM_ACTIVATIONS", "SAMPLER_METHODS", "attention", "attention_route",
-           "geglu", "group_norm", "q_sample", "reparameterize", "reparameterize_moments", "sampler_step"]
+__all__ = ["ATTENTION_ROUTES_FILE", "GROUP_NORM_ACTIVATIONS", "SAMPLER_METHODS", "add_layer_norm", "attention",
+           "attention_route", "geglu", "group_norm", "q_sample", "reparameterize", "reparameterize_moments",
+           "sampler_step"]

@@ -1,0 +1,207 @@
+"""Add + LayerNorm: the residual stream of the SD transformer blocks, one pass over each row.
+
+    s   = x + residual                                   # [..., C], rounded to x's dtype
+    out = layer_norm(s) = (s - mean) * rstd * weight + bias
+    mean = sum(s) / C,  rstd = 1 / sqrt(sum((s - mean)^2) / C + eps)
+
+(diffusers ``BasicTransformerBlock``: ``hidden_states = attn_output + hidden_states`` then
+``norm_hidden_states = self.norm2(hidden_states)``.) The statistics are computed from the ROUNDED
+sum, as eager computes them from the stored ``s``, so ``s`` is bit-identical to eager's and
+``out`` differs from eager's only by fp32 rounding order. Math in fp32 whatever the storage dtype.
+
+Traffic per row of C elements: eager runs the add (reads 2C, writes C) and layer_norm (reads C,
+writes C): 5C in two launches. The kernel reads x and residual once and writes s and out: 4C in
+one launch (plus 8 bytes of statistics a row, for the backward).
+
+Backward: no kernel of its own. ``s`` is all the layer norm's backward needs beside the saved
+mean and rstd, so the op's autograd calls ``aten.native_layer_norm_backward`` on them (what eager's
+``F.layer_norm`` backward runs) and adds the upstream gradient of ``s``: ``dx = dresidual = ds +
+dL/ds``.
+
+Plan: each program takes ROWS rows x BLOCK_C columns, BLOCK_C the next power of two >= C (the
+whole row in registers: one read, two-pass variance from registers), ROWS = TILE / BLOCK_C rows
+(at least 1) so a program holds TILE elements (16 a thread at 8 warps: 128-bit accesses). Rows
+may be strided (the last dimension contiguous); row offsets are int64. Above :data:`MAX_C`
+columns the op runs the eager reference.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as TF
+
+from ._triton import cdiv, next_pow2, tl, triton
+from .geglu import _rows
+
+TILE = 4096  # elements per program at 8 warps: 16 per thread
+MAX_C = 8192  # the widest row held in registers (16 warps, 16 fp32 a thread per tensor)
+
+
+@triton.jit
+def _to_storage(b, dtype: tl.constexpr, BF16_RNE: tl.constexpr):
+    """An fp32 block in the storage dtype. ``BF16_RNE`` (set only under Triton's CPU interpreter,
+    whose fp32 -> bf16 cast truncates where a GPU rounds to nearest even) rounds the fp32 bits to
+    nearest even first, so the truncating cast is exact and ``s`` is eager's bit for bit there too."""
+    if BF16_RNE:
+        b_bits = b.to(tl.uint32, bitcast=True)
+        b_bits = (b_bits + (0x7FFF + ((b_bits >> 16) & 1))) & 0xFFFF0000
+        b = b_bits.to(tl.float32, bitcast=True)
+    return b.to(dtype)
+
+
+@triton.jit
+def _add_layer_norm_fwd_kernel(
+    x_ptr, res_ptr, w_ptr, b_ptr,  # x, residual [R, C] (row strides below, last dim contiguous); weight, bias [C]
+    s_ptr, out_ptr, mean_ptr, rstd_ptr,  # s, out [R, C] contiguous, x's dtype; mean, rstd [R] fp32
+    R, C, x_row_stride, res_row_stride, eps,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+    BF16_RNE: tl.constexpr,
+):
+    i_pid = tl.program_id(0)
+    o_row = i_pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)  # [ROWS] int64
+    o_col = tl.arange(0, BLOCK_C)  # [BLOCK_C]
+    m_row = o_row < R
+    m_col = o_col < C
+    m = m_row[:, None] & m_col[None, :]
+    b_x = tl.load(x_ptr + o_row[:, None] * x_row_stride + o_col[None, :], mask=m, other=0.0)
+    b_r = tl.load(res_ptr + o_row[:, None] * res_row_stride + o_col[None, :], mask=m, other=0.0)
+    # the sum rounded to the storage dtype, as eager stores it; the statistics come from that value
+    b_s_low = _to_storage(b_x.to(tl.float32) + b_r.to(tl.float32), s_ptr.dtype.element_ty, BF16_RNE)
+    o_out = o_row[:, None] * C + o_col[None, :]
+    tl.store(s_ptr + o_out, b_s_low, mask=m)
+    b_s = b_s_low.to(tl.float32)
+    b_mean = tl.sum(b_s, axis=1) / C  # [ROWS]; masked lanes hold 0
+    b_d = tl.where(m_col[None, :], b_s - b_mean[:, None], 0.0)
+    b_var = tl.sum(b_d * b_d, axis=1) / C  # two-pass variance, from registers
+    b_rstd = 1.0 / tl.sqrt(b_var + eps)
+    b_y = b_d * b_rstd[:, None]
+    if HAS_WEIGHT:
+        b_y = b_y * tl.load(w_ptr + o_col, mask=m_col, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        b_y = b_y + tl.load(b_ptr + o_col, mask=m_col, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + o_out, _to_storage(b_y, out_ptr.dtype.element_ty, BF16_RNE), mask=m)
+    tl.store(mean_ptr + o_row, b_mean, mask=m_row)
+    tl.store(rstd_ptr + o_row, b_rstd, mask=m_row)
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan(R: int, C: int) -> tuple[int, int, int, int]:
+    """``(ROWS, BLOCK_C, num_warps, programs)``: the whole row in one block of the next power of two
+    >= C, ``TILE / BLOCK_C`` rows a program (C = 320: 8 rows of 512; 640: 4 of 1024; 1280: 2 of
+    2048), 8 warps, 16 for rows wider than TILE."""
+    block = max(16, next_pow2(C))
+    rows = max(1, TILE // block)
+    num_warps = 8 if block <= TILE else 16
+    return rows, block, num_warps, cdiv(R, rows)
+
+
+def _check(x, residual, weight, bias) -> int:
+    for name, t in (("x", x), ("residual", residual)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"add_layer_norm: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"add_layer_norm: {name} must be a floating-point tensor, got {t.dtype}")
+    if x.dim() < 1:
+        raise ValueError("add_layer_norm: x must be [..., C], got a 0-dim tensor")
+    if residual.shape != x.shape:
+        raise ValueError(f"add_layer_norm: residual must have the shape of x {tuple(x.shape)}, got {tuple(residual.shape)}")
+    if residual.dtype != x.dtype:
+        raise TypeError(f"add_layer_norm: residual must have the dtype of x ({x.dtype}), got {residual.dtype}")
+    C = x.shape[-1]
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is None:
+            continue
+        if not (isinstance(p, torch.Tensor) and p.is_floating_point()):
+            raise TypeError(f"add_layer_norm: {name} must be a floating-point tensor or None, got "
+                            f"{type(p).__name__ if not isinstance(p, torch.Tensor) else p.dtype}")
+        if p.shape != (C,):
+            raise ValueError(f"add_layer_norm: {name} must have shape ({C},) (x's last dim), got {tuple(p.shape)}")
+    return C
+
+
+def add_layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor, weight=None, bias=None, eps: float = 1e-5):
+    """Launch the forward kernel: ``s = x + residual; out = layer_norm(s, (C,), weight, bias, eps)``.
+
+    x, residual: ``[..., C]``, one floating dtype, last dim contiguous (rows may be strided: read in
+    place; other layouts are copied), ``C <= MAX_C``; weight, bias: ``[C]`` or None, any float dtype
+    (loaded as fp32). Returns ``(s, out, mean, rstd)``: s and out ``[..., C]`` contiguous in x's
+    dtype, mean and rstd ``[R]`` fp32 (R = every leading element); one launch. Eager equivalent:
+    :func:`add_layer_norm_reference`.
+    """
+    C = _check(x, residual, weight, bias)
+    if C > MAX_C:
+        raise ValueError(f"add_layer_norm: the kernel holds rows of at most {MAX_C} elements, got C = {C}")
+    s = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    R = s.numel() // C if C else 0
+    mean = torch.empty((R,), dtype=torch.float32, device=x.device)
+    rstd = torch.empty((R,), dtype=torch.float32, device=x.device)
+    if s.numel() == 0:
+        return s, out, mean, rstd
+    x, x_rs = _rows(x)
+    residual, res_rs = _rows(residual)
+    if weight is not None and weight.stride(0) != 1:
+        weight = weight.contiguous()
+    if bias is not None and bias.stride(0) != 1:
+        bias = bias.contiguous()
+    rows, block, num_warps, n_programs = _plan(R, C)
+    _add_layer_norm_fwd_kernel[(n_programs,)](
+        x, residual, weight if weight is not None else x, bias if bias is not None else x,
+        s, out, mean, rstd, R, C, x_rs, res_rs, float(eps),
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ROWS=rows, BLOCK_C=block,
+        BF16_RNE=x.dtype == torch.bfloat16 and x.device.type == "cpu", num_warps=num_warps,
+    )
+    return s, out, mean, rstd
+
+
+def layer_norm_param(p, dtype: torch.dtype):
+    """weight or bias as ``F.layer_norm`` takes it beside an input of ``dtype``: as is when the dtypes
+    match or when it is fp32 beside fp16/bf16 (the mixed case torch supports), else cast to ``dtype``."""
+    if p is None or p.dtype == dtype or (p.dtype == torch.float32 and dtype in (torch.float16, torch.bfloat16)):
+        return p
+    return p.to(dtype)
+
+
+def add_layer_norm_reference(x: torch.Tensor, residual: torch.Tensor, weight=None, bias=None, eps: float = 1e-5):
+    """Eager reference, differentiable by autograd: diffusers' two statements,
+    ``s = x + residual; out = F.layer_norm(s, (C,), weight, bias, eps)``; returns ``(s, out)``.
+
+    Computed in x's dtype as diffusers does (at fp16/bf16 the eager low-precision result the kernel
+    is judged against; at fp64 the exact one). weight and bias are cast to x's dtype where
+    ``F.layer_norm`` would refuse the pair (:func:`layer_norm_param`).
+    """
+    C = _check(x, residual, weight, bias)
+    s = x + residual
+    return s, TF.layer_norm(s, (C,), layer_norm_param(weight, s.dtype), layer_norm_param(bias, s.dtype), eps)
+
+
+def add_layer_norm_bwd(grad_s, grad_out, s, mean, rstd, weight, bias, output_mask):
+    """The backward from the forward's ``s``, mean and rstd: ``(dx, dweight, dbias)`` (each None
+    where ``output_mask`` = (input, weight, bias) does not ask for it, or no gradient flows), with
+    ``dx = dresidual = dlayer_norm/ds + grad_s``. The layer norm's part is
+    ``aten.native_layer_norm_backward`` (eager's own backward kernel): on CUDA with the fp32 mean
+    and rstd as torch's CUDA forward saves them; elsewhere (the interpreter's CPU tensors, whose
+    kernel wants statistics in the input dtype) upcast to fp32 and cast back.
+    """
+    ds = dweight = dbias = None
+    if grad_out is not None:
+        C = s.shape[-1]
+        stat_shape = s.shape[:-1] + (1,)
+        w, b = layer_norm_param(weight, s.dtype), layer_norm_param(bias, s.dtype)
+        mask = [bool(output_mask[0]), bool(output_mask[1]) and w is not None, bool(output_mask[2]) and b is not None]
+        if s.is_cuda or s.dtype == torch.float32:
+            g, sv = grad_out, s
+        else:
+            g, sv = grad_out.float(), s.float()
+            w = w.float() if w is not None else None
+            b = b.float() if b is not None else None
+        ds, dweight, dbias = torch.ops.aten.native_layer_norm_backward(
+            g, sv, (C,), mean.view(stat_shape), rstd.view(stat_shape), w, b, mask)
+        ds = ds.to(s.dtype) if ds is not None else None
+        dweight = dweight.to(weight.dtype) if dweight is not None else None
+        dbias = dbias.to(bias.dtype) if dbias is not None else None
+    if output_mask[0] and grad_s is not None:
+        ds = grad_s.to(s.dtype) if ds is None else ds + grad_s
+    return ds, dweight, dbias

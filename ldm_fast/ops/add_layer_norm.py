@@ -1,0 +1,85 @@
+"""add_layer_norm: the residual add and the LayerNorm after it, one pass over each row (checks,
+kernel or reference, autograd, in that order).
+
+Under torch.compile it traces the eager reference: Inductor fuses the add and the layer norm
+itself (the issue #16 policy: a fusion steps aside under compile unless measured faster), so no
+torch.library op is registered.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .. import backend
+from ..kernels import add_layer_norm as _kernels
+from ._common import ArgumentError, check_float, finite_float, launch, needs_grad
+
+MAX_C = _kernels.MAX_C
+
+
+def add_layer_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                   eps: float = 1e-5) -> tuple[Tensor, Tensor]:
+    """``(s, out)`` with ``s = x + residual`` and ``out = F.layer_norm(s, (C,), weight, bias, eps)``:
+    x and residual ``[..., C]`` of one floating dtype (the last dim contiguous, rows may be
+    strided), weight and bias ``[C]`` or None. Both outputs are new contiguous tensors in x's dtype;
+    ``out`` is normalized from the rounded ``s`` with fp32 statistics. The kernel reads x and
+    residual once and writes s and out (4C elements a row against eager's 5C, one launch against
+    two). Differentiable in x, residual, weight and bias (first order; the layer norm's backward is
+    aten's, from the saved ``s``, mean and rstd).
+
+    Eager equivalent (diffusers ``BasicTransformerBlock``'s residual stream, bit for bit on the
+    eager backend): ``s = x + residual; out = F.layer_norm(s, (C,), weight, bias, eps)``.
+    """
+    if not (isinstance(x, Tensor) and x.is_floating_point()):
+        check_float("x", x)
+    if not (isinstance(residual, Tensor) and residual.is_floating_point()):
+        check_float("residual", residual)
+    if x.dim() < 1:
+        raise ValueError("add_layer_norm: x must be [..., C], got a 0-dim tensor")
+    if residual.shape != x.shape:
+        raise ArgumentError(f"add_layer_norm: residual must have the shape of x {tuple(x.shape)}, "
+                            f"got {tuple(residual.shape)}")
+    if residual.dtype != x.dtype:
+        raise TypeError(f"add_layer_norm: residual must have the dtype of x ({x.dtype}), got {residual.dtype}")
+    C = x.shape[-1]
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None:
+            if not (isinstance(p, Tensor) and p.is_floating_point()):
+                check_float(name, p)
+            if p.shape != (C,):
+                raise ArgumentError(f"add_layer_norm: {name} must have shape ({C},) (x's last dim), got {tuple(p.shape)}")
+    if not (type(eps) is float and math.isfinite(eps)):
+        eps = finite_float("eps", eps)
+    if eps < 0:
+        raise ValueError(f"add_layer_norm: eps must be >= 0, got {eps}")
+    if (x.numel() and 0 < C <= MAX_C and x.stride(-1) == 1 and residual.stride(-1) == 1
+            and not torch.compiler.is_compiling() and backend.kernel_ok(x, residual)
+            and (weight is None or weight.device == x.device) and (bias is None or bias.device == x.device)):
+        if needs_grad(x, residual, weight, bias):
+            return _AddLayerNormFunction.apply(x, residual, weight, bias, eps)
+        s, out, _, _ = launch("add_layer_norm", _kernels.add_layer_norm_fwd, x, residual, weight, bias, eps)
+        return s, out
+    return _kernels.add_layer_norm_reference(x, residual, weight, bias, eps)
+
+
+class _AddLayerNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, eps):
+        s, out, mean, rstd = launch("add_layer_norm", _kernels.add_layer_norm_fwd, x, residual, weight, bias, eps)
+        ctx.save_for_backward(s, mean, rstd, weight, bias)
+        ctx.set_materialize_grads(False)
+        return s, out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_s, grad_out):
+        s, mean, rstd, weight, bias = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        ds, dweight, dbias = _kernels.add_layer_norm_bwd(
+            grad_s, grad_out, s, mean, rstd, weight, bias, (need[0] or need[1], need[2], need[3]))
+        return (ds if need[0] else None), (ds if need[1] else None), dweight, dbias, None

@@ -1,0 +1,227 @@
+"""add_layer_norm (kernels/add_layer_norm.py, ldm_fast.functional.add_layer_norm) in the interpreter,
+against the eager reference and float64.
+
+``s`` is judged bit for bit against eager's ``x + residual`` (the kernel rounds the sum as eager
+does); ``out``, the statistics and every gradient by the project's rule (tests/_numerics.py). The
+``triton_backend`` fixture proves the kernel ran; ``poison`` fills fresh outputs with NaN.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import ldm_fast
+import ldm_fast.functional as lf
+from ldm_fast.kernels import add_layer_norm as aln
+from ldm_fast.kernels.add_layer_norm import add_layer_norm_fwd, add_layer_norm_reference
+
+from _numerics import assert_close_to_exact
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SHAPES = {  # x, residual [..., C]
+    "odd-C5": (2, 3, 5),  # a block of 16 lanes, 11 masked; 256 rows a program, 6 in use
+    "odd-C77": (2, 9, 77),  # CLIP's 77 as a width: 128 lanes, a partial row tile
+    "sd-C320": (2, 16, 320),  # SD 1.5's first transformer level scaled down to 32 tokens: 8 rows of 512
+    "sd-C1280-rows": (3, 1280),  # the mid block's width: 2 rows of 2048 a program, the last tile half used
+    "one-row-C640": (640,),
+}
+AFFINE = ["none", "weight", "weight+bias", "fp32-params"]
+
+
+def _inputs(shape, dtype, affine, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    C = shape[-1]
+    x = (3 * torch.randn(shape, generator=g) + 1).to(dtype)  # an offset mean: the two-pass variance matters
+    residual = torch.randn(shape, generator=g).to(dtype)
+    pdtype = torch.float32 if affine == "fp32-params" else dtype
+    weight = (1 + 0.5 * torch.randn(C, generator=g)).to(pdtype) if affine != "none" else None
+    bias = (0.5 * torch.randn(C, generator=g)).to(pdtype) if affine in ("weight+bias", "fp32-params") else None
+    return x, residual, weight, bias
+
+
+def _double(t):
+    return None if t is None else t.double()
+
+
+@pytest.mark.parametrize("affine", AFFINE)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_forward_matches_reference(shape, dtype, affine, poison, triton_backend):
+    x, residual, weight, bias = _inputs(shape, dtype, affine)
+    s, out = lf.add_layer_norm(x, residual, weight, bias, 1e-5)
+    assert triton_backend("add_layer_norm")
+    assert s.shape == out.shape == shape and s.is_contiguous() and out.is_contiguous()
+    assert s.dtype == out.dtype == dtype
+    eager_s, eager_out = add_layer_norm_reference(x, residual, weight, bias, 1e-5)
+    assert torch.equal(s, eager_s)  # the sum rounded to the storage dtype as eager rounds it
+    # exact: the layer norm of the ROUNDED sum in float64 (what the op defines)
+    exact = TF.layer_norm(s.double(), (shape[-1],), _double(weight), _double(bias), 1e-5)
+    assert_close_to_exact(out, exact, eager_out)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_launcher_statistics(dtype, poison):
+    """mean and rstd ([R] fp32, what the backward reads) against float64."""
+    x, residual, weight, bias = _inputs((2, 5, 77), dtype, "weight+bias")
+    s, out, mean, rstd = add_layer_norm_fwd(x, residual, weight, bias, 1e-5)
+    assert mean.shape == rstd.shape == (10,) and mean.dtype == rstd.dtype == torch.float32
+    sd = s.double().reshape(10, 77)
+    exact_mean = sd.mean(-1)
+    exact_rstd = (sd.var(-1, unbiased=False) + 1e-5).rsqrt()
+    torch.testing.assert_close(mean.double(), exact_mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(rstd.double(), exact_rstd, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_strided_rows_read_in_place(dtype, poison, triton_backend, monkeypatch):
+    """Slices of wider rows (row strides C + 6 and C + 2) are read without a copy."""
+    C = 96
+    x = _inputs((2, 5, C + 6), dtype, "none")[0][..., 3:3 + C]
+    residual = _inputs((2, 5, C + 2), dtype, "none", seed=1)[0][..., :C]
+    weight = torch.randn(C).to(dtype)
+    assert not x.is_contiguous() and not residual.is_contiguous()
+    monkeypatch.setattr(torch.Tensor, "contiguous", lambda self, *a, **k: pytest.fail("copied"))
+    s, out = lf.add_layer_norm(x, residual, weight)
+    monkeypatch.undo()
+    assert triton_backend("add_layer_norm")
+    eager_s, eager_out = add_layer_norm_reference(x, residual, weight)
+    assert torch.equal(s, eager_s)
+    assert_close_to_exact(out, TF.layer_norm(s.double(), (C,), weight.double()), eager_out)
+
+
+def test_other_layouts_are_copied_and_correct(poison, triton_backend):
+    """Leading dims that do not collapse to one stride (a transpose) are copied; the result is the same."""
+    C = 40
+    x = torch.randn(7, 3, C).transpose(0, 1)
+    residual = torch.randn(3, 7, C)
+    s, out = lf.add_layer_norm(x, residual)
+    assert triton_backend("add_layer_norm")
+    eager_s, eager_out = add_layer_norm_reference(x, residual)
+    assert torch.equal(s, eager_s)
+    assert_close_to_exact(out, TF.layer_norm(s.double(), (C,)), eager_out)
+
+
+UPSTREAM = ["s-and-out", "out-only", "s-only"]
+
+
+@pytest.mark.parametrize("upstream", UPSTREAM)
+@pytest.mark.parametrize("affine", ["none", "weight+bias", "fp32-params"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gradients_match_autograd(dtype, affine, upstream, poison, triton_backend):
+    shape = (2, 6, 77)
+    x, residual, weight, bias = _inputs(shape, dtype, affine)
+    g = torch.Generator().manual_seed(3)
+    grad_s = torch.randn(shape, generator=g).to(dtype)
+    grad_out = torch.randn(shape, generator=g).to(dtype)
+
+    def run(fn, cast):
+        leaves = [None if t is None else t.detach().to(cast or t.dtype).requires_grad_() for t in (x, residual, weight, bias)]
+        s, out = fn(*leaves, 1e-5)
+        outs, grads = [], []
+        if upstream != "out-only":
+            outs.append(s)
+            grads.append(grad_s.to(s.dtype))
+        if upstream != "s-only":
+            outs.append(out)
+            grads.append(grad_out.to(out.dtype))
+        wanted = [t for t in leaves if t is not None]
+        got = torch.autograd.grad(outs, wanted, grads, allow_unused=True)
+        return [torch.zeros_like(t) if d is None else d for t, d in zip(wanted, got)]
+
+    fused = run(lf.add_layer_norm, None)
+    assert triton_backend("add_layer_norm")
+    exact = run(add_layer_norm_reference, torch.float64)
+    eager = run(add_layer_norm_reference, None)
+    for name, got, ex, low in zip(["x", "residual", "weight", "bias"], fused, exact, eager):
+        assert got.dtype == low.dtype, name
+        assert_close_to_exact(got, ex, low)
+
+
+def test_gradient_of_one_input_and_of_the_parameters_only(triton_backend):
+    x, residual, weight, bias = _inputs((3, 20), torch.float32, "weight+bias")
+    weight.requires_grad_()
+    s, out = lf.add_layer_norm(x, residual, weight, bias)
+    assert triton_backend("add_layer_norm") and s.requires_grad and out.requires_grad
+    (dweight,) = torch.autograd.grad(out, weight, torch.ones_like(out))
+    w = weight.detach().requires_grad_()
+    (ref,) = torch.autograd.grad(TF.layer_norm(x + residual, (20,), w, bias), w, torch.ones_like(out))
+    torch.testing.assert_close(dweight, ref, rtol=1e-5, atol=1e-5)
+    x.requires_grad_()
+    s, out = lf.add_layer_norm(x, residual, weight, bias)
+    dx, dw = torch.autograd.grad(out.sum() + s.sum(), [x, weight])
+    xr = x.detach().requires_grad_()
+    s_ref = xr + residual
+    ref_dx, ref_dw = torch.autograd.grad(TF.layer_norm(s_ref, (20,), w, bias).sum() + s_ref.sum(), [xr, w])
+    torch.testing.assert_close(dx, ref_dx, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dw, ref_dw, rtol=1e-5, atol=1e-5)
+
+
+def test_double_backward_raises(triton_backend):
+    x = torch.randn(2, 8, requires_grad=True)
+    s, out = lf.add_layer_norm(x, torch.randn(2, 8))
+    (dx,) = torch.autograd.grad((out * out).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|twice"):
+        dx.sum().backward()
+
+
+def test_empty_and_uncovered_inputs_run_the_reference(triton_backend):
+    for shape in [(0, 3, 8), (4, 0)]:
+        s, out = lf.add_layer_norm(torch.randn(shape), torch.randn(shape))
+        assert s.shape == out.shape == shape
+    s, out = lf.add_layer_norm(torch.randn(2, 6, dtype=torch.float64), torch.randn(2, 6, dtype=torch.float64))
+    assert s.dtype == out.dtype == torch.float64
+    wide = torch.randn(1, aln.MAX_C + 1)
+    s, out = lf.add_layer_norm(wide, wide)
+    torch.testing.assert_close(out, TF.layer_norm(wide + wide, (aln.MAX_C + 1,)))
+    assert not triton_backend("add_layer_norm")
+    s, _, mean, rstd = add_layer_norm_fwd(torch.randn(0, 5), torch.randn(0, 5))
+    assert s.shape == (0, 5) and mean.shape == rstd.shape == (0,)
+
+
+def test_bad_arguments_name_the_argument():
+    x = torch.randn(3, 4)
+    with pytest.raises(TypeError, match="x"):
+        lf.add_layer_norm([1.0], x)
+    with pytest.raises(TypeError, match="residual"):
+        lf.add_layer_norm(x, torch.ones(3, 4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="residual must have the shape of x"):
+        lf.add_layer_norm(x, torch.randn(3, 5))
+    with pytest.raises(RuntimeError, match="residual"):  # ArgumentError: a RuntimeError too, as torch raises
+        lf.add_layer_norm(x, torch.randn(4, 4))
+    with pytest.raises(TypeError, match="residual must have the dtype of x"):
+        lf.add_layer_norm(x, x.half())
+    with pytest.raises(ValueError, match=r"weight must have shape \(4,\)"):
+        lf.add_layer_norm(x, x, torch.ones(5))
+    with pytest.raises(ValueError, match=r"bias must have shape \(4,\)"):
+        lf.add_layer_norm(x, x, None, torch.ones(1, 4))
+    with pytest.raises(TypeError, match="weight"):
+        lf.add_layer_norm(x, x, torch.ones(4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="eps"):
+        lf.add_layer_norm(x, x, eps=float("nan"))
+    with pytest.raises(ValueError, match="eps"):
+        lf.add_layer_norm(x, x, eps=-1e-5)
+    with pytest.raises(TypeError, match="eps"):
+        lf.add_layer_norm(x, x, eps="1e-5")
+    with pytest.raises(ValueError, match="x"):
+        lf.add_layer_norm(torch.tensor(1.0), torch.tensor(1.0))
+    with pytest.raises(ValueError, match=r"weight must have shape"):
+        add_layer_norm_fwd(x, x, torch.ones(3))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_eager_backend_is_diffusers_bit_for_bit(dtype):
+    x, residual, weight, bias = _inputs((2, 5, 40), dtype, "weight+bias")
+    with ldm_fast.use_backend("eager"):
+        s, out = lf.add_layer_norm(x, residual, weight, bias, 1e-6)
+    h = x + residual
+    assert torch.equal(s, h)
+    assert torch.equal(out, TF.layer_norm(h, (40,), weight, bias, 1e-6))
+
+
+def test_block_plan():
+    """The whole row in one power-of-two block, TILE (4096) elements a program at 8 warps; wider rows 16 warps."""
+    assert aln._plan(2048, 320) == (8, 512, 8, 256)  # SD 1.5 level 1 at 256 px b2: 2048 rows
+    assert aln._plan(512, 640) == (4, 1024, 8, 128)
+    assert aln._plan(128, 1280) == (2, 2048, 8, 64)
+    assert aln._plan(6, 5) == (256, 16, 8, 1)
+    assert aln._plan(3, 8192) == (1, 8192, 16, 3)
