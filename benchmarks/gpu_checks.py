@@ -21,6 +21,7 @@ import torch
 
 import ldm_fast
 from ldm_fast import functional as F
+from ldm_fast.kernels.add_layer_norm import add_layer_norm_reference
 from ldm_fast.kernels.attention import attention_reference
 from ldm_fast.kernels.geglu import geglu_reference
 from ldm_fast.kernels.group_norm import group_norm_reference
@@ -78,6 +79,13 @@ def checks(small: bool) -> list[tuple[str, str, Callable, Callable, Callable, in
     def geglu_make(device, dtype, g):
         return [torch.randn(ff, generator=g).to(device, dtype)]
 
+    ln = (2, 64, 40) if small else (2, 4096, 320)  # the SD U-Net's first-level residual stream
+
+    def aln_make(device, dtype, g):
+        return [torch.randn(ln, generator=g).to(device, dtype), torch.randn(ln, generator=g).to(device, dtype),
+                (1 + 0.1 * torch.randn(ln[-1], generator=g)).to(device, dtype),
+                (0.1 * torch.randn(ln[-1], generator=g)).to(device, dtype)]
+
     def gn_ref(x, w, b):
         return group_norm_reference(x, 32, w, b, 1e-5, activation="silu")
 
@@ -117,6 +125,7 @@ def checks(small: bool) -> list[tuple[str, str, Callable, Callable, Callable, in
         (f"group_norm+silu channels_last {gn_shape}", "group_norm", gn_make(True), gn, gn_ref, 3),
         (f"group_norm+silu+shift {gn_shape}", "group_norm", gn_shift_make, gn_shift, gn_shift_ref, 4),
         (f"geglu {ff}", "geglu", geglu_make, F.geglu, geglu_reference, 1),
+        (f"add_layer_norm {ln}", "add_layer_norm", aln_make, F.add_layer_norm, add_layer_norm_reference, 4),
         (f"reparameterize {lat}", "reparameterize",
          rep_make, lambda m, lv, n: F.reparameterize(m, lv, noise=n, scale=0.18215),
          lambda m, lv, n: reparameterize_reference(m, lv, n, 0.18215), 2),
