@@ -752,3 +752,128 @@ def test_resnet_block_adds_the_time_embedding_inside_norm2(channels_last, poison
     torch.testing.assert_close(x.grad, ref_dx, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(block.time_emb_proj.weight.grad, ref_dw, rtol=1e-4, atol=1e-4)
     restore(block)
+
+
+# ---------------------------------------------------------------------------------------------
+# BasicTransformerBlock: the residual add + LayerNorm in one kernel; the shared time-embedding SiLU
+
+
+def _transformer_blocks(model):
+    return [(name, m) for name, m in model.named_modules() if type(m).__name__ == "BasicTransformerBlock"]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_transformer_blocks_fuse_add_layer_norm_exactly_and_restore(channels_last):
+    """Every BasicTransformerBlock's two residual-add + LayerNorm pairs become add_layer_norm: on the
+    eager backend the U-Net's output is bit for bit diffusers'; interpreted, the kernels ran (in NCHW
+    the block's input is a transposed view of proj_in's output, so the attn1 pair runs the eager
+    statements), the output and the gradients within the kernels' error."""
+    unet = _unet()
+    inputs = _unet_inputs()
+    if channels_last:
+        inputs = (inputs[0].contiguous(memory_format=torch.channels_last),) + inputs[1:]
+    ref = _run_unet(unet, inputs)
+    blocks = _transformer_blocks(unet)
+    assert len(blocks) == 4  # down 1, mid 1, up 2
+    report = optimize(unet, channels_last=channels_last)
+    transformers = sorted(n for n, m in unet.named_modules() if type(m).__name__ == "Transformer2DModel")
+    assert sorted(report.paths(opt_mod.TRANSFORMER_LAYOUT)) == (transformers if channels_last else [])
+    assert sorted(report.paths(opt_mod.TRANSFORMER_FORWARD)) == sorted(name for name, _ in blocks)
+    assert report.left == [] and "add_layer_norm: 4 diffusers BasicTransformerBlocks" in str(report)
+    if not channels_last:  # (channels-last weights change the CPU convolutions' summation order)
+        assert torch.equal(_run_unet(unet, inputs), ref)
+    with ldm_fast.use_backend("triton"):
+        before = ldm_fast.ops.kernel_launches["add_layer_norm"]
+        with torch.no_grad(), _DispatchedOps() as ops:
+            out = unet(*inputs).sample
+        fused_pairs = ldm_fast.ops.kernel_launches["add_layer_norm"] - before
+        # NCHW: the attn2 pair of every block; channels_last: the attn1 pair too where proj_in's output is
+        # channels-last (on the CPU the up blocks' convolutions return NCHW after the skip cat)
+        assert fused_pairs > len(blocks) if channels_last else fused_pairs == len(blocks)
+        assert ops.names.count("aten::native_layer_norm") == 3 * len(blocks) - fused_pairs, ops.names
+        _assert_close_rel(out, ref, TRITON_RTOL)
+        sample = inputs[0].clone().requires_grad_(True)
+        unet(sample, *inputs[1:]).sample.square().sum().backward()
+    fused_dx, fused_dw = sample.grad.clone(), unet.down_blocks[0].attentions[0].transformer_blocks[0].norm2.weight.grad
+    restore(unet)
+    assert all("forward" not in m.__dict__ for _, m in blocks)
+    assert all("_get_output_for_continuous_inputs" not in m.__dict__ for m in unet.modules())
+    unet.zero_grad()
+    sample.grad = None
+    unet(sample, *inputs[1:]).sample.square().sum().backward()
+    ref_dw = unet.down_blocks[0].attentions[0].transformer_blocks[0].norm2.weight.grad
+    _assert_close_rel(fused_dx, sample.grad, 1e-4)
+    _assert_close_rel(fused_dw, ref_dw, 1e-4)
+    if not channels_last:
+        assert torch.equal(_run_unet(unet, inputs), ref)
+
+
+def _basic_block(**kwargs):
+    from diffusers.models.attention import BasicTransformerBlock
+
+    torch.manual_seed(0)
+    return BasicTransformerBlock(16, 2, 8, cross_attention_dim=12, **kwargs).eval()
+
+
+def test_transformer_block_fallbacks_run_diffusers_statements():
+    """Under autocast (which runs LayerNorm in fp32) the fused forward runs diffusers' own statements:
+    the same result as the block before optimize, no kernel; without it, the kernels."""
+    block = _basic_block()
+    x, ctx = torch.randn(2, 6, 16), torch.randn(2, 3, 12)
+    with torch.no_grad():
+        ref = block(x, encoder_hidden_states=ctx)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ref_ac = block(x, encoder_hidden_states=ctx)
+    optimize(block, geglu=False)  # (the GEGLU kernel computes in fp32 under autocast too: not bit for bit)
+    assert isinstance(block.forward, ldm_fast.integrations.diffusers.FusedTransformerBlockForward)
+    with torch.no_grad(), ldm_fast.use_backend("triton"):
+        before = ldm_fast.ops.kernel_launches["add_layer_norm"]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(block(x, encoder_hidden_states=ctx), ref_ac)
+        assert ldm_fast.ops.kernel_launches["add_layer_norm"] == before
+        torch.testing.assert_close(block(x, encoder_hidden_states=ctx), ref, rtol=1e-5, atol=1e-5)
+        assert ldm_fast.ops.kernel_launches["add_layer_norm"] == before + 2
+    restore(block)
+
+
+@pytest.mark.parametrize("kwargs, reason", [
+    ({"norm_type": "ada_norm", "num_embeds_ada_norm": 5}, "norm_type='ada_norm'"),
+    ({"norm_type": "layer_norm", "positional_embeddings": "sinusoidal", "num_positional_embeddings": 8},
+     "positional embedding"),
+])
+def test_transformer_block_variants_left_with_the_reason(kwargs, reason):
+    block = _basic_block(**kwargs)
+    report = optimize(block)
+    assert "forward" not in block.__dict__
+    assert any(reason in item.reason for item in report.left), report.left
+    restore(block)
+
+
+def test_transformer_block_with_a_hooked_norm_left():
+    block = _basic_block()
+    block.norm2.register_forward_hook(lambda *a: None)
+    report = optimize(block)
+    assert "forward" not in block.__dict__
+    assert any("norm2 has hooks" in item.reason for item in report.left), report.left
+    restore(block)
+
+
+def test_time_embedding_silu_computed_once_per_step_in_inference():
+    """Every ResnetBlock2D applies the same SiLU to the one time embedding: after optimize, inference
+    dispatches it once (the U-Net's output unchanged bit for bit); with autograd each block its own."""
+    unet = _unet()
+    inputs = _unet_inputs()
+    with torch.no_grad(), _DispatchedOps() as ops:
+        ref = unet(*inputs).sample
+    silu_before = ops.names.count("aten::silu")
+    resnets = sum(isinstance(m, ResnetBlock2D) for m in unet.modules())
+    optimize(unet)
+    with torch.no_grad(), _DispatchedOps() as ops:
+        out = unet(*inputs).sample
+    assert torch.equal(out, ref)
+    # (the norms' fused SiLUs are F.silu on the eager backend, so they still dispatch here)
+    assert ops.names.count("aten::silu") == silu_before - (resnets - 1)
+    with _DispatchedOps() as ops:
+        unet(inputs[0], inputs[1], inputs[2]).sample.sum().backward()
+    assert ops.names.count("aten::silu") == silu_before
+    restore(unet)

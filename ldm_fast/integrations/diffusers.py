@@ -23,7 +23,11 @@ runs in fp32).
 The rest of ldm_fast's diffusers knowledge lives here too, for :func:`ldm_fast.optimize`: which
 attention processors it may replace (:func:`attention_swap_refused`), and the fused
 ``ResnetBlock2D`` forward (:class:`FusedResnetForward`, applied only to the diffusers forward it
-reproduces, checked by :func:`resnet_block_unfusable`).
+reproduces, checked by :func:`resnet_block_unfusable`), the fused ``GEGLU`` gate
+(:class:`FusedGEGLUForward`) and the fused ``BasicTransformerBlock`` forward
+(:class:`FusedTransformerBlockForward`: the residual adds that feed a LayerNorm and that norm in one
+kernel, checked by :func:`transformer_block_unfusable`) and the channels-last-keeping
+``Transformer2DModel`` output (:class:`ChannelsLastTransformerOutput`).
 
 diffusers is imported only to emit its deprecation warning for the ``scale`` argument; importing
 this module does not import it.
@@ -46,8 +50,9 @@ from torch import nn
 
 from .. import backend, functional
 
-__all__ = ["AttnProcessor", "FusedResnetForward", "attention_swap_refused", "is_diffusers_class",
-           "resnet_block_unfusable"]
+__all__ = ["AttnProcessor", "ChannelsLastTransformerOutput", "FusedGEGLUForward", "FusedResnetForward", "FusedTransformerBlockForward",
+           "attention_swap_refused", "geglu_unfusable", "is_diffusers_class", "resnet_block_unfusable",
+           "transformer_block_unfusable", "transformer_output_unkept"]
 
 _SCALE_DEPRECATION = (
     "The `scale` argument is deprecated and will be ignored. Please remove it, as passing it will raise an error "
@@ -235,14 +240,33 @@ def _function_ast_sha256(fn) -> Optional[str]:
     return _AST_SHA256[fn]
 
 
+_SILU_OF: list = [None]  # [(weakref to temb, temb._version, silu(temb))]: the last time embedding's SiLU
+
+
+def _shared_silu(act: nn.SiLU, temb: torch.Tensor) -> torch.Tensor:
+    """``act(temb)``, computed once for the U-Net's one time embedding, which every ResnetBlock2D
+    receives and applies the same SiLU to (22 identical launches per SD 1.5 step, now 1). Reused only
+    while ``temb`` is the same tensor object at the same version and no gradient is recorded
+    (inference; under autograd and torch.compile each block computes its own, as diffusers does)."""
+    if act.inplace or torch.compiler.is_compiling() or (torch.is_grad_enabled() and temb.requires_grad):
+        return act(temb)
+    entry = _SILU_OF[0]
+    if entry is not None and entry[0]() is temb and entry[1] == temb._version:
+        return entry[2]
+    out = act(temb)
+    _SILU_OF[0] = (weakref.ref(temb), temb._version, out)
+    return out
+
+
 class FusedResnetForward:
     """diffusers 0.42 ``ResnetBlock2D.forward``, statement for statement, except that a fused norm
     (``norm1``; ``norm2`` when ``fuse_norm2``) applies the SiLU itself (``activation="silu"``), so
     ``nonlinearity`` is not called after it; with ``fuse_shift`` (``time_embedding_norm="default"``,
     norm2 an ldm_fast GroupNorm without hooks) the time embedding is added inside norm2's kernel
     (``norm2(h, shift=temb)``: the sum ``h + temb`` is never written; the eager path computes exactly
-    ``norm2(h + temb)``); and the division by ``output_scale_factor`` is skipped when it is 1 (bit for
-    bit the same). Installed as the block's instance-level ``forward``."""
+    ``norm2(h + temb)``); the time embedding's SiLU is computed once for all the blocks of a step
+    (:func:`_shared_silu`, inference only); and the division by ``output_scale_factor`` is skipped when
+    it is 1 (bit for bit the same). Installed as the block's instance-level ``forward``."""
 
     def __init__(self, block: nn.Module, fuse_norm1: bool, fuse_norm2: bool, fuse_shift: bool = False) -> None:
         self.block = block
@@ -281,7 +305,7 @@ class FusedResnetForward:
 
         if self_.time_emb_proj is not None:
             if not self_.skip_time_act:
-                temb = self_.nonlinearity(temb)
+                temb = _shared_silu(self_.nonlinearity, temb)
             temb = self_.time_emb_proj(temb)[:, :, None, None]
 
         fused2 = False
@@ -426,4 +450,171 @@ def geglu_unfusable(module: nn.Module) -> Optional[str]:
     npu = getattr(sys.modules.get(cls.__module__), "is_torch_npu_available", None)
     if callable(npu) and npu():
         return "torch_npu is available: diffusers runs its own npu_geglu there"
+    return None
+
+
+# --- the transformer block's residual stream: add + LayerNorm in one kernel -----------------------
+
+# The BasicTransformerBlock.forward source FusedTransformerBlockForward reproduces: diffusers 0.42.1.
+_BASIC_TRANSFORMER_AST_SHA256 = {
+    "be4ad00abdf3b62d4d9b98341468e828b059ea80f554721b5e76566382119702",  # diffusers 0.42.1
+}
+_KWARGS_SCALE_WARNING = "Passing `scale` to `cross_attention_kwargs` is deprecated. `scale` will be ignored."
+
+
+def _add_norm(x: torch.Tensor, residual: torch.Tensor, norm: nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x + residual, norm(x + residual))``: one :func:`ldm_fast.functional.add_layer_norm` pass where
+    its dtype rule is the module's (same shapes and dtypes, no autocast), else diffusers' two statements."""
+    if (x.shape == residual.shape and x.dtype == residual.dtype
+            and not torch.is_autocast_enabled(x.device.type)):  # autocast runs layer_norm in fp32: eager
+        return functional.add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps)
+    hidden = x + residual
+    return hidden, norm(hidden)
+
+
+class FusedTransformerBlockForward:
+    """diffusers 0.42 ``BasicTransformerBlock.forward`` for ``norm_type="layer_norm"`` (SD 1.x/2.x,
+    SDXL), statement for statement, except that each residual add that feeds a LayerNorm (after
+    ``attn1`` into ``norm2``, after ``attn2`` into ``norm3``) and that norm run as one
+    :func:`ldm_fast.functional.add_layer_norm` kernel: the sum is written once and normalized from
+    registers, one launch and one read of the stream fewer each. On the eager backend (a CPU) it is
+    diffusers' statements bit for bit; a 4-d input, GLIGEN kwargs and torch.compile (Inductor fuses
+    the add and the norm itself) run diffusers' own forward. Installed as the block's instance-level
+    ``forward``."""
+
+    def __init__(self, block: nn.Module) -> None:
+        self.block = block
+        self.diffusers_forward = type(block).forward  # (torch.compile traces a function, not type(x).forward)
+
+    def __repr__(self) -> str:
+        return "<ldm_fast fused BasicTransformerBlock.forward: residual add + LayerNorm in one kernel>"
+
+    def __call__(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                 encoder_hidden_states: Optional[torch.Tensor] = None,
+                 encoder_attention_mask: Optional[torch.Tensor] = None, timestep=None,
+                 cross_attention_kwargs: Optional[dict] = None, class_labels=None,
+                 added_cond_kwargs: Optional[dict] = None) -> torch.Tensor:
+        block = self.block
+        if (hidden_states.ndim != 3 or torch.compiler.is_compiling()
+                or (cross_attention_kwargs is not None and "gligen" in cross_attention_kwargs)):
+            return self.diffusers_forward(block, hidden_states, attention_mask, encoder_hidden_states,
+                                       encoder_attention_mask, timestep, cross_attention_kwargs, class_labels,
+                                       added_cond_kwargs)
+        if cross_attention_kwargs is not None and cross_attention_kwargs.get("scale", None) is not None:
+            sys.modules[type(block).__module__].logger.warning(_KWARGS_SCALE_WARNING)
+        cross_attention_kwargs = cross_attention_kwargs.copy() if cross_attention_kwargs is not None else {}
+
+        norm_hidden_states = block.norm1(hidden_states)
+        attn_output = block.attn1(
+            norm_hidden_states,
+            encoder_hidden_states=encoder_hidden_states if block.only_cross_attention else None,
+            attention_mask=attention_mask,
+            **cross_attention_kwargs,
+        )
+        if block.attn2 is not None:
+            hidden_states, norm_hidden_states = _add_norm(attn_output, hidden_states, block.norm2)
+            attn_output = block.attn2(
+                norm_hidden_states,
+                encoder_hidden_states=encoder_hidden_states,
+                attention_mask=encoder_attention_mask,
+                **cross_attention_kwargs,
+            )
+        hidden_states, norm_hidden_states = _add_norm(attn_output, hidden_states, block.norm3)
+        if block._chunk_size is not None:
+            chunked = sys.modules[type(block).__module__]._chunked_feed_forward
+            ff_output = chunked(block.ff, norm_hidden_states, block._chunk_dim, block._chunk_size)
+        else:
+            ff_output = block.ff(norm_hidden_states)
+        hidden_states = ff_output + hidden_states
+        if hidden_states.ndim == 4:
+            hidden_states = hidden_states.squeeze(1)
+        return hidden_states
+
+
+def transformer_block_unfusable(block: nn.Module) -> Optional[str]:
+    """None when :class:`FusedTransformerBlockForward` computes what ``block`` (a diffusers
+    BasicTransformerBlock) does, else why not."""
+    cls = type(block)
+    digest = _function_ast_sha256(cls.forward)
+    if digest is None:
+        return f"the source of {cls.__qualname__}.forward is not available to check"
+    if digest not in _BASIC_TRANSFORMER_AST_SHA256:
+        return (f"{cls.__module__}.{cls.__qualname__}.forward differs from the diffusers 0.42 forward "
+                f"ldm_fast reproduces (AST sha256 {digest[:12]}...)")
+    if "forward" in block.__dict__:
+        return "the block has an instance-level forward (e.g. an accelerate hook)"
+    if getattr(block, "norm_type", None) != "layer_norm":
+        return f"norm_type={getattr(block, 'norm_type', None)!r}: only 'layer_norm' adds the residual straight into a norm"
+    if getattr(block, "pos_embed", None) is not None:
+        return "it has a positional embedding between the norms and the attention"
+    names = ("norm1", "norm2", "norm3") if getattr(block, "attn2", None) is not None else ("norm1", "norm3")
+    for name in names:
+        norm = getattr(block, name, None)
+        if type(norm) is not nn.LayerNorm:
+            return f"its {name} is a {type(norm).__name__}, not an nn.LayerNorm"
+        if len(norm.normalized_shape) != 1:
+            return f"its {name} normalizes over {tuple(norm.normalized_shape)}, not the last dimension alone"
+        if norm._forward_hooks or norm._forward_pre_hooks or "forward" in norm.__dict__:
+            return f"its {name} has hooks or an instance-level forward (the fused kernel would not call them)"
+    if not hasattr(sys.modules.get(cls.__module__), "_chunked_feed_forward"):
+        return f"{cls.__module__} has no _chunked_feed_forward"
+    return None
+
+
+# --- Transformer2DModel: keep the channels-last layout through the block --------------------------
+
+# The Transformer2DModel._get_output_for_continuous_inputs source ChannelsLastTransformerOutput
+# reproduces: diffusers 0.42.1.
+_TRANSFORMER_OUTPUT_AST_SHA256 = {
+    "c1553516aa007684ac32596272b915c6d4b047e40e78b336cb49bf16634ecde5",  # diffusers 0.42.1
+}
+
+
+class ChannelsLastTransformerOutput:
+    """diffusers 0.42 ``Transformer2DModel._get_output_for_continuous_inputs``, except that the
+    ``[B, H*W, C] -> [B, C, H, W]`` permute is made contiguous in the layout of the block's input
+    (``residual``): for a channels-last input the permuted view already is channels-last, so no copy
+    is made and the U-Net's activations stay channels-last (diffusers' ``.contiguous()`` copies them
+    to NCHW after every transformer, and every later add, norm and convolution then runs on NCHW or
+    converts back). The values are the same; only the strides differ. Installed as the module's
+    instance-level ``_get_output_for_continuous_inputs`` by ``optimize(channels_last=True)``."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __repr__(self) -> str:
+        return "<ldm_fast Transformer2DModel output in the input's memory format>"
+
+    def __call__(self, hidden_states, residual, batch_size, height, width, inner_dim):
+        module = self.module
+        fmt = (torch.channels_last if residual.dim() == 4 and not residual.is_contiguous()
+               and residual.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
+        if not module.use_linear_projection:
+            hidden_states = (
+                hidden_states.reshape(batch_size, height, width, inner_dim).permute(0, 3, 1, 2)
+                .contiguous(memory_format=fmt)
+            )
+            hidden_states = module.proj_out(hidden_states)
+        else:
+            hidden_states = module.proj_out(hidden_states)
+            hidden_states = (
+                hidden_states.reshape(batch_size, height, width, inner_dim).permute(0, 3, 1, 2)
+                .contiguous(memory_format=fmt)
+            )
+        return hidden_states + residual
+
+
+def transformer_output_unkept(module: nn.Module) -> Optional[str]:
+    """None when :class:`ChannelsLastTransformerOutput` computes what ``module`` (a diffusers
+    Transformer2DModel) does, else why not."""
+    cls = type(module)
+    fn = getattr(cls, "_get_output_for_continuous_inputs", None)
+    digest = _function_ast_sha256(fn) if fn is not None else None
+    if digest is None:
+        return f"the source of {cls.__qualname__}._get_output_for_continuous_inputs is not available to check"
+    if digest not in _TRANSFORMER_OUTPUT_AST_SHA256:
+        return (f"{cls.__module__}.{cls.__qualname__}._get_output_for_continuous_inputs differs from the "
+                "diffusers 0.42 source ldm_fast reproduces")
+    if "_get_output_for_continuous_inputs" in module.__dict__:
+        return "the module has an instance-level _get_output_for_continuous_inputs"
     return None

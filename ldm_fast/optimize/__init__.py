@@ -38,11 +38,23 @@ exactly what it changed. What it does is a list of small passes (:data:`PASSES`)
     running ``proj`` then :func:`ldm_fast.functional.geglu`: one kernel reading the projection in
     place (3F elements a row instead of 5F, one launch instead of two). The eager statements on a
     CPU and under torch.compile (Inductor fuses them itself).
+``add_layer_norm`` (``add_layer_norm=True``, the default)
+    Every diffusers ``BasicTransformerBlock`` with ``norm_type="layer_norm"`` (SD 1.x/2.x, SDXL)
+    whose ``forward`` is the diffusers 0.42 source (AST hash), plain ``nn.LayerNorm`` norms without
+    hooks and no positional embedding gets an instance-level forward in which each residual add
+    that feeds a LayerNorm (``attn1``'s output into ``norm2``, ``attn2``'s into ``norm3``) and that
+    norm are one :func:`ldm_fast.functional.add_layer_norm` kernel. diffusers' own statements on a
+    CPU, under autocast (which runs LayerNorm in fp32), for a 4-d input or GLIGEN kwargs, and under
+    torch.compile. The ``ResnetBlock2D`` forward of ``silu_fusion`` also computes the time
+    embedding's SiLU once per step instead of once per block (inference only).
 ``channels_last`` (``channels_last=True``)
     Every 4-d parameter and buffer (conv weights) is stored ``torch.channels_last`` (5-d:
     ``channels_last_3d``) by re-assigning ``.data`` (and ``.grad``), so the Parameter objects stay
     the same. Inputs are not touched: convolutions with channels-last weights produce
     channels-last activations, and the GroupNorm kernel reads and writes that layout directly.
+    diffusers ``Transformer2DModel``s (their ``_get_output_for_continuous_inputs`` checked by AST
+    hash) return their output in their input's layout instead of copying it to NCHW, so the U-Net's
+    activations stay channels-last from block to block (the same values).
 ``attention`` (``attention=True``)
     Every diffusers ``Attention`` module (the U-Net's self- and cross-attention, the VAE's mid-block
     attention) whose processor is diffusers' default, ``AttnProcessor2_0`` (or ``AttnProcessor``
@@ -72,16 +84,17 @@ all of ldm_fast's diffusers knowledge.
 
 The package: :mod:`~ldm_fast.optimize.api` (optimize, restore, the pass list :data:`PASSES`),
 :mod:`~ldm_fast.optimize.report` (the report), :mod:`~ldm_fast.optimize.undo` (the undo
-records), :mod:`~ldm_fast.optimize.passes` (group_norm, silu_fusion, channels_last, attention) and
+records), :mod:`~ldm_fast.optimize.passes` (group_norm, silu_fusion, geglu, add_layer_norm, channels_last,
+attention) and
 :mod:`~ldm_fast.optimize.cuda_graph` (:class:`CUDAGraphForward`). ``ldm_fast.optimize`` is the
 function; ``from ldm_fast.optimize import CUDAGraphForward`` reads the package.
 """
 
 from .api import PASSES, Context, Pass, optimize, report_of, restore
 from .cuda_graph import CUDA_GRAPH_MAX_SIGNATURES, CUDAGraphAPI, CUDAGraphForward, graph_key, map_output
-from .report import (ATTENTION, CHANNELS_LAST, CUDA_GRAPH, FUSED, GROUP_NORM, GROUP_NORM32, RESNET_FORWARD,
-                     SEQUENTIAL_SILU, OptimizeReport, ReportItem)
+from .report import (ATTENTION, CHANNELS_LAST, CUDA_GRAPH, FUSED, GEGLU, GROUP_NORM, GROUP_NORM32, RESNET_FORWARD,
+                     SEQUENTIAL_SILU, TRANSFORMER_FORWARD, TRANSFORMER_LAYOUT, OptimizeReport, ReportItem)
 
 __all__ = ["ATTENTION", "CHANNELS_LAST", "CUDA_GRAPH", "CUDA_GRAPH_MAX_SIGNATURES", "CUDAGraphAPI", "CUDAGraphForward",
-           "Context", "FUSED", "GROUP_NORM", "GROUP_NORM32", "OptimizeReport", "PASSES", "Pass", "RESNET_FORWARD",
-           "ReportItem", "SEQUENTIAL_SILU", "graph_key", "map_output", "optimize", "report_of", "restore"]
+           "Context", "FUSED", "GEGLU", "GROUP_NORM", "GROUP_NORM32", "OptimizeReport", "PASSES", "Pass", "RESNET_FORWARD",
+           "ReportItem", "SEQUENTIAL_SILU", "TRANSFORMER_FORWARD", "TRANSFORMER_LAYOUT", "graph_key", "map_output", "optimize", "report_of", "restore"]

@@ -12,7 +12,8 @@ from torch import nn
 
 from .. import backend
 from .cuda_graph import _cuda_graph_pass
-from .passes import _attention_pass, _channels_last_pass, _geglu_pass, _group_norm_pass, _silu_fusion_pass
+from .passes import (_add_layer_norm_pass, _attention_pass, _channels_last_pass, _geglu_pass, _group_norm_pass,
+                     _silu_fusion_pass)
 from .report import OptimizeReport, ReportItem
 from .undo import _STATE_ATTR, _State
 
@@ -68,6 +69,7 @@ PASSES: List[Pass] = [
     Pass("group_norm", lambda o: o["group_norm"], _group_norm_pass),
     Pass("silu_fusion", lambda o: o["group_norm"], _silu_fusion_pass),
     Pass("geglu", lambda o: o["geglu"], _geglu_pass),
+    Pass("add_layer_norm", lambda o: o["add_layer_norm"], _add_layer_norm_pass),
     Pass("channels_last", lambda o: o["channels_last"], _channels_last_pass),
     Pass("attention", lambda o: o["attention"], _attention_pass),
     Pass("cuda_graph", lambda o: o["cuda_graph"], _cuda_graph_pass),
@@ -75,7 +77,8 @@ PASSES: List[Pass] = [
 
 
 def optimize(model: nn.Module, *, group_norm: bool = True, channels_last: bool = False,
-             cuda_graph: bool = False, attention: bool = False, geglu: bool = True) -> OptimizeReport:
+             cuda_graph: bool = False, attention: bool = False, geglu: bool = True,
+             add_layer_norm: bool = True) -> OptimizeReport:
     """Optimize ``model`` in place for the ldm_fast kernels; return an :class:`OptimizeReport`.
 
     Works on any ``nn.Module`` (diffusers ``UNet2DConditionModel``, ``AutoencoderKL``, CompVis
@@ -93,6 +96,10 @@ def optimize(model: nn.Module, *, group_norm: bool = True, channels_last: bool =
     - ``geglu``: diffusers ``GEGLU`` gates (the transformer blocks' feed-forward) run
       :func:`ldm_fast.functional.geglu`, one kernel reading the projection in place (the eager
       statements on a CPU and under torch.compile, which fuses them itself).
+    - ``add_layer_norm``: diffusers ``BasicTransformerBlock``s (``norm_type="layer_norm"``) add each
+      residual that feeds a LayerNorm and apply that norm in one
+      :func:`ldm_fast.functional.add_layer_norm` kernel (two per SD block; diffusers' statements on a
+      CPU, under autocast and under torch.compile).
     - ``channels_last``: 4-d parameters and buffers stored ``torch.channels_last``.
     - ``attention``: diffusers ``Attention`` modules with the default processor get
       :class:`ldm_fast.integrations.diffusers.AttnProcessor` (:func:`ldm_fast.functional.attention`
@@ -108,7 +115,7 @@ def optimize(model: nn.Module, *, group_norm: bool = True, channels_last: bool =
     error propagates. See the module docstring for each pass's rules.
     """
     options = {"group_norm": group_norm, "channels_last": channels_last, "attention": attention,
-               "cuda_graph": cuda_graph, "geglu": geglu}
+               "cuda_graph": cuda_graph, "geglu": geglu, "add_layer_norm": add_layer_norm}
     for name, value in options.items():
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
@@ -189,7 +196,8 @@ def _optimize_pipeline(pipe, options: Dict[str, bool]) -> OptimizeReport:
     done: List[nn.Module] = []
     try:
         for name in _pipeline_parts(pipe):
-            part_options = options if name == "unet" else {"group_norm": options["group_norm"], "geglu": False}
+            part_options = options if name == "unet" else {"group_norm": options["group_norm"], "geglu": False,
+                                                                  "add_layer_norm": False}
             part = _get(pipe, name)
             sub = optimize(part, **part_options)
             done.append(part)

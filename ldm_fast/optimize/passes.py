@@ -1,5 +1,6 @@
 """The passes of :func:`ldm_fast.optimize` that change modules: ``group_norm`` (class swap),
-``silu_fusion`` (GroupNorm+SiLU), ``geglu`` (the feed-forward gate), ``channels_last`` and
+``silu_fusion`` (GroupNorm+SiLU), ``geglu`` (the feed-forward gate), ``add_layer_norm`` (the
+transformer blocks' residual add + LayerNorm), ``channels_last`` and
 ``attention`` (processor swap). Each is
 ``run(ctx)`` on an :class:`~ldm_fast.optimize.api.Context`: it changes the model, records undo
 records and reports what it changed and what it left, with the reason. (``cuda_graph`` is in
@@ -19,10 +20,12 @@ from torch import nn
 
 from .. import nn as ldm_nn
 from ..integrations.diffusers import AttnProcessor as _LdmAttnProcessor
-from ..integrations.diffusers import (FusedGEGLUForward, FusedResnetForward, attention_swap_refused, geglu_unfusable,
-                                      is_diffusers_class, resnet_block_unfusable)
+from ..integrations.diffusers import (ChannelsLastTransformerOutput, FusedGEGLUForward, FusedResnetForward, FusedTransformerBlockForward,
+                                      attention_swap_refused, geglu_unfusable, is_diffusers_class,
+                                      resnet_block_unfusable, transformer_block_unfusable,
+                                      transformer_output_unkept)
 from .report import (ATTENTION, CHANNELS_LAST, FUSED, GEGLU, GROUP_NORM, GROUP_NORM32, RESNET_FORWARD, SEQUENTIAL_SILU,
-                     ReportItem)
+                     TRANSFORMER_FORWARD, TRANSFORMER_LAYOUT, ReportItem)
 from .undo import _MISSING, _Restride, _SetAttr, _SetChild, _SetClass
 
 if TYPE_CHECKING:
@@ -333,6 +336,21 @@ def _channels_last_pass(ctx: _Context) -> None:
                     if tensor.grad is not None:
                         tensor.grad = tensor.grad.contiguous(memory_format=fmt)
                     converted += 1
+    kept = 0
+    for module in ctx.modules():
+        if is_diffusers_class(module, "Transformer2DModel"):
+            reason = transformer_output_unkept(module)
+            if reason is not None:
+                ctx.left(module, "Transformer2DModel channels-last output", reason)
+                continue
+            output = ChannelsLastTransformerOutput(module)
+            ctx.record(_SetAttr(module, "_get_output_for_continuous_inputs", _MISSING, output))
+            module.__dict__["_get_output_for_continuous_inputs"] = output
+            ctx.changed(module, TRANSFORMER_LAYOUT)
+            kept += 1
+    if kept:
+        ctx.report.notes.append(f"channels_last: {kept} diffusers Transformer2DModels return their output in their "
+                                "input's layout (no NCHW copy after the transformer)")
     if converted:
         ctx.report.changed.append(ReportItem("<root>", CHANNELS_LAST))
         ctx.report.notes.append(
@@ -389,3 +407,27 @@ def _geglu_pass(ctx: _Context) -> None:
         ctx.changed(module, GEGLU)
         fused += 1
     ctx.report.notes.append(f"geglu: {fused} diffusers GEGLU gates run ldm_fast.functional.geglu (one kernel)")
+
+
+# --- add_layer_norm --------------------------------------------------------------------------
+
+
+def _add_layer_norm_pass(ctx: _Context) -> None:
+    if _global_hooks():
+        ctx.report.notes.append("add_layer_norm: skipped: global module forward hooks are registered")
+        return
+    fused = 0
+    for module in ctx.modules():
+        if not is_diffusers_class(module, "BasicTransformerBlock"):
+            continue
+        reason = transformer_block_unfusable(module)
+        if reason is not None:
+            ctx.left(module, "BasicTransformerBlock (add + LayerNorm fusion)", reason)
+            continue
+        forward = FusedTransformerBlockForward(module)
+        ctx.record(_SetAttr(module, "forward", _MISSING, forward))
+        module.__dict__["forward"] = forward
+        ctx.changed(module, TRANSFORMER_FORWARD)
+        fused += 1
+    ctx.report.notes.append(f"add_layer_norm: {fused} diffusers BasicTransformerBlocks add their residual into "
+                            "the next LayerNorm in one ldm_fast.functional.add_layer_norm kernel")

@@ -15,6 +15,8 @@ CHANNELS_LAST = "channels_last"
 ATTENTION = "attention processor -> ldm_fast AttnProcessor"
 CUDA_GRAPH = "forward -> CUDA graph cache"
 GEGLU = "GEGLU forward -> fused kernel"
+TRANSFORMER_LAYOUT = "Transformer2DModel output -> input's memory format"
+TRANSFORMER_FORWARD = "BasicTransformerBlock forward -> fused (residual add + LayerNorm)"
 
 
 class ReportItem(NamedTuple):
