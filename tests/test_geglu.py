@@ -41,7 +41,9 @@ def launches(monkeypatch):
             counts[_name] += 1
             return _run(*args, **kwargs)
 
-        monkeypatch.setattr(kernel, "run", counted)
+        # an instance attribute, removed afterwards (setattr's undo would leave the bound method
+        # behind, hiding later class-level patches of run, e.g. the traffic recorder's)
+        monkeypatch.setitem(kernel.__dict__, "run", counted)
     return counts
 
 
