@@ -336,18 +336,9 @@ def _channels_last_pass(ctx: _Context) -> None:
                     if tensor.grad is not None:
                         tensor.grad = tensor.grad.contiguous(memory_format=fmt)
                     converted += 1
-    kept = 0
-    for module in ctx.modules():
-        if is_diffusers_class(module, "Transformer2DModel"):
-            reason = transformer_output_unkept(module)
-            if reason is not None:
-                ctx.left(module, "Transformer2DModel channels-last output", reason)
-                continue
-            output = ChannelsLastTransformerOutput(module)
-            ctx.record(_SetAttr(module, "_get_output_for_continuous_inputs", _MISSING, output))
-            module.__dict__["_get_output_for_continuous_inputs"] = output
-            ctx.changed(module, TRANSFORMER_LAYOUT)
-            kept += 1
+    kept = _install_per_module(ctx, "Transformer2DModel", "_get_output_for_continuous_inputs",
+                               transformer_output_unkept, ChannelsLastTransformerOutput, TRANSFORMER_LAYOUT,
+                               "Transformer2DModel channels-last output")
     if kept:
         ctx.report.notes.append(f"channels_last: {kept} diffusers Transformer2DModels return their output in their "
                                 "input's layout (no NCHW copy after the transformer)")
@@ -392,20 +383,28 @@ def _attention_pass(ctx: _Context) -> None:
 # --- geglu -----------------------------------------------------------------------------------
 
 
-def _geglu_pass(ctx: _Context) -> None:
-    fused = 0
+def _install_per_module(ctx: _Context, class_name: str, attr: str, refused, make, changed: str, left: str) -> int:
+    """For each diffusers ``class_name`` module: ``refused(module)`` is None -> ``make(module)`` becomes its
+    instance-level ``attr`` (recorded for restore, reported ``changed``), else it is reported ``left``
+    with the reason. Returns how many were installed."""
+    installed = 0
     for module in ctx.modules():
-        if not is_diffusers_class(module, "GEGLU"):
+        if not is_diffusers_class(module, class_name):
             continue
-        reason = geglu_unfusable(module)
+        reason = refused(module)
         if reason is not None:
-            ctx.left(module, "GEGLU fusion", reason)
+            ctx.left(module, left, reason)
             continue
-        forward = FusedGEGLUForward(module)
-        ctx.record(_SetAttr(module, "forward", _MISSING, forward))
-        module.__dict__["forward"] = forward
-        ctx.changed(module, GEGLU)
-        fused += 1
+        value = make(module)
+        ctx.record(_SetAttr(module, attr, _MISSING, value))
+        module.__dict__[attr] = value
+        ctx.changed(module, changed)
+        installed += 1
+    return installed
+
+
+def _geglu_pass(ctx: _Context) -> None:
+    fused = _install_per_module(ctx, "GEGLU", "forward", geglu_unfusable, FusedGEGLUForward, GEGLU, "GEGLU fusion")
     ctx.report.notes.append(f"geglu: {fused} diffusers GEGLU gates run ldm_fast.functional.geglu (one kernel)")
 
 
@@ -416,18 +415,8 @@ def _add_layer_norm_pass(ctx: _Context) -> None:
     if _global_hooks():
         ctx.report.notes.append("add_layer_norm: skipped: global module forward hooks are registered")
         return
-    fused = 0
-    for module in ctx.modules():
-        if not is_diffusers_class(module, "BasicTransformerBlock"):
-            continue
-        reason = transformer_block_unfusable(module)
-        if reason is not None:
-            ctx.left(module, "BasicTransformerBlock (add + LayerNorm fusion)", reason)
-            continue
-        forward = FusedTransformerBlockForward(module)
-        ctx.record(_SetAttr(module, "forward", _MISSING, forward))
-        module.__dict__["forward"] = forward
-        ctx.changed(module, TRANSFORMER_FORWARD)
-        fused += 1
+    fused = _install_per_module(ctx, "BasicTransformerBlock", "forward", transformer_block_unfusable,
+                                FusedTransformerBlockForward, TRANSFORMER_FORWARD,
+                                "BasicTransformerBlock (add + LayerNorm fusion)")
     ctx.report.notes.append(f"add_layer_norm: {fused} diffusers BasicTransformerBlocks add their residual into "
                             "the next LayerNorm in one ldm_fast.functional.add_layer_norm kernel")
