@@ -681,3 +681,148 @@ def test_optimize_attention_off_by_default_and_type_checked():
     with pytest.raises(TypeError, match="attention must be a bool"):
         optimize(unet, attention=1)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# optimize(attention=True): the projections as one GEMM on packed weights
+
+from ldm_fast.integrations.diffusers import PACK_ATTR, PackedProjections  # noqa: E402
+
+
+class _PackedGemms:
+    """Counts ``F.linear`` calls on a packed buffer (``weight`` is a PackedProjections' weight or
+    kv_weight) and on anything else, inside the ``with`` block."""
+
+    def __init__(self, monkeypatch, model):
+        packs = [m.__dict__[PACK_ATTR] for m in model.modules() if PACK_ATTR in m.__dict__]
+        self.buffers = {id(t) for p in packs for t in (p.weight, p.kv_weight)}
+        self.packed = self.other = 0
+        linear = torch.nn.functional.linear
+
+        def counting(x, weight, bias=None):
+            if id(weight) in self.buffers:
+                self.packed += 1
+            else:
+                self.other += 1
+            return linear(x, weight, bias)
+
+        monkeypatch.setattr(torch.nn.functional, "linear", counting)
+
+
+def _projection_params(model):
+    return {name: p for name, p in model.named_parameters() if any(f".{t}." in name for t in ("to_q", "to_k", "to_v"))}
+
+
+@needs_diffusers
+@pytest.mark.parametrize("model_kind", ["unet", "vae"])
+def test_packed_projections_one_gemm_per_attention_same_parameters_and_restore(model_kind, monkeypatch):
+    """Every Attention's projection weights become row blocks of one buffer (the same Parameter
+    objects, state dict keys and values); on the Triton backend, in inference, a self-attention runs
+    one GEMM for q, k and v and a cross-attention one for k and v, with the output of the unpacked
+    GEMMs; the eager backend runs diffusers' three GEMMs bit for bit; restore gives each weight its own
+    storage back."""
+    model, inputs = (_unet(), _unet_inputs()) if model_kind == "unet" else (_vae(), _image())
+    ref = _run_model(model, inputs)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    params = _projection_params(model)
+    report = optimize(model, group_norm=False, attention=True)
+    attns = {name: m for name, m in model.named_modules() if isinstance(m, Attention)}
+    assert sorted(report.paths(opt_mod.PACKED_PROJECTIONS)) == sorted(attns) and report.left == []
+    packs = {name: m.__dict__[PACK_ATTR] for name, m in attns.items()}
+    assert all(isinstance(p, PackedProjections) for p in packs.values())
+    assert _projection_params(model) == params  # the same Parameter objects under the same names
+    for name, p in params.items():
+        pack = packs[name.rsplit(".", 2)[0]]
+        buffer = pack.bias if name.endswith("bias") else pack.weight
+        in_buffer = p.untyped_storage()._cdata == buffer.untyped_storage()._cdata  # a view of the buffer
+        assert in_buffer == (pack.with_q or ".to_q." not in name), name
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    # self-attention (the U-Net's attn1, the VAE's mid-block): q/k/v; attn2 (cross) packs k/v only when
+    # to_q's input width differs (here cross_attention_dim = the first level's width: q/k/v)
+    assert [p.with_q for p in packs.values()] == [not (n.endswith("attn2") and p.width == 64) for n, p in packs.items()]
+
+    gemms = _PackedGemms(monkeypatch, model)
+    assert torch.equal(_run_model(model, inputs), ref)  # the eager backend: diffusers' GEMMs, bit for bit
+    assert gemms.packed == 0
+    with ldm_fast.use_backend("triton"):
+        out = _run_model(model, inputs)
+    assert gemms.packed == len(attns)  # one packed GEMM per attention: q/k/v (self) or k/v (cross)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)  # the same products, summed in another order
+
+    restore(model)
+    assert _projection_params(model) == params
+    storages = [p.untyped_storage()._cdata for p in model.parameters()]
+    assert len(set(storages)) == len(storages)  # every parameter has its own storage again
+    assert all(PACK_ATTR not in m.__dict__ for m in model.modules())
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert torch.equal(_run_model(model, inputs), ref)
+
+
+@needs_diffusers
+def test_packed_projections_follow_in_place_updates_and_step_aside_otherwise(monkeypatch, tmp_path):
+    """load_state_dict (in place) lands in the packed buffer; a gradient to record, a weight
+    re-allocated (``.to(dtype)``), a projection swapped for another module, or a hook on it make the
+    processor run diffusers' GEMMs: always the unpacked model's values. safetensors saves the
+    state dict (disjoint views of one buffer)."""
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    unet, inputs = _unet(), _unet_inputs()
+    torch.manual_seed(5)
+    other = UNet2DConditionModel(**unet.config).eval()
+    ref_other = _run_model(other, inputs)
+    optimize(unet, group_norm=False, attention=True)
+    gemms = _PackedGemms(monkeypatch, unet)
+    unet.load_state_dict(other.state_dict())
+    with ldm_fast.use_backend("triton"):
+        torch.testing.assert_close(_run_model(unet, inputs), ref_other, rtol=1e-5, atol=1e-5)
+        assert gemms.packed == 8
+        # training: the weights need their gradients, so diffusers' three GEMMs run
+        gemms.packed = 0
+        unet(*inputs).sample.square().sum().backward()
+        assert gemms.packed == 0
+        assert unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight.grad is not None
+        other(*inputs).sample.square().sum().backward()
+        for (name, p), q in zip(unet.named_parameters(), other.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+        # a projection swapped after optimize (e.g. a LoRA layer) and a hooked one: that attention unpacked
+        attn1 = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
+        old_k = attn1.to_k
+        attn1.to_k = nn.Linear(old_k.in_features, old_k.out_features, bias=False)
+        attn1.to_k.weight.data.copy_(old_k.weight)
+        mid = unet.mid_block.attentions[0].transformer_blocks[0].attn1
+        seen = []
+        mid.to_v.register_forward_hook(lambda *a: seen.append(1))
+        gemms.packed = 0
+        torch.testing.assert_close(_run_model(unet, inputs), ref_other, rtol=1e-5, atol=1e-5)
+        assert gemms.packed == 6 and seen == [1]
+    path = tmp_path / "unet.safetensors"
+    safetensors_torch.save_file(unet.state_dict(), str(path))
+    loaded = safetensors_torch.load_file(str(path))
+    assert all(torch.equal(loaded[k], v) for k, v in unet.state_dict().items())
+    # a dtype change re-allocates every weight: the packs no longer match, diffusers' GEMMs run
+    unet.to(torch.float64)
+    gemms.packed = 0
+    with ldm_fast.use_backend("triton"):
+        out = _run_model(unet, tuple(t.double() if t.is_floating_point() else t for t in inputs))
+    assert gemms.packed == 0 and out.dtype == torch.float64
+    restore(unet)  # nothing left in the buffers to unpack: restore still succeeds
+
+
+@needs_diffusers
+def test_packed_projections_left_when_shared_or_not_linear():
+    """A projection whose weight is tied to another module's, or that is not a plain nn.Linear, is
+    left unpacked with the reason (the processor is still swapped)."""
+    tied = Attention(query_dim=16, heads=2, dim_head=8)
+    plain = Attention(query_dim=16, heads=2, dim_head=8)
+    lora_like = Attention(query_dim=16, heads=2, dim_head=8)
+    lora_like.to_q = nn.Sequential(nn.Linear(16, 16, bias=False))
+    model = nn.ModuleDict({"tied": tied, "plain": plain, "lora": lora_like, "head": nn.Linear(16, 16, bias=False)})
+    model["head"].weight = tied.to_v.weight
+    report = optimize(model, group_norm=False, attention=True)
+    left = {item.path: item.reason for item in report.left}
+    assert set(left) == {"tied", "lora"}
+    assert "shared" in left["tied"] and "to_v" in left["tied"]
+    assert "to_q is a Sequential" in left["lora"]
+    assert report.paths(opt_mod.PACKED_PROJECTIONS) == ["plain"]
+    assert sorted(report.paths(opt_mod.ATTENTION)) == ["lora", "plain", "tied"]
+    assert model["head"].weight is tied.to_v.weight

@@ -10,7 +10,9 @@ outputs of ``to_q``/``to_k``/``to_v`` go to :func:`ldm_fast.functional.attention
 instead of being viewed and transposed to ``[B, heads, N, D]`` for
 ``F.scaled_dot_product_attention`` and the result transposed back and copied. One more saving:
 the division by ``rescale_output_factor`` is skipped when the factor is 1 (``x / 1.0`` is ``x``
-bit for bit).
+bit for bit). And where ``optimize(attention=True)`` packed the module's projection weights
+(:class:`PackedProjections`), a self-attention's q, k and v come from one GEMM and a
+cross-attention's k and v from one (inference on the Triton backend; see the class).
 
 The cases it does not cover run exactly ``AttnProcessor2_0``'s SDPA statements: an
 ``attention_mask``; projections whose widths differ (``kv_heads``, ``out_dim``) or do not split
@@ -50,7 +52,8 @@ from torch import nn
 
 from .. import backend, functional
 
-__all__ = ["AttnProcessor", "ChannelsLastTransformerOutput", "FusedGEGLUForward", "FusedResnetForward", "FusedTransformerBlockForward",
+__all__ = ["PACK_ATTR", "AttnProcessor", "ChannelsLastTransformerOutput", "FusedGEGLUForward", "FusedResnetForward",
+           "FusedTransformerBlockForward", "PackedProjections", "global_module_hooks", "packs_query", "projections_unpackable",
            "attention_swap_refused", "geglu_unfusable", "is_diffusers_class", "resnet_block_unfusable",
            "transformer_block_unfusable", "transformer_output_unkept"]
 
@@ -140,15 +143,25 @@ class AttnProcessor:
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-        query = attn.to_q(hidden_states)
+        pack = attn.__dict__.get(PACK_ATTR)
+        if pack is not None and not pack.usable(attn, hidden_states, encoder_hidden_states):
+            pack = None
+        if pack is not None and encoder_hidden_states is None and pack.with_q:
+            # ldm_fast: a self-attention's q, k and v from one GEMM on the packed weights (views of [B, N, 3C])
+            query, key, value = F.linear(hidden_states, pack.weight, pack.bias).split(pack.width, dim=-1)
+        else:
+            query = attn.to_q(hidden_states)
 
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+            if encoder_hidden_states is None:
+                encoder_hidden_states = hidden_states
+            elif attn.norm_cross:
+                encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
 
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
+            if pack is not None:  # ldm_fast: k and v from one GEMM on the packed weights
+                key, value = F.linear(encoder_hidden_states, pack.kv_weight, pack.kv_bias).split(pack.width, dim=-1)
+            else:
+                key = attn.to_k(encoder_hidden_states)
+                value = attn.to_v(encoder_hidden_states)
 
         inner_dim = key.shape[-1]
         head_dim = inner_dim // attn.heads
@@ -209,6 +222,119 @@ class AttnProcessor:
             and key.shape[1] == value.shape[1]
             and _rowwise_norm(attn.norm_q, head_dim) and _rowwise_norm(attn.norm_k, head_dim)
         )
+
+
+#: The instance attribute of a diffusers ``Attention`` holding its :class:`PackedProjections`.
+PACK_ATTR = "_ldm_fast_packed_projections"
+
+
+def _storage_key(t: Optional[torch.Tensor]) -> Optional[tuple]:
+    """(storage, offset, shape) of ``t``: equal exactly while ``t`` is the same view of the same
+    storage (cheap: no data pointer, so it also holds on fake tensors)."""
+    return None if t is None else (t.untyped_storage()._cdata, t.storage_offset(), t.shape)
+
+
+class PackedProjections:
+    """The ``to_q``/``to_k``/``to_v`` weights (and biases) of one diffusers ``Attention`` as row
+    blocks of one buffer, so :class:`AttnProcessor` computes the three projections of a
+    self-attention with one GEMM (``F.linear(x, weight, bias)`` -> ``[B, N, 3C]``, split into views)
+    and the key and value of a cross-attention with one (``kv_weight``, the buffer's last 2C rows).
+
+    Packing sets each projection Parameter's ``.data`` to its block of the buffer: the Parameter
+    objects, their ``requires_grad``, state dict keys and values stay; in-place updates
+    (``load_state_dict``, an optimizer step, ``fuse_lora``'s copy) land in the buffer. The packed GEMM
+    runs only while every projection still is that view (:meth:`usable`: checked per call, a few
+    attribute reads), on the Triton backend (CUDA; not on the eager backend, which keeps diffusers'
+    GEMMs bit for bit), outside torch.compile, and when no gradient to the weights is recorded
+    (training runs diffusers' three GEMMs, whose weight gradients the Parameters need). Anything that
+    re-allocates a weight after optimize (``model.to(dtype)``, ``.to(device)``, a LoRA layer swapped
+    in) makes the check fail and diffusers' statements run. ``restore`` gives every weight its own
+    storage back. Values: the same products; cuBLAS may pick another kernel for the wider GEMM, so
+    low-precision results can differ from the three GEMMs' in the last bit.
+
+    ``weight`` ``[n * C, K]`` (n = 3 with q, else 2), ``bias`` ``[n * C]`` or None; ``width`` = C.
+    """
+
+    def __init__(self, modules: tuple, with_q: bool) -> None:
+        self.modules = modules  # (to_q, to_k, to_v) or (to_k, to_v), the nn.Linear objects
+        self.with_q = with_q
+        self.width = modules[-1].out_features
+        with torch.no_grad():
+            self.weight = torch.cat([m.weight.detach() for m in modules])
+            self.bias = None if modules[0].bias is None else torch.cat([m.bias.detach() for m in modules])
+            for i, m in enumerate(modules):
+                rows = slice(i * self.width, (i + 1) * self.width)
+                m.weight.data = self.weight[rows]
+                if self.bias is not None:
+                    m.bias.data = self.bias[rows]
+        self.kv_weight = self.weight[-2 * self.width:]
+        self.kv_bias = None if self.bias is None else self.bias[-2 * self.width:]
+        self.keys = tuple((_storage_key(m.weight), _storage_key(m.bias)) for m in modules)
+        self.params = tuple(p for m in modules for p in (m.weight, m.bias) if p is not None)
+
+    def __repr__(self) -> str:
+        return f"<ldm_fast packed {'q/k/v' if self.with_q else 'k/v'} projections: {tuple(self.weight.shape)}>"
+
+    def usable(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor]) -> bool:
+        """Whether the packed GEMMs compute what ``attn``'s projection modules compute for this call."""
+        mods = self.modules
+        if (torch.compiler.is_compiling() or not backend.kernel_ok(hidden_states, encoder_hidden_states)
+                or (torch.is_grad_enabled() and any(p.requires_grad for p in self.params))
+                or global_module_hooks()):
+            return False
+        if self.with_q:
+            if attn.to_q is not mods[0] or attn.to_k is not mods[1] or attn.to_v is not mods[2]:
+                return False
+        elif attn.to_k is not mods[0] or attn.to_v is not mods[1]:
+            return False
+        for m, key in zip(mods, self.keys):
+            if (m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__
+                    or _storage_key(m.weight) != key[0] or _storage_key(m.bias) != key[1]):
+                return False
+        return True
+
+    def unpack(self) -> None:
+        """Give every projection weight still in the buffer its own storage (restore)."""
+        with torch.no_grad():
+            for m, key in zip(self.modules, self.keys):
+                for p, k in ((m.weight, key[0]), (m.bias, key[1])):
+                    if p is not None and _storage_key(p) == k:
+                        p.data = p.data.clone()
+
+
+def global_module_hooks() -> bool:
+    """Whether global module hooks (``register_module_forward_hook`` & co.) are registered: a fusion
+    that calls fewer modules would change what they see, so it steps aside then."""
+    module = torch.nn.modules.module
+    return any(bool(getattr(module, name, None)) for name in
+               ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_forward_hooks_always_called"))
+
+
+def projections_unpackable(attn: nn.Module) -> Optional[str]:
+    """None when ``attn``'s key and value projections (and its query's, see :func:`packs_query`) can
+    be packed into one buffer (:class:`PackedProjections`), else why not."""
+    mods = {name: getattr(attn, name, None) for name in ("to_q", "to_k", "to_v")}
+    for name, m in mods.items():
+        if type(m) is not nn.Linear:
+            return f"its {name} is a {type(m).__name__}, not an nn.Linear (e.g. a LoRA layer)"
+        if m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__:
+            return f"its {name} has hooks or an instance-level forward (the packed GEMM would not call them)"
+        if not m.weight.is_floating_point():
+            return f"its {name} weight is {m.weight.dtype}, not a floating dtype"
+    k, v = mods["to_k"], mods["to_v"]
+    if not _same_linear(k, v):
+        return "its to_k and to_v differ in shape, dtype, device or bias"
+    return None
+
+
+def _same_linear(a: nn.Linear, b: nn.Linear) -> bool:
+    return (a.weight.shape == b.weight.shape and a.weight.dtype == b.weight.dtype
+            and a.weight.device == b.weight.device and (a.bias is None) == (b.bias is None))
+
+
+def packs_query(attn: nn.Module) -> bool:
+    """Whether ``to_q`` packs with ``to_k``/``to_v`` (a self-attention: the same input width)."""
+    return _same_linear(attn.to_q, attn.to_k)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -66,6 +66,14 @@ exactly what it changed. What it does is a list of small passes (:data:`PASSES`)
     and listed with the reason. Off by default: ``functional.attention``'s ``impl="auto"`` runs
     SDPA until a GPU measurement says the Triton kernel is faster (``LDM_FAST_ATTENTION=triton``
     forces it), so today the swap saves the transposes and copies around SDPA, not the attention.
+    Each swapped module's ``to_q``/``to_k``/``to_v`` weights (plain ``nn.Linear``s, not tied to
+    another module) are packed as row blocks of one buffer
+    (:class:`ldm_fast.integrations.diffusers.PackedProjections`: the same Parameter objects, state
+    dict and values, each ``.data`` a view), and the processor computes a self-attention's q, k and v
+    with one GEMM and a cross-attention's k and v with one (SD 1.5 U-Net: 96 projection GEMMs a step
+    become 48), in inference on the Triton backend while every weight is still its view (checked per
+    call; ``model.to(dtype)`` after optimize, a LoRA layer swapped in, a hook on a projection or a
+    recorded gradient run diffusers' GEMMs). :func:`restore` gives each weight its own storage back.
 ``cuda_graph`` (``cuda_graph=True``)
     ``model.forward`` becomes a :class:`CUDAGraphForward` (an instance attribute): one CUDA graph per
     static call signature, captured on the first CUDA call with it, replayed afterwards, outputs
@@ -92,9 +100,10 @@ function; ``from ldm_fast.optimize import CUDAGraphForward`` reads the package.
 
 from .api import PASSES, Context, Pass, optimize, report_of, restore
 from .cuda_graph import CUDA_GRAPH_MAX_SIGNATURES, CUDAGraphAPI, CUDAGraphForward, graph_key, map_output
-from .report import (ATTENTION, CHANNELS_LAST, CUDA_GRAPH, FUSED, GEGLU, GROUP_NORM, GROUP_NORM32, RESNET_FORWARD,
-                     SEQUENTIAL_SILU, TRANSFORMER_FORWARD, TRANSFORMER_LAYOUT, OptimizeReport, ReportItem)
+from .report import (ATTENTION, CHANNELS_LAST, CUDA_GRAPH, FUSED, GEGLU, GROUP_NORM, GROUP_NORM32, PACKED_PROJECTIONS,
+                     RESNET_FORWARD, SEQUENTIAL_SILU, TRANSFORMER_FORWARD, TRANSFORMER_LAYOUT, OptimizeReport, ReportItem)
 
 __all__ = ["ATTENTION", "CHANNELS_LAST", "CUDA_GRAPH", "CUDA_GRAPH_MAX_SIGNATURES", "CUDAGraphAPI", "CUDAGraphForward",
-           "Context", "FUSED", "GEGLU", "GROUP_NORM", "GROUP_NORM32", "OptimizeReport", "PASSES", "Pass", "RESNET_FORWARD",
+           "Context", "FUSED", "GEGLU", "GROUP_NORM", "GROUP_NORM32", "OptimizeReport", "PACKED_PROJECTIONS", "PASSES", "Pass",
+           "RESNET_FORWARD",
            "ReportItem", "SEQUENTIAL_SILU", "TRANSFORMER_FORWARD", "TRANSFORMER_LAYOUT", "graph_key", "map_output", "optimize", "report_of", "restore"]

@@ -13,6 +13,7 @@ import functools
 import inspect
 import textwrap
 import weakref
+from collections import Counter
 from typing import TYPE_CHECKING, Any, Optional, Tuple
 
 import torch
@@ -20,13 +21,14 @@ from torch import nn
 
 from .. import nn as ldm_nn
 from ..integrations.diffusers import AttnProcessor as _LdmAttnProcessor
-from ..integrations.diffusers import (ChannelsLastTransformerOutput, FusedGEGLUForward, FusedResnetForward, FusedTransformerBlockForward,
-                                      attention_swap_refused, geglu_unfusable, is_diffusers_class,
-                                      resnet_block_unfusable, transformer_block_unfusable,
+from ..integrations.diffusers import (PACK_ATTR, ChannelsLastTransformerOutput, FusedGEGLUForward, FusedResnetForward,
+                                      FusedTransformerBlockForward, PackedProjections, attention_swap_refused,
+                                      geglu_unfusable, global_module_hooks, is_diffusers_class, packs_query,
+                                      projections_unpackable, resnet_block_unfusable, transformer_block_unfusable,
                                       transformer_output_unkept)
-from .report import (ATTENTION, CHANNELS_LAST, FUSED, GEGLU, GROUP_NORM, GROUP_NORM32, RESNET_FORWARD, SEQUENTIAL_SILU,
-                     TRANSFORMER_FORWARD, TRANSFORMER_LAYOUT, ReportItem)
-from .undo import _MISSING, _Restride, _SetAttr, _SetChild, _SetClass
+from .report import (ATTENTION, CHANNELS_LAST, FUSED, GEGLU, GROUP_NORM, GROUP_NORM32, PACKED_PROJECTIONS, RESNET_FORWARD,
+                     SEQUENTIAL_SILU, TRANSFORMER_FORWARD, TRANSFORMER_LAYOUT, ReportItem)
+from .undo import _MISSING, _Restride, _SetAttr, _SetChild, _SetClass, _Unpack
 
 if TYPE_CHECKING:
     from .api import Context as _Context
@@ -159,16 +161,8 @@ def _set_silu(ctx: _Context, norm: nn.Module) -> None:
     ctx.changed(norm, FUSED)
 
 
-def _global_hooks() -> bool:
-    """Whether global module hooks (``register_module_forward_hook`` & co.) are registered: fusion
-    would change what they see, so it is skipped then."""
-    module = torch.nn.modules.module
-    return any(bool(getattr(module, name, None)) for name in
-               ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_forward_hooks_always_called"))
-
-
 def _silu_fusion_pass(ctx: _Context) -> None:
-    if _global_hooks():
+    if global_module_hooks():
         ctx.report.notes.append("silu_fusion: skipped: global module forward hooks are registered")
         return
     modules = list(ctx.modules())
@@ -356,7 +350,8 @@ def _channels_last_pass(ctx: _Context) -> None:
 
 def _attention_pass(ctx: _Context) -> None:
     processor = _LdmAttnProcessor()  # stateless: one instance serves every Attention
-    swapped = 0
+    swapped = packed = 0
+    param_uses = Counter(id(p) for _, p in ctx.model.named_parameters(remove_duplicate=False))
     for module in ctx.modules():
         if not is_diffusers_class(module, "Attention"):
             cls = type(module)
@@ -374,10 +369,37 @@ def _attention_pass(ctx: _Context) -> None:
         module.__dict__["processor"] = processor
         ctx.changed(module, ATTENTION)
         swapped += 1
+        packed += _pack_projections(ctx, module, param_uses)
     ctx.report.notes.append(
         f"attention: {swapped} diffusers Attention modules run ldm_fast.functional.attention (impl 'auto': SDPA "
-        "unless a GPU measurement says the Triton kernel is faster; LDM_FAST_ATTENTION overrides)"
+        "unless a GPU measurement says the Triton kernel is faster; LDM_FAST_ATTENTION overrides); "
+        f"{packed} compute their projections with one GEMM on packed weights (q/k/v, or k/v for cross-attention; "
+        "inference on the Triton backend)"
     )
+
+
+def _pack_projections(ctx: _Context, attn: nn.Module, param_uses: Counter) -> int:
+    """Pack ``attn``'s to_q/to_k/to_v (or to_k/to_v) weights into one buffer (PackedProjections); 1 if done."""
+    reason = projections_unpackable(attn)
+    if reason is None and PACK_ATTR in attn.__dict__:
+        reason = "it already holds packed projections"
+    with_q = reason is None and packs_query(attn)
+    names = ("to_q", "to_k", "to_v") if with_q else ("to_k", "to_v")
+    if reason is None:
+        for name in names:
+            linear = getattr(attn, name)
+            if ctx.uses[id(linear)] > 1 or any(param_uses[id(p)] > 1 for p in linear.parameters()):
+                reason = f"its {name} (or its weight) is shared with another module: packing would untie it"
+                break
+    if reason is not None:
+        ctx.left(attn, "Attention projections (one GEMM)", reason)
+        return 0
+    pack = PackedProjections(tuple(getattr(attn, name) for name in names), with_q)
+    ctx.record(_Unpack(pack))
+    ctx.record(_SetAttr(attn, PACK_ATTR, _MISSING, pack))
+    attn.__dict__[PACK_ATTR] = pack
+    ctx.changed(attn, PACKED_PROJECTIONS)
+    return 1
 
 
 # --- geglu -----------------------------------------------------------------------------------
@@ -412,7 +434,7 @@ def _geglu_pass(ctx: _Context) -> None:
 
 
 def _add_layer_norm_pass(ctx: _Context) -> None:
-    if _global_hooks():
+    if global_module_hooks():
         ctx.report.notes.append("add_layer_norm: skipped: global module forward hooks are registered")
         return
     fused = _install_per_module(ctx, "BasicTransformerBlock", "forward", transformer_block_unfusable,

@@ -107,6 +107,20 @@ class _Restride:
             tensor.grad = _with_strides(tensor.grad, self.shape, self.stride)
 
 
+@dataclass
+class _Unpack:
+    """Projection weights packed into one buffer (``PackedProjections``); undo gives each weight
+    still in the buffer its own storage again (a weight re-allocated since is left as it is)."""
+
+    pack: Any
+
+    def conflict(self) -> Optional[str]:
+        return None
+
+    def undo(self) -> None:
+        self.pack.unpack()
+
+
 def _with_strides(t: torch.Tensor, shape, stride) -> torch.Tensor:
     if tuple(t.shape) != tuple(shape) or tuple(t.stride()) == tuple(stride):
         return t
