@@ -25,6 +25,7 @@ opt_mod = importlib.import_module("ldm_fast.optimize")  # the package (ldm_fast.
 from ldm_fast.nn import GroupNorm as LdmGroupNorm
 from ldm_fast.nn import GroupNorm32 as LdmGroupNorm32
 from ldm_fast import optimize, restore
+from _numerics import assert_close_to_exact
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
@@ -751,6 +752,50 @@ def test_resnet_block_adds_the_time_embedding_inside_norm2(channels_last, poison
         block(x, temb).square().sum().backward()
     torch.testing.assert_close(x.grad, ref_dx, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(block.time_emb_proj.weight.grad, ref_dw, rtol=1e-4, atol=1e-4)
+    restore(block)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_resnet_block_runs_its_1x1_shortcut_as_a_gemm_onto_conv2(channels_last, dtype):
+    """A ResnetBlock2D with a 1x1 conv_shortcut (channels change): in inference on the Triton backend,
+    conv2 carries both biases and the shortcut is one GEMM accumulating onto conv2's output (addmm on the
+    channels-last [B*H*W, C] views, baddbmm on NCHW [B, C, H*W] views): no shortcut convolution, no add;
+    the output in the input's layout, as close to the float64 block as diffusers' own; an in-place bias
+    update is seen; on the eager backend and with a gradient to record, diffusers' statements."""
+    torch.manual_seed(0)
+    block = ResnetBlock2D(in_channels=12, out_channels=20, temb_channels=8, groups=4).eval()
+    x, temb = torch.randn(2, 12, 5, 7), torch.randn(2, 8)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    with torch.no_grad():
+        exact = copy.deepcopy(block).double()(x.double(), temb.double())
+        eager = copy.deepcopy(block).to(dtype)(x.to(dtype).contiguous(memory_format=fmt), temb.to(dtype))
+    block.to(dtype)
+    x, temb = x.to(dtype).contiguous(memory_format=fmt), temb.to(dtype)
+    optimize(block, channels_last=channels_last)
+    assert block.forward.shortcut_gemm
+    with torch.no_grad():
+        assert torch.equal(block(x, temb), eager)  # the eager backend: diffusers' statements bit for bit
+    with ldm_fast.use_backend("triton"):
+        with torch.no_grad():
+            first = block(x, temb)  # (computes and caches conv2.bias + conv_shortcut.bias)
+            with _DispatchedOps() as ops:
+                out = block(x, temb)
+        assert torch.equal(first, out)
+        assert ops.names.count("aten::convolution") == 2, ops.names  # conv1, conv2: the shortcut is a GEMM
+        gemms = ops.names.count("aten::addmm"), ops.names.count("aten::baddbmm")  # (time_emb_proj: one addmm)
+        assert gemms == ((2, 0) if channels_last else (1, 1)), ops.names
+        assert ops.names.count("aten::add") == 0, ops.names  # (time_emb_proj's addmm, the temb add in norm2)
+        assert out.is_contiguous(memory_format=fmt) and out.dtype == dtype
+        assert_close_to_exact(out, exact.to(dtype), eager)
+        with torch.no_grad():
+            block.conv_shortcut.bias.add_(1.0)  # the cached bias sum follows the in-place update
+            torch.testing.assert_close(block(x, temb).double(), out.double() + 1.0, rtol=0, atol=0.02)
+            block.conv_shortcut.bias.sub_(1.0)
+        xg = x.clone().requires_grad_(True)
+        with _DispatchedOps() as ops:
+            block(xg, temb).float().sum().backward()
+        assert ops.names.count("aten::convolution") == 3 and xg.grad is not None  # training: diffusers' own
     restore(block)
 
 

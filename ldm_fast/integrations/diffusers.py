@@ -53,8 +53,8 @@ from torch import nn
 from .. import backend, functional
 
 __all__ = ["PACK_ATTR", "AttnProcessor", "ChannelsLastTransformerOutput", "FusedGEGLUForward", "FusedResnetForward",
-           "FusedTransformerBlockForward", "PackedProjections", "global_module_hooks", "packs_query", "projections_unpackable",
-           "attention_swap_refused", "geglu_unfusable", "is_diffusers_class", "resnet_block_unfusable",
+           "FusedTransformerBlockForward", "PackedProjections", "global_module_hooks", "packs_query",
+           "projections_unpackable", "shortcut_gemm_refused", "attention_swap_refused", "geglu_unfusable", "is_diffusers_class", "resnet_block_unfusable",
            "transformer_block_unfusable", "transformer_output_unkept"]
 
 _SCALE_DEPRECATION = (
@@ -399,10 +399,62 @@ class FusedResnetForward:
         self.fuse_norm1 = fuse_norm1
         self.fuse_norm2 = fuse_norm2
         self.fuse_shift = fuse_shift
+        self.shortcut_gemm = shortcut_gemm_refused(block) is None
+        self._bias_sum: Optional[tuple] = None  # (key, conv2.bias + conv_shortcut.bias)
 
     def __repr__(self) -> str:
         return (f"<ldm_fast fused ResnetBlock2D.forward: norm1 fused={self.fuse_norm1}, "
-                f"norm2 fused={self.fuse_norm2}, temb add fused into norm2={self.fuse_shift}>")
+                f"norm2 fused={self.fuse_norm2}, temb add fused into norm2={self.fuse_shift}, "
+                f"1x1 shortcut as a GEMM onto conv2={self.shortcut_gemm}>")
+
+    def _conv2_with_shortcut(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> Optional[torch.Tensor]:
+        """``conv_shortcut(input_tensor) + conv2(hidden_states)`` as conv2 with both biases, then the
+        1x1 shortcut as a GEMM accumulating onto conv2's output (``addmm`` on the ``[B*H*W, C]`` views of
+        channels-last tensors, ``baddbmm`` on the ``[B, C, H*W]`` views of NCHW ones): the add and the
+        shortcut's output are never written. None where it does not apply (training, the eager
+        backend, torch.compile, hooks, mixed layouts): the caller runs diffusers' statements."""
+        block = self.block
+        conv2, short = block.conv2, block.conv_shortcut
+        if (not self.shortcut_gemm or short is None or torch.compiler.is_compiling()
+                or not backend.kernel_ok(hidden_states, input_tensor)
+                or (torch.is_grad_enabled() and (conv2.weight.requires_grad or short.weight.requires_grad
+                                                 or hidden_states.requires_grad or input_tensor.requires_grad))
+                or any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in (conv2, short))
+                or global_module_hooks()
+                or not (hidden_states.dtype == input_tensor.dtype == conv2.weight.dtype == short.weight.dtype)):
+            return None
+        B, C, H, W = input_tensor.shape
+        last = torch.channels_last
+        if input_tensor.is_contiguous(memory_format=last) and not input_tensor.is_contiguous():
+            layout = last
+        elif input_tensor.is_contiguous():
+            layout = torch.contiguous_format
+        else:
+            return None
+        h = F.conv2d(hidden_states, conv2.weight, self._biases(conv2.bias, short.bias), conv2.stride, conv2.padding,
+                     conv2.dilation, conv2.groups)
+        if h.shape[0] != B or h.shape[2:] != input_tensor.shape[2:] or not h.is_contiguous(memory_format=layout):
+            return h + F.conv2d(input_tensor, short.weight)  # conv2 chose another layout: the GEMM and add apart
+        Co = h.shape[1]
+        w = short.weight.view(Co, C)
+        if layout is last:  # [B*H*W, C] row views: out = h + x @ w^T
+            x2 = input_tensor.permute(0, 2, 3, 1).reshape(B * H * W, C)
+            out = torch.addmm(h.permute(0, 2, 3, 1).reshape(B * H * W, Co), x2, w.t())
+            return out.view(B, H, W, Co).permute(0, 3, 1, 2)
+        out = torch.baddbmm(h.view(B, Co, H * W), w.expand(B, Co, C), input_tensor.view(B, C, H * W))
+        return out.view(B, Co, H, W)
+
+    def _biases(self, b2: Optional[torch.Tensor], bs: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """``b2 + bs`` (either may be None), cached while both are the same tensors at the same version."""
+        if b2 is None or bs is None:
+            return b2 if bs is None else bs
+        key = (_storage_key(b2), b2._version, _storage_key(bs), bs._version)
+        if self._bias_sum is not None and self._bias_sum[0] == key:
+            return self._bias_sum[1]
+        total = b2 + bs
+        if not (total.is_cuda and torch.cuda.is_current_stream_capturing()):  # (a capture's pool is not ours)
+            self._bias_sum = (key, total)
+        return total
 
     def __call__(self, input_tensor: torch.Tensor, temb: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         self_ = self.block
@@ -463,21 +515,40 @@ class FusedResnetForward:
             hidden_states = self_.nonlinearity(hidden_states)
 
         hidden_states = self_.dropout(hidden_states)
-        hidden_states = self_.conv2(hidden_states)
+        output_tensor = self._conv2_with_shortcut(hidden_states, input_tensor)
+        if output_tensor is None:  # diffusers' statements
+            hidden_states = self_.conv2(hidden_states)
 
-        if self_.conv_shortcut is not None:
-            # Only use contiguous() during training to avoid DDP gradient stride mismatch warning.
-            if self_.training:
-                input_tensor = input_tensor.contiguous()
-            input_tensor = self_.conv_shortcut(input_tensor)
+            if self_.conv_shortcut is not None:
+                # Only use contiguous() during training to avoid DDP gradient stride mismatch warning.
+                if self_.training:
+                    input_tensor = input_tensor.contiguous()
+                input_tensor = self_.conv_shortcut(input_tensor)
 
-        output_tensor = input_tensor + hidden_states
+            output_tensor = input_tensor + hidden_states
         # x / 1.0 is x, bit for bit: skip the launch (under torch.compile the graph stays diffusers' own:
         # Inductor fuses the divide, and compile with ldm_fast traces what compile without it traces)
         if self_.output_scale_factor != 1.0 or torch.compiler.is_compiling():
             output_tensor = output_tensor / self_.output_scale_factor
 
         return output_tensor
+
+
+def shortcut_gemm_refused(block: nn.Module) -> Optional[str]:
+    """None when ``block``'s ``conv_shortcut`` is a plain 1x1 convolution (stride 1, no padding, one
+    group) that :class:`FusedResnetForward` may run as a GEMM onto ``conv2``'s output, else why not."""
+    short, conv2 = getattr(block, "conv_shortcut", None), getattr(block, "conv2", None)
+    if short is None:
+        return "it has no conv_shortcut"
+    for name, m in (("conv_shortcut", short), ("conv2", conv2)):
+        if type(m) is not nn.Conv2d:
+            return f"its {name} is a {type(m).__name__}, not an nn.Conv2d"
+        if m.padding_mode != "zeros":
+            return f"its {name} pads with {m.padding_mode!r}"
+    if not (short.kernel_size == (1, 1) and short.stride == (1, 1) and short.padding in ((0, 0), "valid")
+            and short.dilation == (1, 1) and short.groups == 1):
+        return "its conv_shortcut is not a 1x1, stride-1, unpadded, one-group convolution"
+    return None
 
 
 def resnet_block_unfusable(block: nn.Module) -> Optional[str]:
