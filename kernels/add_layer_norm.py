@@ -9,9 +9,16 @@
 sum, as eager computes them from the stored ``s``, so ``s`` is bit-identical to eager's and
 ``out`` differs from eager's only by fp32 rounding order. Math in fp32 whatever the storage dtype.
 
+Optional ``s_bias`` [C] (the ``HAS_S_BIAS`` flag): the first output becomes ``s + s_bias``, rounded
+again to the storage dtype (eager's ``(x + residual) + s_bias``, bit for bit), while ``out``, mean
+and rstd stay those of the unbiased ``s``. With s_bias = the bias of the Linear whose output is
+later added to ``s`` (diffusers' ``ff(norm(s)) + s``), the caller folds that residual add into the
+GEMM: ``torch.addmm(s + s_bias, g, W.t())``. Forward only: the op's autograd runs the reference.
+
 Traffic per row of C elements: eager runs the add (reads 2C, writes C) and layer_norm (reads C,
 writes C): 5C in two launches. The kernel reads x and residual once and writes s and out: 4C in
-one launch (plus 8 bytes of statistics a row, for the backward).
+one launch (plus 8 bytes of statistics a row, for the backward). With s_bias: one more [C] read
+a program (as weight and bias), nothing more.
 
 Backward: no kernel of its own. ``s`` is all the layer norm's backward needs beside the saved
 mean and rstd, so the op's autograd calls ``aten.native_layer_norm_backward`` on them (what eager's
@@ -53,11 +60,12 @@ def _to_storage(b, dtype: tl.constexpr, BF16_RNE: tl.constexpr):
 
 @triton.jit
 def _add_layer_norm_fwd_kernel(
-    x_ptr, res_ptr, w_ptr, b_ptr,  # x, residual [R, C] (row strides below, last dim contiguous); weight, bias [C]
-    s_ptr, out_ptr, mean_ptr, rstd_ptr,  # s, out [R, C] contiguous, x's dtype; mean, rstd [R] fp32
+    x_ptr, res_ptr,  # x, residual [R, C] (row strides below, last dim contiguous)
+    w_ptr, b_ptr, sb_ptr,  # weight, bias, s_bias [C] (each read only under its HAS_ flag)
+    s_ptr, out_ptr, mean_ptr, rstd_ptr,  # s (+ s_bias), out [R, C] contiguous, x's dtype; mean, rstd [R] fp32
     R, C, x_row_stride, res_row_stride, eps,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
-    BF16_RNE: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_S_BIAS: tl.constexpr, ROWS: tl.constexpr,
+    BLOCK_C: tl.constexpr, BF16_RNE: tl.constexpr,
 ):
     i_pid = tl.program_id(0)
     o_row = i_pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)  # [ROWS] int64
@@ -70,8 +78,13 @@ def _add_layer_norm_fwd_kernel(
     # the sum rounded to the storage dtype, as eager stores it; the statistics come from that value
     b_s_low = _to_storage(b_x.to(tl.float32) + b_r.to(tl.float32), s_ptr.dtype.element_ty, BF16_RNE)
     o_out = o_row[:, None] * C + o_col[None, :]
-    tl.store(s_ptr + o_out, b_s_low, mask=m)
-    b_s = b_s_low.to(tl.float32)
+    if HAS_S_BIAS:  # the first output is s + s_bias, rounded again as eager's second add rounds it
+        b_sb = tl.load(sb_ptr + o_col, mask=m_col, other=0.0).to(tl.float32)  # [BLOCK_C]
+        tl.store(s_ptr + o_out, _to_storage(b_s_low.to(tl.float32) + b_sb[None, :], s_ptr.dtype.element_ty, BF16_RNE),
+                 mask=m)
+    else:
+        tl.store(s_ptr + o_out, b_s_low, mask=m)
+    b_s = b_s_low.to(tl.float32)  # the statistics come from the unbiased s
     b_mean = tl.sum(b_s, axis=1) / C  # [ROWS]; masked lanes hold 0
     b_d = tl.where(m_col[None, :], b_s - b_mean[:, None], 0.0)
     b_var = tl.sum(b_d * b_d, axis=1) / C  # two-pass variance, from registers
@@ -97,7 +110,7 @@ def _plan(R: int, C: int) -> tuple[int, int, int, int]:
     return rows, block, num_warps, cdiv(R, rows)
 
 
-def _check(x, residual, weight, bias) -> int:
+def _check(x, residual, weight, bias, s_bias=None) -> int:
     for name, t in (("x", x), ("residual", residual)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"add_layer_norm: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -110,7 +123,7 @@ def _check(x, residual, weight, bias) -> int:
     if residual.dtype != x.dtype:
         raise TypeError(f"add_layer_norm: residual must have the dtype of x ({x.dtype}), got {residual.dtype}")
     C = x.shape[-1]
-    for name, p in (("weight", weight), ("bias", bias)):
+    for name, p in (("weight", weight), ("bias", bias), ("s_bias", s_bias)):
         if p is None:
             continue
         if not (isinstance(p, torch.Tensor) and p.is_floating_point()):
@@ -121,16 +134,20 @@ def _check(x, residual, weight, bias) -> int:
     return C
 
 
-def add_layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor, weight=None, bias=None, eps: float = 1e-5):
-    """Launch the forward kernel: ``s = x + residual; out = layer_norm(s, (C,), weight, bias, eps)``.
+def add_layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor, weight=None, bias=None, eps: float = 1e-5,
+                       s_bias=None):
+    """Launch the forward kernel: ``s = x + residual; out = layer_norm(s, (C,), weight, bias, eps)``,
+    and with ``s_bias`` the first output ``s + s_bias`` in place of ``s``.
 
     x, residual: ``[..., C]``, one floating dtype, last dim contiguous (rows may be strided: read in
     place; other layouts are copied), ``C <= MAX_C``; weight, bias: ``[C]`` or None, any float dtype
-    (loaded as fp32). Returns ``(s, out, mean, rstd)``: s and out ``[..., C]`` contiguous in x's
-    dtype, mean and rstd ``[R]`` fp32 (R = every leading element); one launch. Eager equivalent:
-    :func:`add_layer_norm_reference`.
+    (loaded as fp32); s_bias: ``[C]`` or None, any float dtype (taken as :func:`layer_norm_param`
+    takes a bias: x's dtype or fp32 beside fp16/bf16 as is, else cast to x's dtype first). Returns
+    ``(s, out, mean, rstd)``: s (``s + s_bias`` with s_bias) and out ``[..., C]`` contiguous in x's
+    dtype, mean and rstd ``[R]`` fp32 (R = every leading element) of the unbiased s; one launch.
+    Eager equivalent: :func:`add_layer_norm_reference`.
     """
-    C = _check(x, residual, weight, bias)
+    C = _check(x, residual, weight, bias, s_bias)
     if C > MAX_C:
         raise ValueError(f"add_layer_norm: the kernel holds rows of at most {MAX_C} elements, got C = {C}")
     s = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -142,18 +159,22 @@ def add_layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor, weight=None, bia
         return s, out, mean, rstd
     x, x_rs = _rows(x)
     residual, res_rs = _rows(residual)
-    if weight is not None and weight.stride(0) != 1:
-        weight = weight.contiguous()
-    if bias is not None and bias.stride(0) != 1:
-        bias = bias.contiguous()
+    if s_bias is not None:
+        s_bias = layer_norm_param(s_bias, x.dtype)
+    weight, bias, s_bias = _unit_stride(weight), _unit_stride(bias), _unit_stride(s_bias)
     rows, block, num_warps, n_programs = _plan(R, C)
     _add_layer_norm_fwd_kernel[(n_programs,)](
         x, residual, weight if weight is not None else x, bias if bias is not None else x,
-        s, out, mean, rstd, R, C, x_rs, res_rs, float(eps),
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ROWS=rows, BLOCK_C=block,
-        BF16_RNE=x.dtype == torch.bfloat16 and x.device.type == "cpu", num_warps=num_warps,
+        s_bias if s_bias is not None else x, s, out, mean, rstd, R, C, x_rs, res_rs, float(eps),
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_S_BIAS=s_bias is not None, ROWS=rows,
+        BLOCK_C=block, BF16_RNE=x.dtype == torch.bfloat16 and x.device.type == "cpu", num_warps=num_warps,
     )
     return s, out, mean, rstd
+
+
+def _unit_stride(p):
+    """A ``[C]`` parameter (or None) the kernel can read at unit stride: as is, or a contiguous copy."""
+    return p if p is None or p.stride(0) == 1 else p.contiguous()
 
 
 def layer_norm_param(p, dtype: torch.dtype):
@@ -164,17 +185,23 @@ def layer_norm_param(p, dtype: torch.dtype):
     return p.to(dtype)
 
 
-def add_layer_norm_reference(x: torch.Tensor, residual: torch.Tensor, weight=None, bias=None, eps: float = 1e-5):
+def add_layer_norm_reference(x: torch.Tensor, residual: torch.Tensor, weight=None, bias=None, eps: float = 1e-5,
+                             s_bias=None):
     """Eager reference, differentiable by autograd: diffusers' two statements,
-    ``s = x + residual; out = F.layer_norm(s, (C,), weight, bias, eps)``; returns ``(s, out)``.
+    ``s = x + residual; out = F.layer_norm(s, (C,), weight, bias, eps)``; returns ``(s, out)``, or
+    ``(s + s_bias, out)`` with s_bias ``[C]`` (``out`` still the layer norm of the unbiased s).
 
     Computed in x's dtype as diffusers does (at fp16/bf16 the eager low-precision result the kernel
-    is judged against; at fp64 the exact one). weight and bias are cast to x's dtype where
-    ``F.layer_norm`` would refuse the pair (:func:`layer_norm_param`).
+    is judged against; at fp64 the exact one). weight, bias and s_bias are cast to x's dtype where
+    ``F.layer_norm`` would refuse the pair (:func:`layer_norm_param`); ``s + s_bias`` is cast back
+    to x's dtype (a no-op when s_bias has x's dtype: then it is eager's ``(x + residual) + s_bias``).
     """
-    C = _check(x, residual, weight, bias)
+    C = _check(x, residual, weight, bias, s_bias)
     s = x + residual
-    return s, TF.layer_norm(s, (C,), layer_norm_param(weight, s.dtype), layer_norm_param(bias, s.dtype), eps)
+    out = TF.layer_norm(s, (C,), layer_norm_param(weight, s.dtype), layer_norm_param(bias, s.dtype), eps)
+    if s_bias is not None:
+        return (s + layer_norm_param(s_bias, s.dtype)).to(s.dtype), out
+    return s, out
 
 
 def add_layer_norm_bwd(grad_s, grad_out, s, mean, rstd, weight, bias, output_mask):

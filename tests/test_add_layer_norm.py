@@ -3,7 +3,9 @@ against the eager reference and float64.
 
 ``s`` is judged bit for bit against eager's ``x + residual`` (the kernel rounds the sum as eager
 does); ``out``, the statistics and every gradient by the project's rule (tests/_numerics.py). The
-``triton_backend`` fixture proves the kernel ran; ``poison`` fills fresh outputs with NaN.
+``triton_backend`` fixture proves the kernel ran; ``poison`` fills fresh outputs with NaN. With
+``s_bias`` the first output is judged bit for bit against eager's ``(x + residual) + s_bias`` and
+``out`` against the call without s_bias.
 """
 
 import pytest
@@ -16,6 +18,7 @@ from ldm_fast.kernels import add_layer_norm as aln
 from ldm_fast.kernels.add_layer_norm import add_layer_norm_fwd, add_layer_norm_reference
 
 from _numerics import assert_close_to_exact
+from benchmarks import traffic
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = {  # x, residual [..., C]
@@ -225,3 +228,163 @@ def test_block_plan():
     assert aln._plan(128, 1280) == (2, 2048, 8, 64)
     assert aln._plan(6, 5) == (256, 16, 8, 1)
     assert aln._plan(3, 8192) == (1, 8192, 16, 3)
+
+
+# -- s_bias: the first output s + s_bias, out and the statistics those of the unbiased s
+
+S_BIAS_SHAPES = {  # x, residual [..., C]
+    "odd-C7": (3, 7),  # 16 lanes, 9 masked
+    "sd-C320": (2, 5, 320),  # SD 1.5's first transformer width, a partial row tile
+    "odd-C1000": (5, 1000),  # 1024 lanes, 4 rows a program: two programs, the second one row
+}
+
+
+def _s_bias(C, dtype, seed=5):
+    return (0.7 * torch.randn(C, generator=torch.Generator().manual_seed(seed))).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", S_BIAS_SHAPES.values(), ids=S_BIAS_SHAPES.keys())
+def test_s_bias_output_is_eager_bit_for_bit_and_out_unchanged(shape, dtype, poison, triton_backend):
+    x, residual, weight, bias = _inputs(shape, dtype, "weight+bias")
+    s_bias = _s_bias(shape[-1], dtype)
+    s_biased, out = lf.add_layer_norm(x, residual, weight, bias, 1e-5, s_bias=s_bias)
+    assert triton_backend("add_layer_norm")
+    assert s_biased.shape == out.shape == shape and s_biased.is_contiguous() and s_biased.dtype == dtype
+    assert torch.equal(s_biased, (x + residual) + s_bias)  # rounded twice, as eager's two adds round
+    s, out_plain = lf.add_layer_norm(x, residual, weight, bias, 1e-5)
+    assert torch.equal(out, out_plain)  # normalized from the unbiased s
+    eager_out = add_layer_norm_reference(x, residual, weight, bias, 1e-5)[1]
+    assert_close_to_exact(out, TF.layer_norm(s.double(), (shape[-1],), _double(weight), _double(bias), 1e-5), eager_out)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_s_bias_leaves_the_statistics_of_the_unbiased_sum(dtype, poison):
+    x, residual, weight, bias = _inputs((2, 3, 77), dtype, "weight+bias")
+    s_biased, out, mean, rstd = add_layer_norm_fwd(x, residual, weight, bias, 1e-5, s_bias=_s_bias(77, dtype))
+    s, out_plain, mean_plain, rstd_plain = add_layer_norm_fwd(x, residual, weight, bias, 1e-5)
+    assert torch.equal(mean, mean_plain) and torch.equal(rstd, rstd_plain) and torch.equal(out, out_plain)
+    assert torch.equal(s_biased, s + _s_bias(77, dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_s_bias_strided_rows_read_in_place(dtype, poison, triton_backend, monkeypatch):
+    C = 96
+    x = _inputs((2, 5, C + 6), dtype, "none")[0][..., 3:3 + C]
+    residual = _inputs((2, 5, C + 2), dtype, "none", seed=1)[0][..., :C]
+    s_bias = _s_bias(C, dtype)
+    assert not x.is_contiguous() and not residual.is_contiguous()
+    monkeypatch.setattr(torch.Tensor, "contiguous", lambda self, *a, **k: pytest.fail("copied"))
+    s_biased, out = lf.add_layer_norm(x, residual, s_bias=s_bias)
+    monkeypatch.undo()
+    assert triton_backend("add_layer_norm")
+    assert torch.equal(s_biased, (x + residual) + s_bias)
+    assert torch.equal(out, lf.add_layer_norm(x, residual)[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_s_bias_of_another_dtype_or_stride(dtype, poison, triton_backend):
+    """An fp32 s_bias beside fp16/bf16 x: added in fp32, cast back to x's dtype (the reference's
+    ``(s + s_bias).to(x.dtype)``); a strided or fp64 one as the reference takes it."""
+    x, residual, _, _ = _inputs((4, 33), dtype, "none")
+    s = x + residual
+    s_bias32 = _s_bias(33, torch.float32)
+    s_biased, _ = lf.add_layer_norm(x, residual, s_bias=s_bias32)
+    assert s_biased.dtype == dtype and torch.equal(s_biased, (s + s_bias32).to(dtype))
+    strided = _s_bias(66, dtype)[::2]
+    assert torch.equal(lf.add_layer_norm(x, residual, s_bias=strided)[0], s + strided)
+    s_bias64 = _s_bias(33, torch.float64)
+    got = lf.add_layer_norm(x, residual, s_bias=s_bias64)[0]
+    assert torch.equal(got, add_layer_norm_reference(x, residual, s_bias=s_bias64)[0])
+    assert triton_backend("add_layer_norm")
+
+
+def test_s_bias_costs_one_row_read_a_program(triton_backend):
+    """Traffic: s_bias adds C elements read a program (as weight and bias do), no store."""
+    shape = (2, 16, 320)  # 4 programs of 8 rows
+    x, residual, weight, bias = _inputs(shape, torch.float16, "weight+bias")
+    counted = []
+    for s_bias in (None, _s_bias(320, torch.float16)):
+        with traffic.KernelCounter() as k:
+            lf.add_layer_norm(x, residual, weight, bias, s_bias=s_bias)
+        (launch,) = k.launches
+        counted.append((launch.programs, k.load_bytes, k.store_bytes))
+    (programs, plain_load, plain_store), (_, load, store) = counted
+    assert programs == aln._plan(32, 320)[3] == 4
+    assert load - plain_load == programs * 320 * 2 and store == plain_store
+
+
+UPSTREAM_S_BIAS = ["s-and-out", "s-only", "out-only"]
+
+
+@pytest.mark.parametrize("upstream", UPSTREAM_S_BIAS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_s_bias_gradients_run_the_reference(dtype, upstream, triton_backend):
+    """Any input requiring grad with s_bias given: the eager reference, autograd through torch ops,
+    gradients for x, residual, weight, bias and s_bias as eager autograd's (and within the rule of float64)."""
+    shape = (2, 3, 40)
+    x, residual, weight, bias = _inputs(shape, dtype, "weight+bias")
+    s_bias = _s_bias(40, dtype)
+    g = torch.Generator().manual_seed(4)
+    grad_s, grad_out = (torch.randn(shape, generator=g).to(dtype) for _ in range(2))
+
+    def run(fn, cast):
+        leaves = [t.detach().to(cast or t.dtype).requires_grad_() for t in (x, residual, weight, bias, s_bias)]
+        s, out = fn(*leaves[:4], 1e-5, s_bias=leaves[4])
+        pairs = {"s-and-out": [(s, grad_s), (out, grad_out)], "s-only": [(s, grad_s)],
+                 "out-only": [(out, grad_out)]}[upstream]
+        got = torch.autograd.grad([o for o, _ in pairs], leaves, [d.to(o.dtype) for o, d in pairs], allow_unused=True)
+        return [torch.zeros_like(t) if d is None else d for t, d in zip(leaves, got)]
+
+    fused = run(lf.add_layer_norm, None)
+    assert not triton_backend("add_layer_norm")  # the s_bias kernel is forward only
+    eager = run(add_layer_norm_reference, None)
+    exact = run(add_layer_norm_reference, torch.float64)
+    for name, got, low, ex in zip(["x", "residual", "weight", "bias", "s_bias"], fused, eager, exact):
+        assert got.dtype == low.dtype and torch.equal(got, low), name
+        assert_close_to_exact(got, ex, low)
+
+
+def test_s_bias_gradcheck_and_no_grad_inference(triton_backend):
+    leaves = [t.double().requires_grad_() for t in _inputs((2, 7), torch.float32, "weight+bias")]
+    s_bias = _s_bias(7, torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, r, w, b, sb: lf.add_layer_norm(x, r, w, b, s_bias=sb),
+                                    (*leaves, s_bias))
+    x = torch.randn(3, 8)
+    s_bias = torch.randn(8, requires_grad=True)  # only s_bias wants a gradient: the reference too
+    s_biased, _ = lf.add_layer_norm(x, x, s_bias=s_bias)
+    (d,) = torch.autograd.grad(s_biased.sum(), s_bias)
+    assert torch.equal(d, torch.full((8,), 3.0)) and not triton_backend("add_layer_norm")
+    with torch.no_grad():  # inputs that require grad, but no graph recorded: the kernel
+        s_biased, out = lf.add_layer_norm(x.requires_grad_(), x, s_bias=s_bias)
+    assert triton_backend("add_layer_norm") and not s_biased.requires_grad
+    assert torch.equal(s_biased, (x + x) + s_bias)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_s_bias_eager_backend_is_the_two_adds(dtype):
+    x, residual, weight, bias = _inputs((2, 5, 40), dtype, "weight+bias")
+    s_bias = _s_bias(40, dtype)
+    with ldm_fast.use_backend("eager"):
+        s_biased, out = lf.add_layer_norm(x, residual, weight, bias, 1e-6, s_bias=s_bias)
+    h = x + residual
+    assert torch.equal(s_biased, h + s_bias)
+    assert torch.equal(out, TF.layer_norm(h, (40,), weight, bias, 1e-6))
+
+
+def test_bad_s_bias_names_s_bias():
+    x = torch.randn(3, 4)
+    with pytest.raises(ValueError, match=r"s_bias must have shape \(4,\)"):
+        lf.add_layer_norm(x, x, s_bias=torch.ones(5))
+    with pytest.raises(ValueError, match=r"s_bias must have shape \(4,\)"):
+        lf.add_layer_norm(x, x, s_bias=torch.ones(1, 4))
+    with pytest.raises(TypeError, match="s_bias"):
+        lf.add_layer_norm(x, x, s_bias=torch.ones(4, dtype=torch.int32))
+    with pytest.raises(TypeError, match="s_bias"):
+        lf.add_layer_norm(x, x, s_bias=[0.0] * 4)
+    with pytest.raises(TypeError):  # keyword-only: a fifth positional argument stays eps
+        lf.add_layer_norm(x, x, None, None, 1e-5, torch.ones(4))
+    with pytest.raises(ValueError, match=r"s_bias must have shape"):
+        add_layer_norm_fwd(x, x, s_bias=torch.ones(3))
+    with pytest.raises(TypeError, match="s_bias"):
+        add_layer_norm_reference(x, x, s_bias=torch.ones(4, dtype=torch.int64))

@@ -23,7 +23,7 @@ MAX_C = _kernels.MAX_C
 
 
 def add_layer_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
-                   eps: float = 1e-5) -> tuple[Tensor, Tensor]:
+                   eps: float = 1e-5, *, s_bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """``(s, out)`` with ``s = x + residual`` and ``out = F.layer_norm(s, (C,), weight, bias, eps)``:
     x and residual ``[..., C]`` of one floating dtype (the last dim contiguous, rows may be
     strided), weight and bias ``[C]`` or None. Both outputs are new contiguous tensors in x's dtype;
@@ -32,8 +32,17 @@ def add_layer_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor] = None,
     two). Differentiable in x, residual, weight and bias (first order; the layer norm's backward is
     aten's, from the saved ``s``, mean and rstd).
 
+    ``s_bias`` ``[C]`` or None, floating: the first output is ``s + s_bias`` instead of ``s``
+    (rounded again to x's dtype, as eager's second add rounds it), ``out`` unchanged (the layer norm
+    of the unbiased ``s``). It lets the caller fold a later ``linear(g) + s`` into the GEMM:
+    ``torch.addmm(s_biased, g, W.t())`` with s_bias = the Linear's bias. One more ``[C]`` read a
+    program, nothing more. The kernel path with s_bias is inference-only: when any input requires
+    grad the call runs the eager reference below (autograd through torch ops).
+
     Eager equivalent (diffusers ``BasicTransformerBlock``'s residual stream, bit for bit on the
-    eager backend): ``s = x + residual; out = F.layer_norm(s, (C,), weight, bias, eps)``.
+    eager backend): ``s = x + residual; out = F.layer_norm(s, (C,), weight, bias, eps)``, and
+    with s_bias ``return s + s_bias, out`` (s_bias in x's dtype; another dtype is cast as
+    ``F.layer_norm`` would cast a bias and the sum cast back to x's dtype).
     """
     if not (isinstance(x, Tensor) and x.is_floating_point()):
         check_float("x", x)
@@ -47,7 +56,7 @@ def add_layer_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor] = None,
     if residual.dtype != x.dtype:
         raise TypeError(f"add_layer_norm: residual must have the dtype of x ({x.dtype}), got {residual.dtype}")
     C = x.shape[-1]
-    for name, p in (("weight", weight), ("bias", bias)):
+    for name, p in (("weight", weight), ("bias", bias), ("s_bias", s_bias)):
         if p is not None:
             if not (isinstance(p, Tensor) and p.is_floating_point()):
                 check_float(name, p)
@@ -59,12 +68,15 @@ def add_layer_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor] = None,
         raise ValueError(f"add_layer_norm: eps must be >= 0, got {eps}")
     if (x.numel() and 0 < C <= MAX_C and x.stride(-1) == 1 and residual.stride(-1) == 1
             and not torch.compiler.is_compiling() and backend.kernel_ok(x, residual)
-            and (weight is None or weight.device == x.device) and (bias is None or bias.device == x.device)):
-        if needs_grad(x, residual, weight, bias):
+            and (weight is None or weight.device == x.device) and (bias is None or bias.device == x.device)
+            and (s_bias is None or s_bias.device == x.device)):
+        if not needs_grad(x, residual, weight, bias, s_bias):
+            s, out, _, _ = launch("add_layer_norm", _kernels.add_layer_norm_fwd, x, residual, weight, bias, eps, s_bias)
+            return s, out
+        if s_bias is None:
             return _AddLayerNormFunction.apply(x, residual, weight, bias, eps)
-        s, out, _, _ = launch("add_layer_norm", _kernels.add_layer_norm_fwd, x, residual, weight, bias, eps)
-        return s, out
-    return _kernels.add_layer_norm_reference(x, residual, weight, bias, eps)
+        # with s_bias and a gradient wanted: the reference below (the s_bias kernel is forward only)
+    return _kernels.add_layer_norm_reference(x, residual, weight, bias, eps, s_bias)
 
 
 class _AddLayerNormFunction(torch.autograd.Function):
