@@ -860,6 +860,49 @@ def _basic_block(**kwargs):
     return BasicTransformerBlock(16, 2, 8, cross_attention_dim=12, **kwargs).eval()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_transformer_block_adds_the_feed_forward_residual_in_its_output_gemm(dtype):
+    """In inference on the Triton backend the norm3 add_layer_norm writes s + ff.net[2].bias and the
+    feed-forward's output GEMM accumulates onto it (addmm): no add is dispatched in the block; the
+    output as close to the float64 block as diffusers' own. A chunked feed-forward, a hook on the
+    output Linear and a gradient to record run diffusers' statements."""
+    block = _basic_block()
+    x, ctx = torch.randn(2, 6, 16), torch.randn(2, 3, 12)
+    with torch.no_grad():
+        exact = copy.deepcopy(block).double()(x.double(), encoder_hidden_states=ctx.double())
+        eager = copy.deepcopy(block).to(dtype)(x.to(dtype), encoder_hidden_states=ctx.to(dtype))
+    block.to(dtype)
+    x, ctx = x.to(dtype), ctx.to(dtype)
+    optimize(block)
+    assert block.forward.ff_epilogue
+    with torch.no_grad():
+        assert torch.equal(block(x, encoder_hidden_states=ctx), eager)  # the eager backend: diffusers' statements
+    with ldm_fast.use_backend("triton"):
+        with torch.no_grad():
+            before = ldm_fast.ops.kernel_launches["add_layer_norm"]
+            with _DispatchedOps() as ops:
+                out = block(x, encoder_hidden_states=ctx)
+            assert ldm_fast.ops.kernel_launches["add_layer_norm"] - before == 2
+            assert ops.names.count("aten::add") == 0, ops.names
+            assert_close_to_exact(out, exact.to(dtype), eager)
+            block.set_chunk_feed_forward(3, 1)  # chunked: diffusers' _chunked_feed_forward and its add
+            with _DispatchedOps() as ops:
+                chunked = block(x, encoder_hidden_states=ctx)
+            assert ops.names[-2:] == ["aten::cat", "aten::add"]  # the chunks joined, then the residual add
+            assert_close_to_exact(chunked, exact.to(dtype), eager)
+            block.set_chunk_feed_forward(None, 0)
+            seen = []
+            handle = block.ff.net[2].register_forward_hook(lambda *a: seen.append(1))
+            assert_close_to_exact(block(x, encoder_hidden_states=ctx), exact.to(dtype), eager)
+            assert seen == [1]
+            handle.remove()
+        xg = x.clone().requires_grad_(True)
+        with _DispatchedOps() as ops:
+            block(xg, encoder_hidden_states=ctx).float().sum().backward()
+        assert ops.names.count("aten::add") >= 1 and xg.grad is not None  # training: diffusers' residual add
+    restore(block)
+
+
 def test_transformer_block_fallbacks_run_diffusers_statements():
     """Under autocast (which runs LayerNorm in fp32) the fused forward runs diffusers' own statements:
     the same result as the block before optimize, no kernel; without it, the kernels."""

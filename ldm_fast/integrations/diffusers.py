@@ -54,7 +54,7 @@ from .. import backend, functional
 
 __all__ = ["PACK_ATTR", "AttnProcessor", "ChannelsLastTransformerOutput", "FusedGEGLUForward", "FusedResnetForward",
            "FusedTransformerBlockForward", "PackedProjections", "global_module_hooks", "packs_query",
-           "projections_unpackable", "shortcut_gemm_refused", "attention_swap_refused", "geglu_unfusable", "is_diffusers_class", "resnet_block_unfusable",
+           "projections_unpackable", "shortcut_gemm_refused", "attention_swap_refused", "feed_forward_epilogue_refused", "geglu_unfusable", "is_diffusers_class", "resnet_block_unfusable",
            "transformer_block_unfusable", "transformer_output_unkept"]
 
 _SCALE_DEPRECATION = (
@@ -682,9 +682,42 @@ class FusedTransformerBlockForward:
     def __init__(self, block: nn.Module) -> None:
         self.block = block
         self.diffusers_forward = type(block).forward  # (torch.compile traces a function, not type(x).forward)
+        self.ff_epilogue = feed_forward_epilogue_refused(getattr(block, "ff", None)) is None
 
     def __repr__(self) -> str:
-        return "<ldm_fast fused BasicTransformerBlock.forward: residual add + LayerNorm in one kernel>"
+        return ("<ldm_fast fused BasicTransformerBlock.forward: residual add + LayerNorm in one kernel, "
+                f"feed-forward residual in its output GEMM={self.ff_epilogue}>")
+
+    def _ff_epilogue_ok(self, attn_output: torch.Tensor, hidden_states: torch.Tensor) -> bool:
+        """Whether this call may add the feed-forward's residual in its output GEMM (inference on the
+        Triton backend, the feed-forward unchunked and unhooked)."""
+        block = self.block
+        if not self.ff_epilogue or block._chunk_size is not None:
+            return False
+        ff = block.ff
+        out_proj = ff.net[2]
+        return (attn_output.shape == hidden_states.shape and attn_output.dtype == hidden_states.dtype
+                == out_proj.weight.dtype and backend.kernel_ok(attn_output, hidden_states)
+                and not torch.is_autocast_enabled(attn_output.device.type)
+                and not (torch.is_grad_enabled() and (attn_output.requires_grad or hidden_states.requires_grad
+                                                      or any(p.requires_grad for p in ff.parameters())))
+                and not any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in (ff, out_proj))
+                and not global_module_hooks())
+
+    def _ff_with_residual(self, attn_output: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``s = attn_output + hidden_states; ff(norm3(s)) + s`` with the residual in the feed-forward's
+        output GEMM: add_layer_norm writes ``s + out_proj.bias`` beside ``norm3(s)``, and
+        ``addmm(s + bias, g, W^T)`` accumulates the projection onto it (no add launch, no ``ff_output``
+        tensor). Low-precision rounding: ``(s + b) + g W^T`` instead of diffusers' ``(g W^T + b) + s``."""
+        block = self.block
+        ff, norm3 = block.ff, block.norm3
+        out_proj = ff.net[2]
+        s_biased, norm_hidden_states = functional.add_layer_norm(attn_output, hidden_states, norm3.weight, norm3.bias,
+                                                                 norm3.eps, s_bias=out_proj.bias)
+        gated = ff.net[1](ff.net[0](norm_hidden_states))  # the activation (GEGLU) and the dropout
+        C = s_biased.shape[-1]
+        return torch.addmm(s_biased.reshape(-1, C), gated.reshape(-1, gated.shape[-1]),
+                           out_proj.weight.t()).view(s_biased.shape)
 
     def __call__(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                  encoder_hidden_states: Optional[torch.Tensor] = None,
@@ -716,16 +749,40 @@ class FusedTransformerBlockForward:
                 attention_mask=encoder_attention_mask,
                 **cross_attention_kwargs,
             )
-        hidden_states, norm_hidden_states = _add_norm(attn_output, hidden_states, block.norm3)
-        if block._chunk_size is not None:
-            chunked = sys.modules[type(block).__module__]._chunked_feed_forward
-            ff_output = chunked(block.ff, norm_hidden_states, block._chunk_dim, block._chunk_size)
+        if self._ff_epilogue_ok(attn_output, hidden_states):
+            hidden_states = self._ff_with_residual(attn_output, hidden_states)
         else:
-            ff_output = block.ff(norm_hidden_states)
-        hidden_states = ff_output + hidden_states
+            hidden_states, norm_hidden_states = _add_norm(attn_output, hidden_states, block.norm3)
+            if block._chunk_size is not None:
+                chunked = sys.modules[type(block).__module__]._chunked_feed_forward
+                ff_output = chunked(block.ff, norm_hidden_states, block._chunk_dim, block._chunk_size)
+            else:
+                ff_output = block.ff(norm_hidden_states)
+            hidden_states = ff_output + hidden_states
         if hidden_states.ndim == 4:
             hidden_states = hidden_states.squeeze(1)
         return hidden_states
+
+
+# The FeedForward.forward source FusedTransformerBlockForward's feed-forward epilogue reproduces: diffusers 0.42.1.
+_FEED_FORWARD_AST_SHA256 = {
+    "c306bf425d21a05ce4750d998658e536695e70b535852997865b8eba8e6a8242",  # diffusers 0.42.1
+}
+
+
+def feed_forward_epilogue_refused(ff: Optional[nn.Module]) -> Optional[str]:
+    """None when ``ff`` is diffusers' ``FeedForward`` running ``net = [activation, Dropout, Linear]``
+    in sequence, so its output Linear can take the block's residual in its GEMM, else why not."""
+    if ff is None or not is_diffusers_class(ff, "FeedForward"):
+        return f"its ff is a {type(ff).__name__}, not diffusers' FeedForward"
+    digest = _function_ast_sha256(type(ff).forward)
+    if digest not in _FEED_FORWARD_AST_SHA256:
+        return "its FeedForward.forward differs from the diffusers 0.42 one ldm_fast reproduces"
+    net = getattr(ff, "net", None)
+    if not (isinstance(net, nn.ModuleList) and len(net) == 3 and type(net[1]) is nn.Dropout
+            and type(net[2]) is nn.Linear):
+        return "its FeedForward.net is not [activation, Dropout, Linear] (e.g. a final dropout)"
+    return None
 
 
 def transformer_block_unfusable(block: nn.Module) -> Optional[str]:
