@@ -125,18 +125,19 @@ def _load_param(ptr, o_c, m_c, HAS: tl.constexpr, FILL: tl.constexpr):
 
 
 @triton.jit
-def _load_shift(shift_ptr, i_b, C, o_c, m_c):
-    """shift[i_b, o_c] of a contiguous ``[B, C]`` shift as fp32 (0 where masked)."""
-    return tl.load(shift_ptr + i_b * C + o_c, mask=m_c, other=0.0).to(tl.float32)
+def _load_shift(shift_ptr, i_b, row_stride, o_c, m_c):
+    """shift[i_b, o_c] of a ``[B, C]`` shift (rows ``row_stride`` apart, channels contiguous) as fp32
+    (0 where masked)."""
+    return tl.load(shift_ptr + i_b * row_stride + o_c, mask=m_c, other=0.0).to(tl.float32)
 
 
 @triton.jit(do_not_specialize=["batches_per_program"])
 def _group_norm_fwd_one_pass_kernel(
     x_ptr, y_ptr,  # [B, C, S], layouts X_CL and Y_CL; y written
     w_ptr, b_ptr,  # [C]
-    shift_ptr,  # [B, C] contiguous, read when HAS_SHIFT (None otherwise)
+    shift_ptr,  # [B, C] (rows shift_stride apart, channels contiguous), read when HAS_SHIFT (None otherwise)
     mean_ptr, rstd_ptr,  # [B, G] fp32, written when WRITE_STATS (what the backward needs)
-    B, C, S, G, batches_per_program, eps,
+    B, C, S, G, batches_per_program, eps, shift_stride,
     CG: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_C2: tl.constexpr,
     X_CL: tl.constexpr, Y_CL: tl.constexpr, SILU: tl.constexpr,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, WRITE_STATS: tl.constexpr, HAS_SHIFT: tl.constexpr,
@@ -178,12 +179,12 @@ def _group_norm_fwd_one_pass_kernel(
         o_batch = i_b.to(tl.int64) * C * S
         b_x = tl.load(x_ptr + o_batch + (o_cl if X_CL else o_nc), mask=m, other=0.0).to(tl.float32)
         if HAS_SHIFT:  # x' = x + shift[b, c] (padding lanes stay 0)
-            b_x = tl.where(m, b_x + _load_shift(shift_ptr, i_b, C, o_c, m_c)[None, :], 0.0)
+            b_x = tl.where(m, b_x + _load_shift(shift_ptr, i_b, shift_stride, o_c, m_c)[None, :], 0.0)
         b_sum = tl.sum(b_x)
         if BLOCK_C2 > 0:
             b_x2 = tl.load(x_ptr + o_batch + (o_cl2 if X_CL else o_nc2), mask=m2, other=0.0).to(tl.float32)
             if HAS_SHIFT:
-                b_x2 = tl.where(m2, b_x2 + _load_shift(shift_ptr, i_b, C, o_c2, m_c2)[None, :], 0.0)
+                b_x2 = tl.where(m2, b_x2 + _load_shift(shift_ptr, i_b, shift_stride, o_c2, m_c2)[None, :], 0.0)
             b_sum += tl.sum(b_x2)
         b_mean = b_sum / n
         # two passes over registers: the variance from the deviations
@@ -210,9 +211,9 @@ def _group_norm_fwd_one_pass_kernel(
 @triton.jit(do_not_specialize=["n_chunks", "tiles_per_chunk", "part_plane"])
 def _group_norm_fwd_stats_kernel(
     x_ptr,  # [B, C, S], layout X_CL
-    shift_ptr,  # [B, C] contiguous, read when HAS_SHIFT (None otherwise)
+    shift_ptr,  # [B, C] (rows shift_stride apart, channels contiguous), read when HAS_SHIFT (None otherwise)
     part_ptr,  # [2, B, G, n_chunks] fp32, written: mean and M2 of each chunk of each group
-    C, S, G, n_chunks, tiles_per_chunk, part_plane,
+    C, S, G, n_chunks, tiles_per_chunk, part_plane, shift_stride,
     CG: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, X_CL: tl.constexpr,
     HAS_SHIFT: tl.constexpr,
 ):
@@ -236,7 +237,7 @@ def _group_norm_fwd_stats_kernel(
         o_k = tl.arange(0, BLOCK_C)
         m_k = o_k < CG
         if HAS_SHIFT:
-            b_shift = _load_shift(shift_ptr, i_b, C, i_g * CG + o_k, m_k)
+            b_shift = _load_shift(shift_ptr, i_b, shift_stride, i_g * CG + o_k, m_k)
     else:
         o_base = i_b.to(tl.int64) * C * S + i_g.to(tl.int64) * CG * S
 
@@ -259,7 +260,7 @@ def _group_norm_fwd_stats_kernel(
             if X_CL:
                 b_x = tl.where(m, b_x + b_shift[None, :], 0.0)
             else:
-                b_x = tl.where(m, b_x + _load_shift(shift_ptr, i_b, C, i_g * CG + o_u // S, m), 0.0)
+                b_x = tl.where(m, b_x + _load_shift(shift_ptr, i_b, shift_stride, i_g * CG + o_u // S, m), 0.0)
         t_mean = tl.sum(b_x) / t_n
         b_d = tl.where(m, b_x - t_mean, 0.0)
         t_m2 = tl.sum(b_d * b_d)
@@ -304,10 +305,10 @@ def _merge_chunks(p_part, part_plane, n_chunks, chunk_count, N, BLOCK_N: tl.cons
 def _group_norm_fwd_apply_kernel(
     x_ptr, y_ptr,  # [B, C, S], layouts X_CL and Y_CL; y written
     w_ptr, b_ptr,  # [C]
-    shift_ptr,  # [B, C] contiguous, read when HAS_SHIFT (None otherwise)
+    shift_ptr,  # [B, C] (rows shift_stride apart, channels contiguous), read when HAS_SHIFT (None otherwise)
     part_ptr,  # [2, B, G, n_chunks] fp32 from the statistics kernel
     mean_ptr, rstd_ptr,  # [B, G] fp32, written when WRITE_STATS (each group by one program)
-    C, S, G, tiles_per_program, n_chunks, chunk_count, part_plane, eps,
+    C, S, G, tiles_per_program, n_chunks, chunk_count, part_plane, eps, shift_stride,
     CG: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
     X_CL: tl.constexpr, Y_CL: tl.constexpr, SILU: tl.constexpr,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, WRITE_STATS: tl.constexpr, HAS_SHIFT: tl.constexpr,
@@ -339,7 +340,7 @@ def _group_norm_fwd_apply_kernel(
             tl.store(rstd_ptr + i_b * G + i_g, g_rstd, mask=m_write)
 
     if HAS_SHIFT:  # x + shift - mean: the shift folded into the per-channel mean
-        b_mean -= _load_shift(shift_ptr, i_b, C, o_c, m_c)
+        b_mean -= _load_shift(shift_ptr, i_b, shift_stride, o_c, m_c)
     o_batch = i_b.to(tl.int64) * C * S
     b_a = b_rstd * _load_param(w_ptr, o_c, m_c, HAS_W, 1.0)
     b_bias = _load_param(b_ptr, o_c, m_c, HAS_B, 0.0)
@@ -740,8 +741,10 @@ def _check_out(out: torch.Tensor, x: torch.Tensor) -> None:
         )
 
 
-def _check_shift(shift, x: torch.Tensor) -> Optional[torch.Tensor]:
-    """The shift ``[B, C]`` made contiguous (None stays None); a clear error for anything else."""
+def _check_shift(shift, x: torch.Tensor, rows: bool = False) -> Optional[torch.Tensor]:
+    """The shift ``[B, C]`` made contiguous, or with ``rows`` (the forward kernels take a row stride)
+    only its channels (a column slice of a wider ``[B, N]`` tensor is read in place); None stays
+    None; a clear error for anything else."""
     if shift is None:
         return None
     if not isinstance(shift, torch.Tensor):
@@ -752,7 +755,7 @@ def _check_shift(shift, x: torch.Tensor) -> Optional[torch.Tensor]:
         raise ValueError(f"shift must have the shape [B, C] = {tuple(x.shape[:2])}, got {tuple(shift.shape)}")
     if shift.device != x.device:
         raise ValueError(f"shift is on {shift.device}, x on {x.device}")
-    return shift.contiguous()
+    return shift if rows and shift.stride(1) == 1 else shift.contiguous()
 
 
 def _tuning() -> tuple:
@@ -850,14 +853,16 @@ def group_norm_fwd(
     caller checks). y: ``[B, C, *spatial]`` in x's dtype, channels-last when ``channels_last_out``
     (None: x's layout), or written into ``out`` (NCHW-contiguous or channels-last: its layout
     decides). mean, rstd: ``[B, G]`` fp32, what the backward needs; None with ``stats=False``
-    (inference: neither allocated nor written). shift: ``[B, C]`` any float dtype, or None: y is
+    (inference: neither allocated nor written). shift: ``[B, C]`` any float dtype (channels
+    contiguous, rows any stride: e.g. a column slice of one wider projection), or None: y is
     the norm of ``x + shift[:, :, None, ...]`` (added in fp32 as x is read; the sum is never
     stored), and mean/rstd are that sum's.
     Eager equivalent: :func:`group_norm_reference` (mean/rstd: ``torch.ops.aten.native_group_norm``
     of ``x + shift[:, :, None, ...]``).
     """
     silu = _activation_flag(activation)
-    shift = _check_shift(shift, x)
+    shift = _check_shift(shift, x, rows=True)
+    shift_stride = 0 if shift is None else shift.stride(0)
     x, x_cl = _canonical(x)
     B, C = x.shape[0], x.shape[1]
     S = math.prod(x.shape[2:])
@@ -880,7 +885,7 @@ def group_norm_fwd(
 
     if plan.one_pass:
         _group_norm_fwd_one_pass_kernel[plan.grid](
-            x, y, w, b, shift, mean_p, rstd_p, B, C, S, G, plan.batches_per_program, eps,
+            x, y, w, b, shift, mean_p, rstd_p, B, C, S, G, plan.batches_per_program, eps, shift_stride,
             X_CL=x_cl, Y_CL=y_cl, **flags, **plan.meta,
         )
         return y, mean, rstd
@@ -889,13 +894,13 @@ def group_norm_fwd(
     part = torch.empty((2, B, G, st.n_chunks), dtype=torch.float32, device=x.device)
     part_plane = B * G * st.n_chunks
     _group_norm_fwd_stats_kernel[st.grid](
-        x, shift, part, C, S, G, st.n_chunks, st.chunk_len // st.BLOCK_S, part_plane,
+        x, shift, part, C, S, G, st.n_chunks, st.chunk_len // st.BLOCK_S, part_plane, shift_stride,
         CG=C // G, BLOCK_S=st.BLOCK_S, BLOCK_C=st.BLOCK_C, X_CL=x_cl, HAS_SHIFT=shift is not None,
         num_warps=SPLIT_WARPS,
     )
     _group_norm_fwd_apply_kernel[ap.grid](
         x, y, w, b, shift, part, mean_p, rstd_p, C, S, G, ap.tiles_per_program, st.n_chunks, st.chunk_count, part_plane, eps,
-        CG=C // G, BLOCK_S=ap.BLOCK_S, BLOCK_C=ap.BLOCK_C, BLOCK_N=plan.BLOCK_N, X_CL=x_cl, Y_CL=y_cl, **flags,
+        shift_stride, CG=C // G, BLOCK_S=ap.BLOCK_S, BLOCK_C=ap.BLOCK_C, BLOCK_N=plan.BLOCK_N, X_CL=x_cl, Y_CL=y_cl, **flags,
         num_warps=SPLIT_WARPS,
     )
     return y, mean, rstd

@@ -455,6 +455,24 @@ def test_shift_without_affine_and_into_out(path, force_split, poison):
     torch.testing.assert_close(dshift.double(), sr.grad, rtol=0, atol=5e-2)
 
 
+@pytest.mark.parametrize("path", ["one-pass", "split"])
+@pytest.mark.parametrize("layout", ["nchw", "channels-last"])
+def test_shift_read_in_place_from_a_column_slice(path, layout, force_split, poison):
+    """A shift that is a column slice of a wider [B, N] tensor (the packed time_emb_proj output every
+    ResnetBlock2D slices its part from) is read in place by the forward kernels, rows a stride apart:
+    the same y and statistics, bit for bit, as with the same shift made contiguous; no copy."""
+    if path == "split":
+        force_split()
+    x, weight, bias, shift, _ = _shift_inputs((2, 12, 7, 5), torch.float16, torch.float16, layout == "channels-last")
+    wide = torch.randn(2, 40, dtype=torch.float16)
+    wide[:, 9:21] = shift
+    sliced = wide[:, 9:21]
+    assert sliced.stride() == (40, 1) and gn._check_shift(sliced, x, rows=True) is sliced
+    y, mean, rstd = gn.group_norm_fwd(x, weight, bias, 4, 1e-5, "silu", shift=sliced, out=nan_like(x))
+    y0, mean0, rstd0 = gn.group_norm_fwd(x, weight, bias, 4, 1e-5, "silu", shift=shift.contiguous())
+    assert torch.equal(y, y0) and torch.equal(mean, mean0) and torch.equal(rstd, rstd0)
+
+
 def test_shift_none_is_the_plain_norm(poison):
     """shift=None keeps the three-tuple backward and the plain statistics; a zero shift equals it."""
     x, weight, bias, _, grad = _shift_inputs((2, 12, 7, 5), torch.float32, torch.float32, False)

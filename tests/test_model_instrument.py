@@ -53,11 +53,10 @@ def test_optimize_runs_the_kernels_and_fuses_the_silu(report):
                 < kinds_e["norm"]["launches"] + kinds_e["elementwise"]["launches"])
         assert kinds_o["elementwise"]["bytes"] < kinds_e["elementwise"]["bytes"]
         assert opt["launches"] < eager["launches"]
-        # the matrix work is the same launches; the ResnetBlock2D shortcut GEMMs read the residual they
-        # accumulate onto (conv2's output), the bytes of the adds they absorb
-        assert kinds_o["gemm_conv"]["launches"] == kinds_e["gemm_conv"]["launches"]
-        saved = kinds_e["elementwise"]["bytes"] - kinds_o["elementwise"]["bytes"]
-        assert kinds_e["gemm_conv"]["bytes"] <= kinds_o["gemm_conv"]["bytes"] <= kinds_e["gemm_conv"]["bytes"] + saved
+        # the matrix work is the same FLOPs (up to the residual adds the GEMM epilogues absorb), in as many
+        # launches or fewer (the packed time_emb_proj GEMM serves every ResnetBlock2D)
+        assert kinds_o["gemm_conv"]["launches"] <= kinds_e["gemm_conv"]["launches"]
+        assert kinds_e["gemm_conv"]["flops"] <= kinds_o["gemm_conv"]["flops"] <= 1.01 * kinds_e["gemm_conv"]["flops"]
 
 
 def test_json_is_written(report):

@@ -799,6 +799,52 @@ def test_resnet_block_runs_its_1x1_shortcut_as_a_gemm_onto_conv2(channels_last, 
     restore(block)
 
 
+def test_unet_time_projections_packed_into_one_gemm_a_step_and_restore(monkeypatch):
+    """pack_weights (the default): the time_emb_proj of every ResnetBlock2D becomes a row block of one
+    buffer (the same Parameters, state dict and values); in inference on the Triton backend one GEMM a
+    step computes them all (each block slices its columns, read in place by norm2's shift); the eager
+    backend and a step with gradients run the blocks' own GEMMs; restore unpacks; pack_weights=False
+    leaves the storages alone."""
+    unet, inputs = _unet(), _unet_inputs()
+    ref = _run_unet(unet, inputs)
+    state = {k: v.clone() for k, v in unet.state_dict().items()}
+    blocks = sorted(n for n, m in unet.named_modules() if type(m).__name__ == "ResnetBlock2D")
+    report = optimize(unet)
+    assert sorted(report.paths(opt_mod.TIME_PROJECTIONS)) == blocks
+    packs = {id(m.forward.time_pack) for m in unet.modules() if type(m).__name__ == "ResnetBlock2D"}
+    assert len(packs) == 1
+    pack = unet.down_blocks[0].resnets[0].forward.time_pack
+    assert isinstance(pack, ldm_fast.integrations.diffusers.PackedTimeProjections)
+    assert pack.weight.shape == (sum(m.time_emb_proj.out_features for m in _time_blocks(unet)), 128)
+    assert all(torch.equal(unet.state_dict()[k], v) for k, v in state.items())
+    calls = []
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear",
+                        lambda x, w, b=None: calls.append(w is pack.weight) or linear(x, w, b))
+    assert torch.equal(_run_unet(unet, inputs), ref) and not any(calls)  # eager backend: the blocks' own
+    with ldm_fast.use_backend("triton"):
+        calls.clear()
+        out = _run_unet(unet, inputs)
+        assert calls.count(True) == 1  # one packed GEMM for every block of the step
+        _assert_close_rel(out, ref, TRITON_RTOL)
+        calls.clear()
+        unet(*inputs).sample.sum().backward()  # gradients to record: the blocks' own GEMMs
+        assert not any(calls) and unet.down_blocks[0].resnets[0].time_emb_proj.weight.grad is not None
+    restore(unet)
+    storages = [p.untyped_storage()._cdata for p in unet.parameters()]
+    assert len(set(storages)) == len(storages)
+    assert all(torch.equal(unet.state_dict()[k], v) for k, v in state.items())
+    report = optimize(unet, pack_weights=False)
+    assert report.paths(opt_mod.TIME_PROJECTIONS) == [] and unet.down_blocks[0].resnets[0].forward.time_pack is None
+    storages = [p.untyped_storage()._cdata for p in unet.parameters()]
+    assert len(set(storages)) == len(storages)
+    restore(unet)
+
+
+def _time_blocks(model):
+    return [m for m in model.modules() if type(m).__name__ == "ResnetBlock2D" and m.time_emb_proj is not None]
+
+
 # ---------------------------------------------------------------------------------------------
 # BasicTransformerBlock: the residual add + LayerNorm in one kernel; the shared time-embedding SiLU
 

@@ -46,7 +46,23 @@ exactly what it changed. What it does is a list of small passes (:data:`PASSES`)
     norm are one :func:`ldm_fast.functional.add_layer_norm` kernel. diffusers' own statements on a
     CPU, under autocast (which runs LayerNorm in fp32), for a 4-d input or GLIGEN kwargs, and under
     torch.compile. The ``ResnetBlock2D`` forward of ``silu_fusion`` also computes the time
-    embedding's SiLU once per step instead of once per block (inference only).
+    embedding's SiLU once per step instead of once per block (inference only). In inference on the
+    Triton backend the feed-forward's residual goes into its output GEMM: norm3's kernel writes
+    ``s + ff.net[2].bias`` and ``addmm`` accumulates the projection onto it (diffusers'
+    ``FeedForward`` checked by AST hash; unchunked, unhooked).
+``silu_fusion``'s ``ResnetBlock2D`` forward, more (inference on the Triton backend)
+    A 1x1 ``conv_shortcut`` (the blocks that change the channel count) runs as a GEMM accumulating
+    onto ``conv2``'s output (``conv2`` carries both biases, their sum cached by version): no
+    shortcut tensor, no residual add.
+``pack_weights`` (``pack_weights=True``, the default)
+    Linear weights one GEMM can serve together are stored as row blocks of one buffer
+    (:class:`ldm_fast.integrations.diffusers.PackedLinears`: the same Parameter objects, state dict
+    keys and values, each ``.data`` a view; safetensors saves them): the ``time_emb_proj`` of every
+    fused ``ResnetBlock2D`` (the first block of a step computes all of them with one GEMM, each
+    block slices its columns: 22 GEMMs a SD 1.5 step -> 1) and, with ``attention``, each
+    ``Attention``'s projections. Used in inference on the Triton backend while the views are intact
+    (checked per call); ``model.to(dtype)`` or ``.to(device)`` after optimize re-allocates them and
+    the separate GEMMs run (optimize after moving the model); :func:`restore` unpacks.
 ``channels_last`` (``channels_last=True``)
     Every 4-d parameter and buffer (conv weights) is stored ``torch.channels_last`` (5-d:
     ``channels_last_3d``) by re-assigning ``.data`` (and ``.grad``), so the Parameter objects stay
@@ -66,8 +82,8 @@ exactly what it changed. What it does is a list of small passes (:data:`PASSES`)
     and listed with the reason. Off by default: ``functional.attention``'s ``impl="auto"`` runs
     SDPA until a GPU measurement says the Triton kernel is faster (``LDM_FAST_ATTENTION=triton``
     forces it), so today the swap saves the transposes and copies around SDPA, not the attention.
-    Each swapped module's ``to_q``/``to_k``/``to_v`` weights (plain ``nn.Linear``s, not tied to
-    another module) are packed as row blocks of one buffer
+    With ``pack_weights``, each swapped module's ``to_q``/``to_k``/``to_v`` weights (plain
+    ``nn.Linear``s, not tied to another module) are packed as row blocks of one buffer
     (:class:`ldm_fast.integrations.diffusers.PackedProjections`: the same Parameter objects, state
     dict and values, each ``.data`` a view), and the processor computes a self-attention's q, k and v
     with one GEMM and a cross-attention's k and v with one (SD 1.5 U-Net: 96 projection GEMMs a step
@@ -101,9 +117,9 @@ function; ``from ldm_fast.optimize import CUDAGraphForward`` reads the package.
 from .api import PASSES, Context, Pass, optimize, report_of, restore
 from .cuda_graph import CUDA_GRAPH_MAX_SIGNATURES, CUDAGraphAPI, CUDAGraphForward, graph_key, map_output
 from .report import (ATTENTION, CHANNELS_LAST, CUDA_GRAPH, FUSED, GEGLU, GROUP_NORM, GROUP_NORM32, PACKED_PROJECTIONS,
-                     RESNET_FORWARD, SEQUENTIAL_SILU, TRANSFORMER_FORWARD, TRANSFORMER_LAYOUT, OptimizeReport, ReportItem)
+                     RESNET_FORWARD, SEQUENTIAL_SILU, TIME_PROJECTIONS, TRANSFORMER_FORWARD, TRANSFORMER_LAYOUT, OptimizeReport, ReportItem)
 
 __all__ = ["ATTENTION", "CHANNELS_LAST", "CUDA_GRAPH", "CUDA_GRAPH_MAX_SIGNATURES", "CUDAGraphAPI", "CUDAGraphForward",
            "Context", "FUSED", "GEGLU", "GROUP_NORM", "GROUP_NORM32", "OptimizeReport", "PACKED_PROJECTIONS", "PASSES", "Pass",
            "RESNET_FORWARD",
-           "ReportItem", "SEQUENTIAL_SILU", "TRANSFORMER_FORWARD", "TRANSFORMER_LAYOUT", "graph_key", "map_output", "optimize", "report_of", "restore"]
+           "ReportItem", "SEQUENTIAL_SILU", "TIME_PROJECTIONS", "TRANSFORMER_FORWARD", "TRANSFORMER_LAYOUT", "graph_key", "map_output", "optimize", "report_of", "restore"]

@@ -78,7 +78,7 @@ PASSES: List[Pass] = [
 
 def optimize(model: nn.Module, *, group_norm: bool = True, channels_last: bool = False,
              cuda_graph: bool = False, attention: bool = False, geglu: bool = True,
-             add_layer_norm: bool = True) -> OptimizeReport:
+             add_layer_norm: bool = True, pack_weights: bool = True) -> OptimizeReport:
     """Optimize ``model`` in place for the ldm_fast kernels; return an :class:`OptimizeReport`.
 
     Works on any ``nn.Module`` (diffusers ``UNet2DConditionModel``, ``AutoencoderKL``, CompVis
@@ -100,6 +100,13 @@ def optimize(model: nn.Module, *, group_norm: bool = True, channels_last: bool =
       residual that feeds a LayerNorm and apply that norm in one
       :func:`ldm_fast.functional.add_layer_norm` kernel (two per SD block; diffusers' statements on a
       CPU, under autocast and under torch.compile).
+    - ``pack_weights``: Linear weights that one GEMM can serve together are stored as row blocks of
+      one buffer (the same Parameter objects and state dict; each ``.data`` a view): the
+      ``time_emb_proj`` of a U-Net's ResnetBlock2Ds (22 GEMMs a SD 1.5 step -> 1) and, with
+      ``attention``, each Attention's q/k/v (96 -> 48). Used in inference on the Triton backend while
+      the views are intact (checked per call; ``model.to(dtype)`` after optimize re-allocates them and
+      the separate GEMMs run); ``restore`` unpacks. ``pack_weights=False`` leaves every weight's
+      storage alone.
     - ``channels_last``: 4-d parameters and buffers stored ``torch.channels_last``.
     - ``attention``: diffusers ``Attention`` modules with the default processor get
       :class:`ldm_fast.integrations.diffusers.AttnProcessor` (:func:`ldm_fast.functional.attention`
@@ -115,7 +122,7 @@ def optimize(model: nn.Module, *, group_norm: bool = True, channels_last: bool =
     error propagates. See the module docstring for each pass's rules.
     """
     options = {"group_norm": group_norm, "channels_last": channels_last, "attention": attention,
-               "cuda_graph": cuda_graph, "geglu": geglu, "add_layer_norm": add_layer_norm}
+               "cuda_graph": cuda_graph, "geglu": geglu, "add_layer_norm": add_layer_norm, "pack_weights": pack_weights}
     for name, value in options.items():
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be a bool, got {type(value).__name__}")

@@ -22,12 +22,12 @@ from torch import nn
 from .. import nn as ldm_nn
 from ..integrations.diffusers import AttnProcessor as _LdmAttnProcessor
 from ..integrations.diffusers import (PACK_ATTR, ChannelsLastTransformerOutput, FusedGEGLUForward, FusedResnetForward,
-                                      FusedTransformerBlockForward, PackedProjections, attention_swap_refused,
-                                      geglu_unfusable, global_module_hooks, is_diffusers_class, packs_query,
+                                      FusedTransformerBlockForward, PackedProjections, PackedTimeProjections, attention_swap_refused,
+                                      geglu_unfusable, global_module_hooks, is_diffusers_class, linear_unpackable, packs_query,
                                       projections_unpackable, resnet_block_unfusable, transformer_block_unfusable,
                                       transformer_output_unkept)
 from .report import (ATTENTION, CHANNELS_LAST, FUSED, GEGLU, GROUP_NORM, GROUP_NORM32, PACKED_PROJECTIONS, RESNET_FORWARD,
-                     SEQUENTIAL_SILU, TRANSFORMER_FORWARD, TRANSFORMER_LAYOUT, ReportItem)
+                     SEQUENTIAL_SILU, TIME_PROJECTIONS, TRANSFORMER_FORWARD, TRANSFORMER_LAYOUT, ReportItem)
 from .undo import _MISSING, _Restride, _SetAttr, _SetChild, _SetClass, _Unpack
 
 if TYPE_CHECKING:
@@ -171,18 +171,53 @@ def _silu_fusion_pass(ctx: _Context) -> None:
         for name, child in module._modules.items():
             if child is not None:
                 holders.setdefault(id(child), []).append((module, name))
+    forwards = []
     for module in modules:
         if is_diffusers_class(module, "ResnetBlock2D"):
-            _fuse_resnet_block(ctx, module)
+            forward = _fuse_resnet_block(ctx, module)
+            if forward is not None:
+                forwards.append(forward)
         elif isinstance(module, nn.Sequential):
             _fuse_sequential(ctx, module, holders.get(id(module), []))
+    if ctx.options["pack_weights"]:
+        _pack_time_projections(ctx, forwards)
 
 
-def _fuse_resnet_block(ctx: _Context, block: nn.Module) -> None:
+def _pack_time_projections(ctx: _Context, forwards: list) -> None:
+    """Pack the time_emb_proj Linears of the fused ResnetBlock2Ds (one group per input width, dtype,
+    device and bias presence; two or more blocks) into PackedTimeProjections."""
+    param_uses = Counter(id(p) for _, p in ctx.model.named_parameters(remove_duplicate=False))
+    groups: dict = {}
+    for forward in forwards:
+        block = forward.block
+        proj = block.time_emb_proj
+        if proj is None:
+            continue
+        reason = linear_unpackable(proj, "time_emb_proj")
+        if reason is None and (ctx.uses[id(proj)] > 1 or any(param_uses[id(p)] > 1 for p in proj.parameters())):
+            reason = "its time_emb_proj (or its weight) is shared with another module: packing would untie it"
+        if reason is not None:
+            ctx.left(block, "ResnetBlock2D time_emb_proj (one GEMM for all blocks)", reason)
+            continue
+        key = (proj.in_features, proj.weight.dtype, proj.weight.device, proj.bias is None)
+        groups.setdefault(key, []).append(forward)
+    for group in groups.values():
+        if len(group) < 2:
+            continue
+        pack = PackedTimeProjections(tuple(f.block.time_emb_proj for f in group))
+        ctx.record(_Unpack(pack))
+        for forward in group:
+            forward.time_pack = pack
+            ctx.changed(forward.block, TIME_PROJECTIONS)
+        ctx.report.notes.append(f"pack_weights: the time_emb_proj of {len(group)} ResnetBlock2Ds as one GEMM a step "
+                                f"(packed weight {tuple(pack.weight.shape)}; inference on the Triton backend)")
+
+
+def _fuse_resnet_block(ctx: _Context, block: nn.Module) -> Optional[FusedResnetForward]:
     reason = resnet_block_unfusable(block)
     if reason is not None:
         ctx.left(block, "ResnetBlock2D (GroupNorm+SiLU fusion)", reason)
-        return
+        return None
     fuse1_reason = _fusable_norm(ctx, block.norm1)
     if block.time_embedding_norm == "scale_shift":
         fuse2_reason = "time_embedding_norm='scale_shift' modulates between norm2 and the SiLU"
@@ -192,7 +227,7 @@ def _fuse_resnet_block(ctx: _Context, block: nn.Module) -> None:
         if why is not None:
             ctx.left(getattr(block, name), "GroupNorm+SiLU fusion", why)
     if fuse1_reason is not None and fuse2_reason is not None:
-        return
+        return None
     if fuse1_reason is None:
         _set_silu(ctx, block.norm1)
     if fuse2_reason is None:
@@ -202,6 +237,7 @@ def _fuse_resnet_block(ctx: _Context, block: nn.Module) -> None:
     ctx.record(_SetAttr(block, "forward", block.__dict__.get("forward", _MISSING), forward))
     block.__dict__["forward"] = forward
     ctx.changed(block, RESNET_FORWARD)
+    return forward
 
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -369,7 +405,8 @@ def _attention_pass(ctx: _Context) -> None:
         module.__dict__["processor"] = processor
         ctx.changed(module, ATTENTION)
         swapped += 1
-        packed += _pack_projections(ctx, module, param_uses)
+        if ctx.options["pack_weights"]:
+            packed += _pack_projections(ctx, module, param_uses)
     ctx.report.notes.append(
         f"attention: {swapped} diffusers Attention modules run ldm_fast.functional.attention (impl 'auto': SDPA "
         "unless a GPU measurement says the Triton kernel is faster; LDM_FAST_ATTENTION overrides); "
