@@ -16,6 +16,7 @@ does not give) runs the reference, which is always correct. Bad arguments raise 
     x_prev = lf.sampler_step(eps, x, alpha_t, alpha_prev)          # one DDIM step
     ff = lf.geglu(proj)                                            # [..., 2F] -> [..., F]
     h, n = lf.add_layer_norm(attn_out, h, norm.weight, norm.bias)   # h = attn_out + h; n = norm(h)
+    t_emb = lf.timestep_embedding(t, 320, flip_sin_to_cos=True, downscale_freq_shift=0)  # [N] -> [N, 320]
 """
 
 from .ops.add_layer_norm import add_layer_norm
@@ -26,7 +27,8 @@ from .ops.group_norm import group_norm
 from .ops.q_sample import q_sample
 from .ops.reparameterize import reparameterize, reparameterize_moments
 from .ops.sampler_step import SAMPLER_METHODS, sampler_step
+from .ops.timestep_embedding import timestep_embedding
 
 __all__ = ["ATTENTION_ROUTES_FILE", "GROUP_NORM_ACTIVATIONS", "SAMPLER_METHODS", "add_layer_norm", "attention",
            "attention_route", "geglu", "group_norm", "q_sample", "reparameterize", "reparameterize_moments",
-           "sampler_step"]
+           "sampler_step", "timestep_embedding"]
