@@ -14,6 +14,7 @@ attention kernels against SDPA) are ``tests/test_cuda_graphs.py``, which tier 1 
 from __future__ import annotations
 
 import importlib.util
+import math
 import time
 from typing import Callable
 
@@ -22,6 +23,7 @@ import torch
 import ldm_fast
 from ldm_fast import functional as F
 from ldm_fast.kernels.add_layer_norm import add_layer_norm_reference
+from ldm_fast.kernels.timestep_embedding import timestep_embedding_reference
 from ldm_fast.kernels.attention import attention_reference
 from ldm_fast.kernels.geglu import geglu_reference
 from ldm_fast.kernels.group_norm import group_norm_reference
@@ -86,6 +88,19 @@ def checks(small: bool) -> list[tuple[str, str, Callable, Callable, Callable, in
                 (1 + 0.1 * torch.randn(ln[-1], generator=g)).to(device, dtype),
                 (0.1 * torch.randn(ln[-1], generator=g)).to(device, dtype)]
 
+    def temb_make(device, dtype, g):  # integer-valued fp32 timesteps (the output is fp32 whatever the dtype)
+        return [torch.randint(0, 1000, (lat[0],), generator=g).to(device, torch.float32)]
+
+    def temb(t):  # SD 1.5's Timesteps(320, flip_sin_to_cos=True, downscale_freq_shift=0)
+        return F.timestep_embedding(t, 320, flip_sin_to_cos=True, downscale_freq_shift=0.0)
+
+    def temb_ref(t):  # diffusers' fp32 statements; the same formula in float64 for the exact reference
+        if t.dtype != torch.float64:
+            return timestep_embedding_reference(t, 320, True, 0.0, 1.0, 10000)
+        freq = torch.exp(-math.log(10000) * torch.arange(160, dtype=torch.float64, device=t.device) / 160)
+        arg = t[:, None] * freq[None, :]
+        return torch.cat([torch.cos(arg), torch.sin(arg)], dim=-1)
+
     def gn_ref(x, w, b):
         return group_norm_reference(x, 32, w, b, 1e-5, activation="silu")
 
@@ -132,6 +147,7 @@ def checks(small: bool) -> list[tuple[str, str, Callable, Callable, Callable, in
         (f"q_sample {lat}", "q_sample", q_make, lambda x0, t, tab, n: F.q_sample(x0, t, tab, noise=n),
          q_sample_reference, 0),
         (f"sampler_step ddim+cfg {lat}", "sampler_step", step_make, step, step_ref, 0),
+        (f"timestep_embedding b{lat[0]} dim 320", "timestep_embedding", temb_make, temb, temb_ref, 0),
     ]
     out += [(f"attention b{b} n{n} h{h} d{d}", "attention", attn_make(b, n, h, d), attn(h), attn_ref(h), 3)
             for b, n, h, d in attn_shapes]

@@ -68,7 +68,7 @@ def test_dry_run_tier_contents(dry_run):
     assert checks["pytest"]["rc"] == 0 and checks["pytest"]["counts"]["skipped"] > 0  # no GPU here
     assert checks["failed"] == 0
     assert {c["op"] for c in checks["checks"]} == {"group_norm", "reparameterize", "q_sample", "sampler_step",
-                                                   "attention", "geglu", "add_layer_norm"}
+                                                   "attention", "geglu", "add_layer_norm", "timestep_embedding"}
     assert any("shift" in c["check"] for c in checks["checks"])
     assert all(c["kernel_launched"] for c in checks["checks"])
     assert any("channels_last" in c["check"] for c in checks["checks"])

@@ -841,6 +841,38 @@ def test_unet_time_projections_packed_into_one_gemm_a_step_and_restore(monkeypat
     restore(unet)
 
 
+def test_unet_timesteps_run_the_timestep_embedding_kernel_and_restore():
+    """timestep_embedding (the default): the U-Net's Timesteps runs one kernel (interpreted here),
+    the embedding within the kernel's error of diffusers'; diffusers' statements bit for bit on the
+    eager backend; restore removes the forward; timestep_embedding=False leaves it."""
+    from diffusers.models.embeddings import Timesteps
+
+    unet, inputs = _unet(), _unet_inputs()
+    ref = _run_unet(unet, inputs)
+    t = torch.tensor([10, 500])
+    with torch.no_grad():
+        ref_emb = unet.time_proj(t)
+    report = optimize(unet)
+    assert report.paths(opt_mod.TIMESTEPS) == ["time_proj"]
+    assert isinstance(unet.time_proj.forward, ldm_fast.integrations.diffusers.FusedTimestepsForward)
+    assert torch.equal(unet.time_proj(t), ref_emb) and torch.equal(_run_unet(unet, inputs), ref)
+    with ldm_fast.use_backend("triton"):
+        before = ldm_fast.ops.kernel_launches["timestep_embedding"]
+        emb = unet.time_proj(t)
+        out = _run_unet(unet, inputs)
+        assert ldm_fast.ops.kernel_launches["timestep_embedding"] - before == 2
+    torch.testing.assert_close(emb, ref_emb, rtol=0, atol=1e-5)  # |sin|, |cos| <= 1: libm vs numpy ulps
+    _assert_close_rel(out, ref, TRITON_RTOL)
+    restore(unet)
+    assert "forward" not in unet.time_proj.__dict__
+    report = optimize(unet, timestep_embedding=False)
+    assert report.paths(opt_mod.TIMESTEPS) == [] and "timestep_embedding: off" in report.notes
+    restore(unet)
+    odd = Timesteps(7, flip_sin_to_cos=False, downscale_freq_shift=3)  # dim // 2 - shift == 0: left
+    report = optimize(nn.ModuleDict({"odd": odd}))
+    assert [(i.path, "division by zero" in i.reason) for i in report.left] == [("odd", True)]
+
+
 def _time_blocks(model):
     return [m for m in model.modules() if type(m).__name__ == "ResnetBlock2D" and m.time_emb_proj is not None]
 

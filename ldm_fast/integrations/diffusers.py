@@ -53,10 +53,10 @@ from torch import nn
 from .. import backend, functional
 
 __all__ = ["PACK_ATTR", "AttnProcessor", "ChannelsLastTransformerOutput", "FusedGEGLUForward", "FusedResnetForward",
-           "FusedTransformerBlockForward", "PackedLinears", "PackedProjections", "PackedTimeProjections",
+           "FusedTimestepsForward", "FusedTransformerBlockForward", "PackedLinears", "PackedProjections", "PackedTimeProjections",
            "global_module_hooks", "linear_unpackable", "packs_query",
            "projections_unpackable", "shortcut_gemm_refused", "attention_swap_refused", "feed_forward_epilogue_refused", "geglu_unfusable", "is_diffusers_class", "resnet_block_unfusable",
-           "transformer_block_unfusable", "transformer_output_unkept"]
+           "timesteps_unfusable", "transformer_block_unfusable", "transformer_output_unkept"]
 
 _SCALE_DEPRECATION = (
     "The `scale` argument is deprecated and will be ignored. Please remove it, as passing it will raise an error "
@@ -347,8 +347,8 @@ class PackedTimeProjections(PackedLinears):
         """``module(temb)`` (``module`` one of the packed Linears) as columns of the packed GEMM's
         output, or None where the packed GEMM does not apply (the caller calls the module)."""
         i = self.index.get(id(module))
-        if i is None or self.modules[i] is not module or not self.intact(i) or not self.inference(temb):
-            return None
+        if i is None or not self.inference(temb) or self.modules[i] is not module or not self.intact(i):
+            return None  # (inference first: it steps aside under torch.compile before any storage is read)
         last = self._last
         if last is not None and last[0]() is temb and last[1] == temb._version:
             out = last[2]
@@ -938,4 +938,57 @@ def transformer_output_unkept(module: nn.Module) -> Optional[str]:
                 "diffusers 0.42 source ldm_fast reproduces")
     if "_get_output_for_continuous_inputs" in module.__dict__:
         return "the module has an instance-level _get_output_for_continuous_inputs"
+    return None
+
+
+# --- Timesteps: the sinusoidal time embedding in one kernel ----------------------------------------
+
+# The Timesteps.forward and get_timestep_embedding sources FusedTimestepsForward reproduces: diffusers 0.42.1.
+_TIMESTEPS_AST_SHA256 = {
+    ("ad31444f04c9503b9eb9c10124b1c39186e02ce725f60a37c452926500ae332b",
+     "98b65e5097dfbdc622dc5b7ee138468ef050697ff9aaa4b59004e3f827f2351f"),  # diffusers 0.42.1
+}
+
+
+class FusedTimestepsForward:
+    """diffusers 0.42 ``Timesteps.forward`` (``get_timestep_embedding`` with the module's
+    ``num_channels``, ``flip_sin_to_cos``, ``downscale_freq_shift`` and ``scale``) as
+    :func:`ldm_fast.functional.timestep_embedding`: one launch instead of about ten (bit for bit
+    diffusers' statements on the eager backend and under torch.compile). Installed as the module's
+    instance-level ``forward``."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __repr__(self) -> str:
+        return "<ldm_fast fused Timesteps.forward: timestep_embedding in one kernel>"
+
+    def __call__(self, timesteps: torch.Tensor) -> torch.Tensor:
+        m = self.module
+        return functional.timestep_embedding(timesteps, m.num_channels, flip_sin_to_cos=bool(m.flip_sin_to_cos),
+                                             downscale_freq_shift=m.downscale_freq_shift, scale=m.scale)
+
+
+def timesteps_unfusable(module: nn.Module) -> Optional[str]:
+    """None when :class:`FusedTimestepsForward` computes what ``module`` (a diffusers Timesteps) does,
+    else why not."""
+    cls = type(module)
+    embed = getattr(sys.modules.get(cls.__module__), "get_timestep_embedding", None)
+    digests = (_function_ast_sha256(cls.forward), _function_ast_sha256(embed) if embed is not None else None)
+    if None in digests:
+        return f"the source of {cls.__qualname__}.forward or get_timestep_embedding is not available to check"
+    if digests not in _TIMESTEPS_AST_SHA256:
+        return (f"{cls.__module__}.{cls.__qualname__}.forward or get_timestep_embedding differs from the diffusers "
+                "0.42 source ldm_fast reproduces")
+    if "forward" in module.__dict__:
+        return "the module has an instance-level forward"
+    dim = getattr(module, "num_channels", None)
+    if not (isinstance(dim, int) and dim > 0):
+        return f"its num_channels is {dim!r}, not a positive int"
+    for name in ("downscale_freq_shift", "scale"):
+        value = getattr(module, name, None)
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)):
+            return f"its {name} is {value!r}, not a finite number"
+    if dim // 2 - module.downscale_freq_shift == 0:
+        return "dim // 2 - downscale_freq_shift is 0 (a division by zero in diffusers too)"
     return None

@@ -1,5 +1,5 @@
 """The ops, one module each: ``reparameterize``, ``q_sample``, ``group_norm``, ``attention``,
-``sampler_step``, ``geglu``, ``add_layer_norm``. Each module reads top to bottom: the public function (argument checks, then the
+``sampler_step``, ``geglu``, ``add_layer_norm``, ``timestep_embedding``. Each module reads top to bottom: the public function (argument checks, then the
 kernel or the eager reference), the ``torch.autograd.Function`` where training needs one, and the
 ``torch.library`` registration for torch.compile. :mod:`ldm_fast.functional` re-exports the public
 functions.
@@ -20,8 +20,8 @@ replay draws new noise without the host reading it. The backward draws the forwa
 from the same seed instead of storing it.
 """
 
-from . import add_layer_norm, attention, geglu, group_norm, q_sample, reparameterize, sampler_step
+from . import add_layer_norm, attention, geglu, group_norm, q_sample, reparameterize, sampler_step, timestep_embedding
 from ._common import ArgumentError, kernel_launches
 
 __all__ = ["ArgumentError", "add_layer_norm", "attention", "geglu", "group_norm", "kernel_launches", "q_sample",
-           "reparameterize", "sampler_step"]
+           "reparameterize", "sampler_step", "timestep_embedding"]

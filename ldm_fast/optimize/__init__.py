@@ -54,6 +54,12 @@ exactly what it changed. What it does is a list of small passes (:data:`PASSES`)
     A 1x1 ``conv_shortcut`` (the blocks that change the channel count) runs as a GEMM accumulating
     onto ``conv2``'s output (``conv2`` carries both biases, their sum cached by version): no
     shortcut tensor, no residual add.
+``timestep_embedding`` (``timestep_embedding=True``, the default)
+    Every diffusers ``Timesteps`` (the U-Net's sinusoidal time embedding) whose ``forward`` and
+    ``get_timestep_embedding`` are the diffusers 0.42 source (AST hash) gets an instance-level
+    forward running :func:`ldm_fast.functional.timestep_embedding`: one kernel for arange, exp,
+    the outer product, sin, cos and the cats (~10 launches). diffusers' statements on a CPU and
+    under torch.compile.
 ``pack_weights`` (``pack_weights=True``, the default)
     Linear weights one GEMM can serve together are stored as row blocks of one buffer
     (:class:`ldm_fast.integrations.diffusers.PackedLinears`: the same Parameter objects, state dict
@@ -108,8 +114,8 @@ all of ldm_fast's diffusers knowledge.
 
 The package: :mod:`~ldm_fast.optimize.api` (optimize, restore, the pass list :data:`PASSES`),
 :mod:`~ldm_fast.optimize.report` (the report), :mod:`~ldm_fast.optimize.undo` (the undo
-records), :mod:`~ldm_fast.optimize.passes` (group_norm, silu_fusion, geglu, add_layer_norm, channels_last,
-attention) and
+records), :mod:`~ldm_fast.optimize.passes` (group_norm, silu_fusion, geglu, add_layer_norm, timestep_embedding,
+channels_last, attention) and
 :mod:`~ldm_fast.optimize.cuda_graph` (:class:`CUDAGraphForward`). ``ldm_fast.optimize`` is the
 function; ``from ldm_fast.optimize import CUDAGraphForward`` reads the package.
 """
@@ -117,9 +123,9 @@ function; ``from ldm_fast.optimize import CUDAGraphForward`` reads the package.
 from .api import PASSES, Context, Pass, optimize, report_of, restore
 from .cuda_graph import CUDA_GRAPH_MAX_SIGNATURES, CUDAGraphAPI, CUDAGraphForward, graph_key, map_output
 from .report import (ATTENTION, CHANNELS_LAST, CUDA_GRAPH, FUSED, GEGLU, GROUP_NORM, GROUP_NORM32, PACKED_PROJECTIONS,
-                     RESNET_FORWARD, SEQUENTIAL_SILU, TIME_PROJECTIONS, TRANSFORMER_FORWARD, TRANSFORMER_LAYOUT, OptimizeReport, ReportItem)
+                     RESNET_FORWARD, SEQUENTIAL_SILU, TIME_PROJECTIONS, TIMESTEPS, TRANSFORMER_FORWARD, TRANSFORMER_LAYOUT, OptimizeReport, ReportItem)
 
 __all__ = ["ATTENTION", "CHANNELS_LAST", "CUDA_GRAPH", "CUDA_GRAPH_MAX_SIGNATURES", "CUDAGraphAPI", "CUDAGraphForward",
            "Context", "FUSED", "GEGLU", "GROUP_NORM", "GROUP_NORM32", "OptimizeReport", "PACKED_PROJECTIONS", "PASSES", "Pass",
            "RESNET_FORWARD",
-           "ReportItem", "SEQUENTIAL_SILU", "TIME_PROJECTIONS", "TRANSFORMER_FORWARD", "TRANSFORMER_LAYOUT", "graph_key", "map_output", "optimize", "report_of", "restore"]
+           "ReportItem", "SEQUENTIAL_SILU", "TIME_PROJECTIONS", "TIMESTEPS", "TRANSFORMER_FORWARD", "TRANSFORMER_LAYOUT", "graph_key", "map_output", "optimize", "report_of", "restore"]

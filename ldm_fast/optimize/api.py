@@ -13,7 +13,7 @@ from torch import nn
 from .. import backend
 from .cuda_graph import _cuda_graph_pass
 from .passes import (_add_layer_norm_pass, _attention_pass, _channels_last_pass, _geglu_pass, _group_norm_pass,
-                     _silu_fusion_pass)
+                     _silu_fusion_pass, _timestep_embedding_pass)
 from .report import OptimizeReport, ReportItem
 from .undo import _STATE_ATTR, _State
 
@@ -70,6 +70,7 @@ PASSES: List[Pass] = [
     Pass("silu_fusion", lambda o: o["group_norm"], _silu_fusion_pass),
     Pass("geglu", lambda o: o["geglu"], _geglu_pass),
     Pass("add_layer_norm", lambda o: o["add_layer_norm"], _add_layer_norm_pass),
+    Pass("timestep_embedding", lambda o: o["timestep_embedding"], _timestep_embedding_pass),
     Pass("channels_last", lambda o: o["channels_last"], _channels_last_pass),
     Pass("attention", lambda o: o["attention"], _attention_pass),
     Pass("cuda_graph", lambda o: o["cuda_graph"], _cuda_graph_pass),
@@ -78,7 +79,8 @@ PASSES: List[Pass] = [
 
 def optimize(model: nn.Module, *, group_norm: bool = True, channels_last: bool = False,
              cuda_graph: bool = False, attention: bool = False, geglu: bool = True,
-             add_layer_norm: bool = True, pack_weights: bool = True) -> OptimizeReport:
+             add_layer_norm: bool = True, pack_weights: bool = True,
+             timestep_embedding: bool = True) -> OptimizeReport:
     """Optimize ``model`` in place for the ldm_fast kernels; return an :class:`OptimizeReport`.
 
     Works on any ``nn.Module`` (diffusers ``UNet2DConditionModel``, ``AutoencoderKL``, CompVis
@@ -100,6 +102,9 @@ def optimize(model: nn.Module, *, group_norm: bool = True, channels_last: bool =
       residual that feeds a LayerNorm and apply that norm in one
       :func:`ldm_fast.functional.add_layer_norm` kernel (two per SD block; diffusers' statements on a
       CPU, under autocast and under torch.compile).
+    - ``timestep_embedding``: diffusers ``Timesteps`` modules (the U-Net's sinusoidal time
+      embedding) run :func:`ldm_fast.functional.timestep_embedding`, one kernel instead of ~10
+      launches (diffusers' statements on a CPU and under torch.compile).
     - ``pack_weights``: Linear weights that one GEMM can serve together are stored as row blocks of
       one buffer (the same Parameter objects and state dict; each ``.data`` a view): the
       ``time_emb_proj`` of a U-Net's ResnetBlock2Ds (22 GEMMs a SD 1.5 step -> 1) and, with
@@ -122,7 +127,8 @@ def optimize(model: nn.Module, *, group_norm: bool = True, channels_last: bool =
     error propagates. See the module docstring for each pass's rules.
     """
     options = {"group_norm": group_norm, "channels_last": channels_last, "attention": attention,
-               "cuda_graph": cuda_graph, "geglu": geglu, "add_layer_norm": add_layer_norm, "pack_weights": pack_weights}
+               "cuda_graph": cuda_graph, "geglu": geglu, "add_layer_norm": add_layer_norm, "pack_weights": pack_weights,
+               "timestep_embedding": timestep_embedding}
     for name, value in options.items():
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
@@ -204,7 +210,7 @@ def _optimize_pipeline(pipe, options: Dict[str, bool]) -> OptimizeReport:
     try:
         for name in _pipeline_parts(pipe):
             part_options = options if name == "unet" else {"group_norm": options["group_norm"], "geglu": False,
-                                                                  "add_layer_norm": False}
+                                                                  "add_layer_norm": False, "timestep_embedding": False}
             part = _get(pipe, name)
             sub = optimize(part, **part_options)
             done.append(part)

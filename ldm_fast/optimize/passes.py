@@ -22,12 +22,13 @@ from torch import nn
 from .. import nn as ldm_nn
 from ..integrations.diffusers import AttnProcessor as _LdmAttnProcessor
 from ..integrations.diffusers import (PACK_ATTR, ChannelsLastTransformerOutput, FusedGEGLUForward, FusedResnetForward,
+                                      FusedTimestepsForward, timesteps_unfusable,
                                       FusedTransformerBlockForward, PackedProjections, PackedTimeProjections, attention_swap_refused,
                                       geglu_unfusable, global_module_hooks, is_diffusers_class, linear_unpackable, packs_query,
                                       projections_unpackable, resnet_block_unfusable, transformer_block_unfusable,
                                       transformer_output_unkept)
 from .report import (ATTENTION, CHANNELS_LAST, FUSED, GEGLU, GROUP_NORM, GROUP_NORM32, PACKED_PROJECTIONS, RESNET_FORWARD,
-                     SEQUENTIAL_SILU, TIME_PROJECTIONS, TRANSFORMER_FORWARD, TRANSFORMER_LAYOUT, ReportItem)
+                     SEQUENTIAL_SILU, TIME_PROJECTIONS, TIMESTEPS, TRANSFORMER_FORWARD, TRANSFORMER_LAYOUT, ReportItem)
 from .undo import _MISSING, _Restride, _SetAttr, _SetChild, _SetClass, _Unpack
 
 if TYPE_CHECKING:
@@ -479,3 +480,13 @@ def _add_layer_norm_pass(ctx: _Context) -> None:
                                 "BasicTransformerBlock (add + LayerNorm fusion)")
     ctx.report.notes.append(f"add_layer_norm: {fused} diffusers BasicTransformerBlocks add their residual into "
                             "the next LayerNorm in one ldm_fast.functional.add_layer_norm kernel")
+
+
+# --- timestep_embedding ----------------------------------------------------------------------
+
+
+def _timestep_embedding_pass(ctx: _Context) -> None:
+    fused = _install_per_module(ctx, "Timesteps", "forward", timesteps_unfusable, FusedTimestepsForward, TIMESTEPS,
+                                "Timesteps (timestep_embedding kernel)")
+    ctx.report.notes.append(f"timestep_embedding: {fused} diffusers Timesteps modules run "
+                            "ldm_fast.functional.timestep_embedding (one kernel)")
