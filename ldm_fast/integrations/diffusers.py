@@ -431,6 +431,17 @@ def _function_ast_sha256(fn) -> Optional[str]:
     return _AST_SHA256[fn]
 
 
+def _source_unknown(cls: type, what: str, fns: tuple, known: set) -> Optional[str]:
+    """None when the AST digests of ``fns`` (``what``: their names, for the message) are a known
+    tuple of ``known`` (a single digest when one function), else why not."""
+    digests = tuple(None if fn is None else _function_ast_sha256(fn) for fn in fns)
+    if None in digests:
+        return f"the source of {cls.__qualname__}.{what} is not available to check"
+    if (digests if len(digests) > 1 else digests[0]) not in known:
+        return f"{cls.__module__}.{cls.__qualname__}.{what} differs from the diffusers 0.42 source ldm_fast reproduces"
+    return None
+
+
 _SILU_OF: list = [None]  # [(weakref to temb, temb._version, silu(temb))]: the last time embedding's SiLU
 
 
@@ -701,12 +712,9 @@ class FusedGEGLUForward:
 def geglu_unfusable(module: nn.Module) -> Optional[str]:
     """None when :class:`FusedGEGLUForward` computes what ``module`` (a diffusers GEGLU) does, else why not."""
     cls = type(module)
-    digests = (_function_ast_sha256(cls.forward), _function_ast_sha256(getattr(cls, "gelu", None)))
-    if None in digests:
-        return f"the source of {cls.__qualname__}.forward/gelu is not available to check"
-    if digests not in _GEGLU_AST_SHA256:
-        return (f"{cls.__module__}.{cls.__qualname__}.forward or .gelu differs from the diffusers 0.42 GEGLU "
-                "ldm_fast reproduces")
+    reason = _source_unknown(cls, "forward/gelu", (cls.forward, getattr(cls, "gelu", None)), _GEGLU_AST_SHA256)
+    if reason is not None:
+        return reason
     if "forward" in module.__dict__ or "gelu" in module.__dict__:
         return "the module has an instance-level forward or gelu"
     if not isinstance(getattr(module, "proj", None), nn.Linear):
@@ -929,13 +937,10 @@ def transformer_output_unkept(module: nn.Module) -> Optional[str]:
     """None when :class:`ChannelsLastTransformerOutput` computes what ``module`` (a diffusers
     Transformer2DModel) does, else why not."""
     cls = type(module)
-    fn = getattr(cls, "_get_output_for_continuous_inputs", None)
-    digest = _function_ast_sha256(fn) if fn is not None else None
-    if digest is None:
-        return f"the source of {cls.__qualname__}._get_output_for_continuous_inputs is not available to check"
-    if digest not in _TRANSFORMER_OUTPUT_AST_SHA256:
-        return (f"{cls.__module__}.{cls.__qualname__}._get_output_for_continuous_inputs differs from the "
-                "diffusers 0.42 source ldm_fast reproduces")
+    reason = _source_unknown(cls, "_get_output_for_continuous_inputs",
+                             (getattr(cls, "_get_output_for_continuous_inputs", None),), _TRANSFORMER_OUTPUT_AST_SHA256)
+    if reason is not None:
+        return reason
     if "_get_output_for_continuous_inputs" in module.__dict__:
         return "the module has an instance-level _get_output_for_continuous_inputs"
     return None
@@ -974,12 +979,9 @@ def timesteps_unfusable(module: nn.Module) -> Optional[str]:
     else why not."""
     cls = type(module)
     embed = getattr(sys.modules.get(cls.__module__), "get_timestep_embedding", None)
-    digests = (_function_ast_sha256(cls.forward), _function_ast_sha256(embed) if embed is not None else None)
-    if None in digests:
-        return f"the source of {cls.__qualname__}.forward or get_timestep_embedding is not available to check"
-    if digests not in _TIMESTEPS_AST_SHA256:
-        return (f"{cls.__module__}.{cls.__qualname__}.forward or get_timestep_embedding differs from the diffusers "
-                "0.42 source ldm_fast reproduces")
+    reason = _source_unknown(cls, "forward (or get_timestep_embedding)", (cls.forward, embed), _TIMESTEPS_AST_SHA256)
+    if reason is not None:
+        return reason
     if "forward" in module.__dict__:
         return "the module has an instance-level forward"
     dim = getattr(module, "num_channels", None)
