@@ -338,6 +338,7 @@ def measure(name: str, spec: dict, variants: tuple[str, ...]) -> dict:
                 name = "triton" if options is not None else "eager"
                 with torch.set_grad_enabled(spec["train"]), ldm_fast.use_backend(name), stubbed_launches(ModelCounter()):
                     call()  # uncounted warm-up: the steady state of a sampling loop (per-model caches filled)
+                model.zero_grad(set_to_none=True)  # a training step starts without gradients (optimizer.zero_grad)
                 with torch.set_grad_enabled(spec["train"]), ldm_fast.use_backend(name), stubbed_launches(counter), counter:
                     call()
             out[variant] = summarize(counter.rows)
