@@ -16,11 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import functional
+from . import backend, functional
 from .ops._common import needs_grad
 from .ops.group_norm import ACTIVATIONS as GROUP_NORM_ACTIVATIONS
 
-__all__ = ["CrossAttention", "GroupNorm", "GroupNorm32", "SpatialSelfAttention"]
+__all__ = ["CrossAttention", "GroupNorm", "GroupNorm32", "SpatialSelfAttention", "add_norm", "add_norm_feed_forward",
+           "global_module_hooks"]
 
 
 def _torch_group_norm_takes_bias() -> bool:
@@ -378,3 +379,53 @@ class SpatialSelfAttention(_PackedProjections):
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}"
+
+
+# --- the transformer block's residual stream (ldm_fast's own blocks and diffusers', via optimize) -------
+
+
+def global_module_hooks() -> bool:
+    """Whether global module hooks (``register_module_forward_hook`` & co.) are registered: a fusion
+    that calls fewer modules would change what they see, so it steps aside then."""
+    module = torch.nn.modules.module
+    return any(bool(getattr(module, name, None)) for name in
+               ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_forward_hooks_always_called"))
+
+
+def add_norm(x: Tensor, residual: Tensor, norm: torch.nn.LayerNorm) -> tuple[Tensor, Tensor]:
+    """``(s, norm(s))`` with ``s = x + residual`` (``[..., C]``; ``norm`` an ``nn.LayerNorm`` over C):
+    one :func:`ldm_fast.functional.add_layer_norm` pass where its dtype rule is the module's (same
+    shapes and dtypes, no autocast, which runs layer_norm in fp32), else the two eager statements.
+    Eager equivalent: ``s = x + residual; s, norm(s)``."""
+    if (x.shape == residual.shape and x.dtype == residual.dtype
+            and not torch.is_autocast_enabled(x.device.type)):
+        return functional.add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps)
+    hidden = x + residual
+    return hidden, norm(hidden)
+
+
+def add_norm_feed_forward(x: Tensor, residual: Tensor, norm: torch.nn.LayerNorm, ff: torch.nn.Module, inner,
+                          out_proj: torch.nn.Linear) -> Optional[Tensor]:
+    """``out_proj(inner(norm(s))) + s`` with ``s = x + residual`` (``[..., C]``; ``inner`` the
+    feed-forward up to its output Linear ``out_proj``, both held by ``ff``) with the residual in the
+    output GEMM: the norm's :func:`ldm_fast.functional.add_layer_norm` writes ``s + out_proj.bias``
+    beside ``norm(s)`` and ``addmm`` accumulates ``inner(...) W^T`` onto it: no add launch, no
+    feed-forward output tensor. Low-precision rounding: ``(s + b) + g W^T`` instead of
+    ``(g W^T + b) + s``. None where it does not apply: not on the Triton backend (the eager backend
+    keeps the statements bit for bit), autocast, a gradient to record (training), hooks on ``ff`` or
+    ``out_proj`` (they would not be called), global module hooks; the caller then runs its own
+    statements."""
+    if not (x.shape == residual.shape and x.dtype == residual.dtype == out_proj.weight.dtype
+            and backend.kernel_ok(x, residual) and not torch.is_autocast_enabled(x.device.type)):
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or residual.requires_grad
+                                    or any(p.requires_grad for p in (*ff.parameters(), *norm.parameters()))):
+        return None
+    if any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in (ff, out_proj)):
+        return None
+    if global_module_hooks():
+        return None
+    s_biased, normed = functional.add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps, s_bias=out_proj.bias)
+    gated = inner(normed)
+    C = s_biased.shape[-1]
+    return torch.addmm(s_biased.reshape(-1, C), gated.reshape(-1, gated.shape[-1]), out_proj.weight.t()).view(s_biased.shape)

@@ -260,3 +260,54 @@ def test_encode_prompts_wraps_a_clip_text_model():
     out = encode_prompts(["a cat", ""], Tokenizer(), model)
     assert out.shape == (2, 77, 6)
     assert torch.equal(out[1], model.embed(torch.zeros(77, dtype=torch.long)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_transformer_block_residual_stream_fused(dtype):
+    """ldm_fast's BasicTransformerBlock: both residual add + LayerNorm pairs are add_layer_norm kernels
+    and, in inference on the Triton backend, the feed-forward's residual goes into its output GEMM (no
+    add dispatched); the output as close to the float64 block as the eager statements; the eager
+    backend computes the plain statements bit for bit; with gradients the GEMM epilogue steps aside."""
+    import copy
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from _numerics import assert_close_to_exact
+    from ldm_fast.models.unet import BasicTransformerBlock
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func._schema.name)
+            return func(*args, **(kwargs or {}))
+
+    def plain(block, x, ctx):  # the block's statements without the fusions
+        x = block.attn1(block.norm1(x)) + x
+        x = block.attn2(block.norm2(x), ctx) + x
+        return block.ff(block.norm3(x)) + x
+
+    torch.manual_seed(0)
+    block = BasicTransformerBlock(16, 2, 8, 12).eval()
+    x, ctx = torch.randn(2, 6, 16), torch.randn(2, 3, 12)
+    with torch.no_grad():
+        exact = plain(copy.deepcopy(block).double(), x.double(), ctx.double())
+        block.to(dtype)
+        x, ctx = x.to(dtype), ctx.to(dtype)
+        eager = plain(block, x, ctx)
+        with ldm_fast.use_backend("eager"):
+            assert torch.equal(block(x, ctx), eager)
+        with ldm_fast.use_backend("triton"):
+            before = ldm_fast.ops.kernel_launches["add_layer_norm"]
+            with Ops() as ops:
+                out = block(x, ctx)
+            assert ldm_fast.ops.kernel_launches["add_layer_norm"] - before == 2
+            assert ops.names.count("aten::add") == 0, ops.names
+    assert_close_to_exact(out, exact.to(dtype), eager)
+    with ldm_fast.use_backend("triton"):
+        xg = x.clone().requires_grad_(True)
+        with Ops() as ops:
+            block(xg, ctx).float().sum().backward()
+    assert ops.names.count("aten::add") >= 1 and xg.grad is not None

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import backend, functional
+from ..nn import add_norm, add_norm_feed_forward, global_module_hooks
 
 __all__ = ["PACK_ATTR", "AttnProcessor", "ChannelsLastTransformerOutput", "FusedGEGLUForward", "FusedResnetForward",
            "FusedTimestepsForward", "FusedTransformerBlockForward", "PackedLinears", "PackedProjections", "PackedTimeProjections",
@@ -356,14 +357,6 @@ class PackedTimeProjections(PackedLinears):
             out = F.linear(temb, self.weight, self.bias)
             self._last = (weakref.ref(temb), temb._version, out)
         return out[..., self.offsets[i]:self.offsets[i + 1]]
-
-
-def global_module_hooks() -> bool:
-    """Whether global module hooks (``register_module_forward_hook`` & co.) are registered: a fusion
-    that calls fewer modules would change what they see, so it steps aside then."""
-    module = torch.nn.modules.module
-    return any(bool(getattr(module, name, None)) for name in
-               ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_forward_hooks_always_called"))
 
 
 def projections_unpackable(attn: nn.Module) -> Optional[str]:
@@ -734,24 +727,17 @@ _BASIC_TRANSFORMER_AST_SHA256 = {
 _KWARGS_SCALE_WARNING = "Passing `scale` to `cross_attention_kwargs` is deprecated. `scale` will be ignored."
 
 
-def _add_norm(x: torch.Tensor, residual: torch.Tensor, norm: nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x + residual, norm(x + residual))``: one :func:`ldm_fast.functional.add_layer_norm` pass where
-    its dtype rule is the module's (same shapes and dtypes, no autocast), else diffusers' two statements."""
-    if (x.shape == residual.shape and x.dtype == residual.dtype
-            and not torch.is_autocast_enabled(x.device.type)):  # autocast runs layer_norm in fp32: eager
-        return functional.add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps)
-    hidden = x + residual
-    return hidden, norm(hidden)
-
-
 class FusedTransformerBlockForward:
     """diffusers 0.42 ``BasicTransformerBlock.forward`` for ``norm_type="layer_norm"`` (SD 1.x/2.x,
     SDXL), statement for statement, except that each residual add that feeds a LayerNorm (after
     ``attn1`` into ``norm2``, after ``attn2`` into ``norm3``) and that norm run as one
     :func:`ldm_fast.functional.add_layer_norm` kernel: the sum is written once and normalized from
-    registers, one launch and one read of the stream fewer each. On the eager backend (a CPU) it is
-    diffusers' statements bit for bit; a 4-d input, GLIGEN kwargs and torch.compile (Inductor fuses
-    the add and the norm itself) run diffusers' own forward. Installed as the block's instance-level
+    registers, one launch and one read of the stream fewer each; and in inference on the Triton
+    backend the feed-forward's residual goes into its output GEMM
+    (:func:`ldm_fast.nn.add_norm_feed_forward`; diffusers' ``FeedForward`` checked by
+    :func:`feed_forward_epilogue_refused`, unchunked). On the eager backend (a CPU) it is diffusers'
+    statements bit for bit; a 4-d input, GLIGEN kwargs and torch.compile (Inductor fuses the add and
+    the norm itself) run diffusers' own forward. Installed as the block's instance-level
     ``forward``."""
 
     def __init__(self, block: nn.Module) -> None:
@@ -762,37 +748,6 @@ class FusedTransformerBlockForward:
     def __repr__(self) -> str:
         return ("<ldm_fast fused BasicTransformerBlock.forward: residual add + LayerNorm in one kernel, "
                 f"feed-forward residual in its output GEMM={self.ff_epilogue}>")
-
-    def _ff_epilogue_ok(self, attn_output: torch.Tensor, hidden_states: torch.Tensor) -> bool:
-        """Whether this call may add the feed-forward's residual in its output GEMM (inference on the
-        Triton backend, the feed-forward unchunked and unhooked)."""
-        block = self.block
-        if not self.ff_epilogue or block._chunk_size is not None:
-            return False
-        ff = block.ff
-        out_proj = ff.net[2]
-        return (attn_output.shape == hidden_states.shape and attn_output.dtype == hidden_states.dtype
-                == out_proj.weight.dtype and backend.kernel_ok(attn_output, hidden_states)
-                and not torch.is_autocast_enabled(attn_output.device.type)
-                and not (torch.is_grad_enabled() and (attn_output.requires_grad or hidden_states.requires_grad
-                                                      or any(p.requires_grad for p in ff.parameters())))
-                and not any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in (ff, out_proj))
-                and not global_module_hooks())
-
-    def _ff_with_residual(self, attn_output: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        """``s = attn_output + hidden_states; ff(norm3(s)) + s`` with the residual in the feed-forward's
-        output GEMM: add_layer_norm writes ``s + out_proj.bias`` beside ``norm3(s)``, and
-        ``addmm(s + bias, g, W^T)`` accumulates the projection onto it (no add launch, no ``ff_output``
-        tensor). Low-precision rounding: ``(s + b) + g W^T`` instead of diffusers' ``(g W^T + b) + s``."""
-        block = self.block
-        ff, norm3 = block.ff, block.norm3
-        out_proj = ff.net[2]
-        s_biased, norm_hidden_states = functional.add_layer_norm(attn_output, hidden_states, norm3.weight, norm3.bias,
-                                                                 norm3.eps, s_bias=out_proj.bias)
-        gated = ff.net[1](ff.net[0](norm_hidden_states))  # the activation (GEGLU) and the dropout
-        C = s_biased.shape[-1]
-        return torch.addmm(s_biased.reshape(-1, C), gated.reshape(-1, gated.shape[-1]),
-                           out_proj.weight.t()).view(s_biased.shape)
 
     def __call__(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                  encoder_hidden_states: Optional[torch.Tensor] = None,
@@ -817,17 +772,21 @@ class FusedTransformerBlockForward:
             **cross_attention_kwargs,
         )
         if block.attn2 is not None:
-            hidden_states, norm_hidden_states = _add_norm(attn_output, hidden_states, block.norm2)
+            hidden_states, norm_hidden_states = add_norm(attn_output, hidden_states, block.norm2)
             attn_output = block.attn2(
                 norm_hidden_states,
                 encoder_hidden_states=encoder_hidden_states,
                 attention_mask=encoder_attention_mask,
                 **cross_attention_kwargs,
             )
-        if self._ff_epilogue_ok(attn_output, hidden_states):
-            hidden_states = self._ff_with_residual(attn_output, hidden_states)
+        ff, fused = block.ff, None
+        if self.ff_epilogue and block._chunk_size is None:  # the residual in the feed-forward's output GEMM
+            fused = add_norm_feed_forward(attn_output, hidden_states, block.norm3, ff,
+                                          lambda n: ff.net[1](ff.net[0](n)), ff.net[2])
+        if fused is not None:
+            hidden_states = fused
         else:
-            hidden_states, norm_hidden_states = _add_norm(attn_output, hidden_states, block.norm3)
+            hidden_states, norm_hidden_states = add_norm(attn_output, hidden_states, block.norm3)
             if block._chunk_size is not None:
                 chunked = sys.modules[type(block).__module__]._chunked_feed_forward
                 ff_output = chunked(block.ff, norm_hidden_states, block._chunk_dim, block._chunk_size)

@@ -17,15 +17,13 @@ defaults: 859,520,964.
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as TF
 from torch import Tensor, nn
 
 from .. import functional as lf
-from ..nn import CrossAttention, GroupNorm, GroupNorm32
+from ..nn import CrossAttention, GroupNorm, GroupNorm32, add_norm, add_norm_feed_forward
 from .autoencoder import Upsample  # nearest x2 + 3x3 conv (key ``conv``): the same in the VAE and the U-Net
 
 __all__ = ["UNetModel", "ResBlock", "SpatialTransformer", "BasicTransformerBlock", "timestep_embedding"]
@@ -35,11 +33,8 @@ def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0)
     """Sinusoidal embedding ``[B, dim]`` of integer (or float) timesteps ``[B]``, cos first:
     ``cat(cos(t * f), sin(t * f))`` with ``f_i = max_period^(-i / (dim // 2))`` (CompVis; diffusers'
     ``get_timestep_embedding(t, dim, flip_sin_to_cos=True, downscale_freq_shift=0)``)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
-    args = timesteps[:, None].float() * freqs[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    return TF.pad(emb, (0, 1)) if dim % 2 else emb
+    return lf.timestep_embedding(timesteps, dim, flip_sin_to_cos=True, downscale_freq_shift=0.0,
+                                 max_period=max_period)  # one kernel (diffusers' statements on the eager backend)
 
 
 class ResBlock(nn.Module):
@@ -105,9 +100,14 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
 
     def forward(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
-        x = self.attn1(self.norm1(x)) + x
-        x = self.attn2(self.norm2(x), context) + x
-        return self.ff(self.norm3(x)) + x
+        x, normed = add_norm(self.attn1(self.norm1(x)), x, self.norm2)  # the residual add + norm2: one kernel
+        attn = self.attn2(normed, context)
+        net = self.ff.net
+        fused = add_norm_feed_forward(attn, x, self.norm3, self.ff, lambda n: net[1](net[0](n)), net[2])
+        if fused is not None:  # inference on the Triton backend: the residual in the output GEMM
+            return fused
+        x, normed = add_norm(attn, x, self.norm3)
+        return self.ff(normed) + x
 
 
 class SpatialTransformer(nn.Module):
