@@ -15,7 +15,6 @@ from torch import nn
 import ldm_fast
 import importlib
 
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from ldm_fast.optimize import cuda_graph as opt_cuda_graph
 from ldm_fast.optimize import passes as opt_passes
@@ -362,16 +361,7 @@ def test_resnet_block_variants(kwargs):
     assert torch.equal(block(x, temb), ref)
 
 
-class _DispatchedOps(TorchDispatchMode):
-    """The aten ops dispatched inside the ``with`` block, by schema name."""
-
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(func._schema.name)
-        return func(*args, **(kwargs or {}))
+from _dispatch import DispatchedOps as _DispatchedOps  # noqa: E402
 
 
 @pytest.mark.parametrize("factor", [1.0, 2.0])
