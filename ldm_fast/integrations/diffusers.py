@@ -269,13 +269,17 @@ class PackedLinears:
                     m.bias.data = self.bias[rows]
         self.keys = tuple((_storage_key(m.weight), _storage_key(m.bias)) for m in modules)
         self.params = tuple(p for m in modules for p in (m.weight, m.bias) if p is not None)
+        # per module, what intact() reads (the hook dicts and __dict__ are the module's own objects, kept)
+        self._checks = tuple((m._forward_hooks, m._forward_pre_hooks, m.__dict__, m._parameters, m.weight, k[0],
+                              m.bias, k[1]) for m, k in zip(modules, self.keys))
 
     def intact(self, i: int) -> bool:
-        """Whether module i still computes its block of the packed GEMM: its weight and bias still the
-        buffer's views, no hooks, no instance-level forward."""
-        m, key = self.modules[i], self.keys[i]
-        return not (m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__
-                    or _storage_key(m.weight) != key[0] or _storage_key(m.bias) != key[1])
+        """Whether module i still computes its block of the packed GEMM: the same weight and bias
+        Parameters, still the buffer's views, no hooks, no instance-level forward (per call: ~1 µs)."""
+        hooks, pre_hooks, attrs, params, w, w_key, b, b_key = self._checks[i]
+        return not (hooks or pre_hooks or "forward" in attrs or params.get("weight") is not w
+                    or params.get("bias") is not b or _storage_key(w) != w_key
+                    or (b is not None and _storage_key(b) != b_key))
 
     def inference(self, *tensors: Optional[torch.Tensor]) -> bool:
         """Whether a packed GEMM may run on these inputs at all: the Triton backend runs (CUDA; the eager
@@ -307,6 +311,7 @@ class PackedProjections(PackedLinears):
     def __init__(self, modules: tuple, with_q: bool) -> None:
         super().__init__(modules)  # (to_q, to_k, to_v) or (to_k, to_v)
         self.with_q = with_q
+        self.names = ("to_q", "to_k", "to_v") if with_q else ("to_k", "to_v")
         self.width = modules[-1].out_features
         self.kv_weight = self.weight[-2 * self.width:]
         self.kv_bias = None if self.bias is None else self.bias[-2 * self.width:]
@@ -316,15 +321,13 @@ class PackedProjections(PackedLinears):
 
     def usable(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor]) -> bool:
         """Whether the packed GEMMs compute what ``attn``'s projection modules compute for this call."""
-        mods = self.modules
         if not self.inference(hidden_states, encoder_hidden_states):
             return False
-        if self.with_q:
-            if attn.to_q is not mods[0] or attn.to_k is not mods[1] or attn.to_v is not mods[2]:
+        held = attn._modules  # (not attn.to_q: nn.Module.__getattr__ costs ~1 µs a name)
+        for i, (name, m) in enumerate(zip(self.names, self.modules)):
+            if held.get(name) is not m or not self.intact(i):
                 return False
-        elif attn.to_k is not mods[0] or attn.to_v is not mods[1]:
-            return False
-        return all(self.intact(i) for i in range(len(mods)))
+        return True
 
 
 class PackedTimeProjections(PackedLinears):
