@@ -762,8 +762,9 @@ def test_resnet_block_runs_its_1x1_shortcut_as_a_gemm_onto_conv2(channels_last, 
         eager = copy.deepcopy(block).to(dtype)(x.to(dtype).contiguous(memory_format=fmt), temb.to(dtype))
     block.to(dtype)
     x, temb = x.to(dtype).contiguous(memory_format=fmt), temb.to(dtype)
-    optimize(block, channels_last=channels_last)
+    report = optimize(block, channels_last=channels_last)
     assert block.forward.shortcut_gemm
+    assert any(n.startswith("silu_fusion: 1 ResnetBlock2D 1x1 shortcuts run as a GEMM") for n in report.notes)
     with torch.no_grad():
         assert torch.equal(block(x, temb), eager)  # the eager backend: diffusers' statements bit for bit
     with ldm_fast.use_backend("triton"):
@@ -941,8 +942,8 @@ def test_transformer_block_adds_the_feed_forward_residual_in_its_output_gemm(dty
         eager = copy.deepcopy(block).to(dtype)(x.to(dtype), encoder_hidden_states=ctx.to(dtype))
     block.to(dtype)
     x, ctx = x.to(dtype), ctx.to(dtype)
-    optimize(block)
-    assert block.forward.ff_epilogue
+    report = optimize(block)
+    assert block.forward.ff_epilogue and any("1 add the feed-forward's residual in its output GEMM" in n for n in report.notes)
     with torch.no_grad():
         assert torch.equal(block(x, encoder_hidden_states=ctx), eager)  # the eager backend: diffusers' statements
     with ldm_fast.use_backend("triton"):

@@ -22,10 +22,11 @@ from torch import nn
 from .. import nn as ldm_nn
 from ..integrations.diffusers import AttnProcessor as _LdmAttnProcessor
 from ..integrations.diffusers import (PACK_ATTR, ChannelsLastTransformerOutput, FusedGEGLUForward, FusedResnetForward,
-                                      FusedTimestepsForward, timesteps_unfusable,
-                                      FusedTransformerBlockForward, PackedProjections, PackedTimeProjections, attention_swap_refused,
-                                      geglu_unfusable, global_module_hooks, is_diffusers_class, linear_unpackable, packs_query,
-                                      projections_unpackable, resnet_block_unfusable, transformer_block_unfusable,
+                                      FusedTimestepsForward, FusedTransformerBlockForward, PackedProjections,
+                                      PackedTimeProjections, attention_swap_refused, feed_forward_epilogue_refused,
+                                      geglu_unfusable, global_module_hooks, is_diffusers_class, linear_unpackable,
+                                      packs_query, projections_unpackable, resnet_block_unfusable,
+                                      shortcut_gemm_refused, timesteps_unfusable, transformer_block_unfusable,
                                       transformer_output_unkept)
 from .report import (ATTENTION, CHANNELS_LAST, FUSED, GEGLU, GROUP_NORM, GROUP_NORM32, PACKED_PROJECTIONS, RESNET_FORWARD,
                      SEQUENTIAL_SILU, TIME_PROJECTIONS, TIMESTEPS, TRANSFORMER_FORWARD, TRANSFORMER_LAYOUT, ReportItem)
@@ -180,6 +181,15 @@ def _silu_fusion_pass(ctx: _Context) -> None:
                 forwards.append(forward)
         elif isinstance(module, nn.Sequential):
             _fuse_sequential(ctx, module, holders.get(id(module), []))
+    shortcuts = 0
+    for forward in forwards:
+        if forward.shortcut_gemm:
+            shortcuts += 1
+        elif forward.block.conv_shortcut is not None:
+            ctx.left(forward.block.conv_shortcut, "1x1 shortcut as a GEMM onto conv2", shortcut_gemm_refused(forward.block))
+    if shortcuts:
+        ctx.report.notes.append(f"silu_fusion: {shortcuts} ResnetBlock2D 1x1 shortcuts run as a GEMM accumulating onto "
+                                "conv2's output (inference on the Triton backend)")
     if ctx.options["pack_weights"]:
         _pack_time_projections(ctx, forwards)
 
@@ -478,8 +488,18 @@ def _add_layer_norm_pass(ctx: _Context) -> None:
     fused = _install_per_module(ctx, "BasicTransformerBlock", "forward", transformer_block_unfusable,
                                 FusedTransformerBlockForward, TRANSFORMER_FORWARD,
                                 "BasicTransformerBlock (add + LayerNorm fusion)")
+    epilogues = 0
+    for module in ctx.modules():
+        forward = module.__dict__.get("forward")
+        if isinstance(forward, FusedTransformerBlockForward) and forward.block is module:
+            if forward.ff_epilogue:
+                epilogues += 1
+            else:
+                ctx.left(module.ff, "feed-forward residual in its output GEMM", feed_forward_epilogue_refused(module.ff))
     ctx.report.notes.append(f"add_layer_norm: {fused} diffusers BasicTransformerBlocks add their residual into "
-                            "the next LayerNorm in one ldm_fast.functional.add_layer_norm kernel")
+                            "the next LayerNorm in one ldm_fast.functional.add_layer_norm kernel; "
+                            f"{epilogues} add the feed-forward's residual in its output GEMM (inference on the "
+                            "Triton backend)")
 
 
 # --- timestep_embedding ----------------------------------------------------------------------
