@@ -20,8 +20,8 @@ from . import backend, functional
 from .ops._common import needs_grad
 from .ops.group_norm import ACTIVATIONS as GROUP_NORM_ACTIVATIONS
 
-__all__ = ["CrossAttention", "GroupNorm", "GroupNorm32", "SpatialSelfAttention", "add_norm", "add_norm_feed_forward",
-           "global_module_hooks"]
+__all__ = ["CrossAttention", "GroupNorm", "GroupNorm32", "ShortcutGemm", "SpatialSelfAttention", "add_norm",
+           "add_norm_feed_forward", "global_module_hooks"]
 
 
 def _torch_group_norm_takes_bias() -> bool:
@@ -429,3 +429,70 @@ def add_norm_feed_forward(x: Tensor, residual: Tensor, norm: torch.nn.LayerNorm,
     gated = inner(normed)
     C = s_biased.shape[-1]
     return torch.addmm(s_biased.reshape(-1, C), gated.reshape(-1, gated.shape[-1]), out_proj.weight.t()).view(s_biased.shape)
+
+
+def storage_key(t: Optional[Tensor]) -> Optional[tuple]:
+    """(storage, offset, shape) of ``t``: equal exactly while ``t`` is the same view of the same
+    storage (cheap: no data pointer, so it also holds on fake tensors)."""
+    return None if t is None else (t.untyped_storage()._cdata, t.storage_offset(), t.shape)
+
+
+class ShortcutGemm:
+    """``shortcut(x) + conv(h)`` of a ResNet block whose ``shortcut`` is a 1x1 convolution (stride
+    1, unpadded, one group; the channel-changing blocks) as ``conv`` with both biases, then the
+    shortcut as a GEMM accumulating onto conv's output: ``addmm`` on the ``[B*H*W, C]`` views of
+    channels-last tensors, ``baddbmm`` on the ``[B, C, H*W]`` views of NCHW ones; the shortcut's
+    output and the add are never written. The bias sum is cached while both biases are the same
+    tensors at the same version (an optimizer step or ``load_state_dict`` is seen). Calling it
+    returns None where it does not apply (a gradient to record, the eager backend, torch.compile,
+    hooks on either convolution, mixed dtypes, a layout that is neither): the caller runs its own
+    statements. Values: the same products and sums, rounded in another order in low precision.
+    One instance per block (it holds that block's bias sum).
+
+    Eager equivalent: ``shortcut(x) + conv(h)``.
+    """
+
+    def __init__(self) -> None:
+        self._bias_sum: Optional[tuple] = None  # (key, conv.bias + shortcut.bias)
+
+    def __call__(self, conv: torch.nn.Conv2d, h: Tensor, shortcut: torch.nn.Conv2d, x: Tensor) -> Optional[Tensor]:
+        if (torch.compiler.is_compiling() or not backend.kernel_ok(h, x)
+                or (torch.is_grad_enabled() and (conv.weight.requires_grad or shortcut.weight.requires_grad
+                                                 or h.requires_grad or x.requires_grad))
+                or conv._forward_hooks or conv._forward_pre_hooks or "forward" in conv.__dict__
+                or shortcut._forward_hooks or shortcut._forward_pre_hooks or "forward" in shortcut.__dict__
+                or global_module_hooks()
+                or not (h.dtype == x.dtype == conv.weight.dtype == shortcut.weight.dtype) or x.dim() != 4):
+            return None
+        B, C, H, W = x.shape
+        last = torch.channels_last
+        if x.is_contiguous(memory_format=last) and not x.is_contiguous():
+            layout = last
+        elif x.is_contiguous():
+            layout = torch.contiguous_format
+        else:
+            return None
+        y = F.conv2d(h, conv.weight, self._biases(conv.bias, shortcut.bias), conv.stride, conv.padding,
+                     conv.dilation, conv.groups)
+        if y.shape[0] != B or y.shape[2:] != x.shape[2:] or not y.is_contiguous(memory_format=layout):
+            return y + F.conv2d(x, shortcut.weight)  # conv chose another layout: the GEMM and the add apart
+        Co = y.shape[1]
+        w = shortcut.weight.view(Co, C)
+        if layout is last:  # [B*H*W, C] row views: out = y + x @ w^T
+            out = torch.addmm(y.permute(0, 2, 3, 1).reshape(B * H * W, Co), x.permute(0, 2, 3, 1).reshape(B * H * W, C),
+                              w.t())
+            return out.view(B, H, W, Co).permute(0, 3, 1, 2)
+        out = torch.baddbmm(y.view(B, Co, H * W), w.expand(B, Co, C), x.view(B, C, H * W))
+        return out.view(B, Co, H, W)
+
+    def _biases(self, b1: Optional[Tensor], b2: Optional[Tensor]) -> Optional[Tensor]:
+        """``b1 + b2`` (either may be None), cached while both are the same tensors at the same version."""
+        if b1 is None or b2 is None:
+            return b1 if b2 is None else b2
+        key = (storage_key(b1), b1._version, storage_key(b2), b2._version)
+        if self._bias_sum is not None and self._bias_sum[0] == key:
+            return self._bias_sum[1]
+        total = b1 + b2
+        if not (total.is_cuda and torch.cuda.is_current_stream_capturing()):  # (a capture's pool is not ours)
+            self._bias_sum = (key, total)
+        return total

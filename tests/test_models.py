@@ -301,3 +301,52 @@ def test_transformer_block_residual_stream_fused(dtype):
         with Ops() as ops:
             block(xg, ctx).float().sum().backward()
     assert ops.names.count("aten::add") >= 1 and xg.grad is not None
+
+
+@pytest.mark.parametrize("kind", ["unet-resblock", "vae-resnetblock"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_resnet_blocks_run_their_1x1_shortcut_as_a_gemm(kind, channels_last):
+    """ldm_fast's ResBlock (U-Net) and ResnetBlock (VAE) with a channel change: in inference on the
+    Triton backend the 1x1 shortcut is one GEMM accumulating onto the last conv's output (no shortcut
+    convolution, no add), the output in the input's layout and as close to the float64 block as the
+    eager statements; the eager backend computes those statements bit for bit."""
+    import copy
+
+    from _dispatch import DispatchedOps
+    from _numerics import assert_close_to_exact
+    from ldm_fast.models.autoencoder import ResnetBlock
+    from ldm_fast.models.unet import ResBlock
+
+    torch.manual_seed(0)
+    block = (ResBlock(16, 8, 24, groups=4) if kind == "unet-resblock" else ResnetBlock(16, 24, groups=4)).eval()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    block = block.to(memory_format=fmt)
+    x = torch.randn(2, 16, 5, 6).contiguous(memory_format=fmt)
+    args = (torch.randn(2, 8),) if kind == "unet-resblock" else ()
+
+    def run(b, *a):
+        with torch.no_grad():
+            return b(*a)
+
+    twin = copy.deepcopy(block).double()
+    for m in twin.modules():
+        if isinstance(m, ldm_fast.nn.GroupNorm32):
+            m.__class__ = ldm_fast.nn.GroupNorm  # (GroupNorm32 computes in fp32: the float64 twin in float64)
+    with ldm_fast.use_backend("eager"):
+        exact = run(twin, x.double(), *(a.double() for a in args))
+        eager = run(block, x, *args)
+        if kind == "unet-resblock":
+            conv = block.out_layers[3]
+            h = block.out_layers[2](block.out_layers[0](block.in_layers(x), shift=block.emb_layers(args[0])))
+            plain = block.skip_connection(x) + conv(h)
+        else:
+            plain = block.nin_shortcut(x) + block.conv2(block.norm2(block.conv1(block.norm1(x))))
+        assert torch.equal(eager, plain.detach())
+    with ldm_fast.use_backend("triton"):
+        run(block, x, *args)  # (caches the bias sum)
+        with DispatchedOps() as ops:
+            out = run(block, x, *args)
+    assert ops.names.count("aten::convolution") == 2 and ops.names.count("aten::add") == 0, ops.names
+    assert ops.names.count("aten::addmm" if channels_last else "aten::baddbmm") >= 1, ops.names
+    assert out.is_contiguous(memory_format=fmt)
+    assert_close_to_exact(out, exact.float(), eager)

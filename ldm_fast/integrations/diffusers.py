@@ -51,7 +51,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import backend, functional
-from ..nn import add_norm, add_norm_feed_forward, global_module_hooks
+from ..nn import ShortcutGemm, add_norm, add_norm_feed_forward, global_module_hooks
+from ..nn import storage_key as _storage_key
 
 __all__ = ["PACK_ATTR", "AttnProcessor", "ChannelsLastTransformerOutput", "FusedGEGLUForward", "FusedResnetForward",
            "FusedTimestepsForward", "FusedTransformerBlockForward", "PackedLinears", "PackedProjections", "PackedTimeProjections",
@@ -228,12 +229,6 @@ class AttnProcessor:
 
 #: The instance attribute of a diffusers ``Attention`` holding its :class:`PackedProjections`.
 PACK_ATTR = "_ldm_fast_packed_projections"
-
-
-def _storage_key(t: Optional[torch.Tensor]) -> Optional[tuple]:
-    """(storage, offset, shape) of ``t``: equal exactly while ``t`` is the same view of the same
-    storage (cheap: no data pointer, so it also holds on fake tensors)."""
-    return None if t is None else (t.untyped_storage()._cdata, t.storage_offset(), t.shape)
 
 
 class PackedLinears:
@@ -473,61 +468,12 @@ class FusedResnetForward:
         self.fuse_shift = fuse_shift
         self.shortcut_gemm = shortcut_gemm_refused(block) is None
         self.time_pack: Optional[PackedTimeProjections] = None  # set by optimize when it packs time_emb_proj
-        self._bias_sum: Optional[tuple] = None  # (key, conv2.bias + conv_shortcut.bias)
+        self._shortcut = ShortcutGemm()
 
     def __repr__(self) -> str:
         return (f"<ldm_fast fused ResnetBlock2D.forward: norm1 fused={self.fuse_norm1}, "
                 f"norm2 fused={self.fuse_norm2}, temb add fused into norm2={self.fuse_shift}, "
                 f"1x1 shortcut as a GEMM onto conv2={self.shortcut_gemm}>")
-
-    def _conv2_with_shortcut(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> Optional[torch.Tensor]:
-        """``conv_shortcut(input_tensor) + conv2(hidden_states)`` as conv2 with both biases, then the
-        1x1 shortcut as a GEMM accumulating onto conv2's output (``addmm`` on the ``[B*H*W, C]`` views of
-        channels-last tensors, ``baddbmm`` on the ``[B, C, H*W]`` views of NCHW ones): the add and the
-        shortcut's output are never written. None where it does not apply (training, the eager
-        backend, torch.compile, hooks, mixed layouts): the caller runs diffusers' statements."""
-        block = self.block
-        conv2, short = block.conv2, block.conv_shortcut
-        if (not self.shortcut_gemm or short is None or torch.compiler.is_compiling()
-                or not backend.kernel_ok(hidden_states, input_tensor)
-                or (torch.is_grad_enabled() and (conv2.weight.requires_grad or short.weight.requires_grad
-                                                 or hidden_states.requires_grad or input_tensor.requires_grad))
-                or any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in (conv2, short))
-                or global_module_hooks()
-                or not (hidden_states.dtype == input_tensor.dtype == conv2.weight.dtype == short.weight.dtype)):
-            return None
-        B, C, H, W = input_tensor.shape
-        last = torch.channels_last
-        if input_tensor.is_contiguous(memory_format=last) and not input_tensor.is_contiguous():
-            layout = last
-        elif input_tensor.is_contiguous():
-            layout = torch.contiguous_format
-        else:
-            return None
-        h = F.conv2d(hidden_states, conv2.weight, self._biases(conv2.bias, short.bias), conv2.stride, conv2.padding,
-                     conv2.dilation, conv2.groups)
-        if h.shape[0] != B or h.shape[2:] != input_tensor.shape[2:] or not h.is_contiguous(memory_format=layout):
-            return h + F.conv2d(input_tensor, short.weight)  # conv2 chose another layout: the GEMM and add apart
-        Co = h.shape[1]
-        w = short.weight.view(Co, C)
-        if layout is last:  # [B*H*W, C] row views: out = h + x @ w^T
-            x2 = input_tensor.permute(0, 2, 3, 1).reshape(B * H * W, C)
-            out = torch.addmm(h.permute(0, 2, 3, 1).reshape(B * H * W, Co), x2, w.t())
-            return out.view(B, H, W, Co).permute(0, 3, 1, 2)
-        out = torch.baddbmm(h.view(B, Co, H * W), w.expand(B, Co, C), input_tensor.view(B, C, H * W))
-        return out.view(B, Co, H, W)
-
-    def _biases(self, b2: Optional[torch.Tensor], bs: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """``b2 + bs`` (either may be None), cached while both are the same tensors at the same version."""
-        if b2 is None or bs is None:
-            return b2 if bs is None else bs
-        key = (_storage_key(b2), b2._version, _storage_key(bs), bs._version)
-        if self._bias_sum is not None and self._bias_sum[0] == key:
-            return self._bias_sum[1]
-        total = b2 + bs
-        if not (total.is_cuda and torch.cuda.is_current_stream_capturing()):  # (a capture's pool is not ours)
-            self._bias_sum = (key, total)
-        return total
 
     def __call__(self, input_tensor: torch.Tensor, temb: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         self_ = self.block
@@ -589,7 +535,9 @@ class FusedResnetForward:
             hidden_states = self_.nonlinearity(hidden_states)
 
         hidden_states = self_.dropout(hidden_states)
-        output_tensor = self._conv2_with_shortcut(hidden_states, input_tensor)
+        output_tensor = None
+        if self.shortcut_gemm and self_.conv_shortcut is not None:  # the shortcut as a GEMM onto conv2's output
+            output_tensor = self._shortcut(self_.conv2, hidden_states, self_.conv_shortcut, input_tensor)
         if output_tensor is None:  # diffusers' statements
             hidden_states = self_.conv2(hidden_states)
 

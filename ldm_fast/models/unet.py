@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as lf
-from ..nn import CrossAttention, GroupNorm, GroupNorm32, add_norm, add_norm_feed_forward
+from ..nn import CrossAttention, GroupNorm, GroupNorm32, ShortcutGemm, add_norm, add_norm_feed_forward
 from .autoencoder import Upsample  # nearest x2 + 3x3 conv (key ``conv``): the same in the VAE and the U-Net
 
 __all__ = ["UNetModel", "ResBlock", "SpatialTransformer", "BasicTransformerBlock", "timestep_embedding"]
@@ -39,7 +39,9 @@ def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0)
 
 class ResBlock(nn.Module):
     """``skip_connection(x) + out_layers(in_layers(x) + emb_layers(emb)[..., None, None])`` (additive
-    time embedding, added inside out_layers' GroupNorm kernel: ``norm(h, shift=emb)``). Keys: in_layers.{0 norm, 2 conv}, emb_layers.1, out_layers.{0 norm, 3 conv},
+    time embedding, added inside out_layers' GroupNorm kernel: ``norm(h, shift=emb)``; in inference
+    on the Triton backend a 1x1 skip_connection is a GEMM onto the last conv's output,
+    :class:`ldm_fast.nn.ShortcutGemm`). Keys: in_layers.{0 norm, 2 conv}, emb_layers.1, out_layers.{0 norm, 3 conv},
     skip_connection (1x1 conv when the channel count changes)."""
 
     def __init__(self, channels: int, emb_channels: int, out_channels: Optional[int] = None, *,
@@ -56,12 +58,17 @@ class ResBlock(nn.Module):
             nn.Conv2d(out_channels, out_channels, 3, padding=1),
         )
         self.skip_connection = nn.Conv2d(channels, out_channels, 1) if out_channels != channels else nn.Identity()
+        self._shortcut = ShortcutGemm()
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         h = self.in_layers(x)
         norm, _, dropout, conv = self.out_layers  # the embedding is added inside the norm's pass
-        h = conv(dropout(norm(h, shift=self.emb_layers(emb).type(h.dtype))))
-        return self.skip_connection(x) + h
+        h = dropout(norm(h, shift=self.emb_layers(emb).type(h.dtype)))
+        if type(self.skip_connection) is nn.Conv2d:  # inference on the Triton backend: the 1x1 skip as a GEMM onto conv
+            out = self._shortcut(conv, h, self.skip_connection, x)
+            if out is not None:
+                return out
+        return self.skip_connection(x) + conv(h)
 
 
 class GEGLU(nn.Module):
