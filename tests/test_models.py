@@ -350,3 +350,25 @@ def test_resnet_blocks_run_their_1x1_shortcut_as_a_gemm(kind, channels_last):
     assert ops.names.count("aten::addmm" if channels_last else "aten::baddbmm") >= 1, ops.names
     assert out.is_contiguous(memory_format=fmt)
     assert_close_to_exact(out, exact.float(), eager)
+
+
+def test_resblocks_share_the_time_embedding_silu_in_inference():
+    """Every ResBlock of a step gets the same embedding and applies the same SiLU: in inference it is
+    computed once (ldm_fast.nn.shared_silu), the blocks' outputs unchanged bit for bit; with a gradient
+    to record each block computes its own."""
+    from _dispatch import DispatchedOps
+    from ldm_fast.models.unet import ResBlock
+
+    torch.manual_seed(0)
+    blocks = [ResBlock(16, 8, groups=4).eval() for _ in range(3)]
+    x, emb = torch.randn(2, 16, 4, 4), torch.randn(2, 8)
+    with torch.no_grad():
+        ref = [b.out_layers[3](b.out_layers[0](b.in_layers(x), shift=b.emb_layers(emb))) + x for b in blocks]
+        with DispatchedOps() as ops:
+            outs = [b(x, emb) for b in blocks]
+    assert ops.names.count("aten::silu") == 2 * len(blocks) + 1, ops.names  # (the norms' SiLUs: eager backend)
+    assert all(torch.equal(o, r) for o, r in zip(outs, ref))
+    xg = x.clone().requires_grad_(True)
+    with DispatchedOps() as ops:
+        sum(b(xg, emb.requires_grad_(True)).sum() for b in blocks).backward()
+    assert ops.names.count("aten::silu") == 3 * len(blocks)

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import backend, functional
-from ..nn import ShortcutGemm, add_norm, add_norm_feed_forward, global_module_hooks
+from ..nn import ShortcutGemm, add_norm, add_norm_feed_forward, global_module_hooks, shared_silu
 from ..nn import storage_key as _storage_key
 
 __all__ = ["PACK_ATTR", "AttnProcessor", "ChannelsLastTransformerOutput", "FusedGEGLUForward", "FusedResnetForward",
@@ -433,24 +433,6 @@ def _source_unknown(cls: type, what: str, fns: tuple, known: set) -> Optional[st
     return None
 
 
-_SILU_OF: list = [None]  # [(weakref to temb, temb._version, silu(temb))]: the last time embedding's SiLU
-
-
-def _shared_silu(act: nn.SiLU, temb: torch.Tensor) -> torch.Tensor:
-    """``act(temb)``, computed once for the U-Net's one time embedding, which every ResnetBlock2D
-    receives and applies the same SiLU to (22 identical launches per SD 1.5 step, now 1). Reused only
-    while ``temb`` is the same tensor object at the same version and no gradient is recorded
-    (inference; under autograd and torch.compile each block computes its own, as diffusers does)."""
-    if act.inplace or torch.compiler.is_compiling() or (torch.is_grad_enabled() and temb.requires_grad):
-        return act(temb)
-    entry = _SILU_OF[0]
-    if entry is not None and entry[0]() is temb and entry[1] == temb._version:
-        return entry[2]
-    out = act(temb)
-    _SILU_OF[0] = (weakref.ref(temb), temb._version, out)
-    return out
-
-
 class FusedResnetForward:
     """diffusers 0.42 ``ResnetBlock2D.forward``, statement for statement, except that a fused norm
     (``norm1``; ``norm2`` when ``fuse_norm2``) applies the SiLU itself (``activation="silu"``), so
@@ -458,7 +440,7 @@ class FusedResnetForward:
     norm2 an ldm_fast GroupNorm without hooks) the time embedding is added inside norm2's kernel
     (``norm2(h, shift=temb)``: the sum ``h + temb`` is never written; the eager path computes exactly
     ``norm2(h + temb)``); the time embedding's SiLU is computed once for all the blocks of a step
-    (:func:`_shared_silu`, inference only); and the division by ``output_scale_factor`` is skipped when
+    (:func:`ldm_fast.nn.shared_silu`, inference only); and the division by ``output_scale_factor`` is skipped when
     it is 1 (bit for bit the same). Installed as the block's instance-level ``forward``."""
 
     def __init__(self, block: nn.Module, fuse_norm1: bool, fuse_norm2: bool, fuse_shift: bool = False) -> None:
@@ -502,7 +484,7 @@ class FusedResnetForward:
 
         if self_.time_emb_proj is not None:
             if not self_.skip_time_act:
-                temb = _shared_silu(self_.nonlinearity, temb)
+                temb = shared_silu(self_.nonlinearity, temb)
             projected = None if self.time_pack is None else self.time_pack.project(self_.time_emb_proj, temb)
             temb = (self_.time_emb_proj(temb) if projected is None else projected)[:, :, None, None]
 

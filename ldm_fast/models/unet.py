@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as lf
-from ..nn import CrossAttention, GroupNorm, GroupNorm32, ShortcutGemm, add_norm, add_norm_feed_forward
+from ..nn import CrossAttention, GroupNorm, GroupNorm32, ShortcutGemm, add_norm, add_norm_feed_forward, shared_silu
 from .autoencoder import Upsample  # nearest x2 + 3x3 conv (key ``conv``): the same in the VAE and the U-Net
 
 __all__ = ["UNetModel", "ResBlock", "SpatialTransformer", "BasicTransformerBlock", "timestep_embedding"]
@@ -63,7 +63,12 @@ class ResBlock(nn.Module):
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         h = self.in_layers(x)
         norm, _, dropout, conv = self.out_layers  # the embedding is added inside the norm's pass
-        h = dropout(norm(h, shift=self.emb_layers(emb).type(h.dtype)))
+        act, proj = self.emb_layers
+        if self.emb_layers._forward_hooks or self.emb_layers._forward_pre_hooks or type(act) is not nn.SiLU:
+            e = self.emb_layers(emb)
+        else:  # the embedding's SiLU once per step for all blocks (inference), then this block's projection
+            e = proj(shared_silu(act, emb))
+        h = dropout(norm(h, shift=e.type(h.dtype)))
         if type(self.skip_connection) is nn.Conv2d:  # inference on the Triton backend: the 1x1 skip as a GEMM onto conv
             out = self._shortcut(conv, h, self.skip_connection, x)
             if out is not None:
