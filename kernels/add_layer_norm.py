@@ -62,10 +62,10 @@ def _to_storage(b, dtype: tl.constexpr, BF16_RNE: tl.constexpr):
 def _add_layer_norm_fwd_kernel(
     x_ptr, res_ptr,  # x, residual [R, C] (row strides below, last dim contiguous)
     w_ptr, b_ptr, sb_ptr,  # weight, bias, s_bias [C] (each read only under its HAS_ flag)
-    s_ptr, out_ptr, mean_ptr, rstd_ptr,  # s (+ s_bias), out [R, C] contiguous, x's dtype; mean, rstd [R] fp32
+    s_ptr, out_ptr, mean_ptr, rstd_ptr,  # s (+ s_bias) [R, C] x's dtype, out [R, C] out's dtype; mean, rstd [R] fp32
     R, C, x_row_stride, res_row_stride, eps,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_S_BIAS: tl.constexpr, ROWS: tl.constexpr,
-    BLOCK_C: tl.constexpr, BF16_RNE: tl.constexpr,
+    BLOCK_C: tl.constexpr, BF16_RNE: tl.constexpr, OUT_BF16_RNE: tl.constexpr,
 ):
     i_pid = tl.program_id(0)
     o_row = i_pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)  # [ROWS] int64
@@ -94,7 +94,7 @@ def _add_layer_norm_fwd_kernel(
         b_y = b_y * tl.load(w_ptr + o_col, mask=m_col, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         b_y = b_y + tl.load(b_ptr + o_col, mask=m_col, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + o_out, _to_storage(b_y, out_ptr.dtype.element_ty, BF16_RNE), mask=m)
+    tl.store(out_ptr + o_out, _to_storage(b_y, out_ptr.dtype.element_ty, OUT_BF16_RNE), mask=m)
     tl.store(mean_ptr + o_row, b_mean, mask=m_row)
     tl.store(rstd_ptr + o_row, b_rstd, mask=m_row)
 
@@ -135,7 +135,7 @@ def _check(x, residual, weight, bias, s_bias=None) -> int:
 
 
 def add_layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor, weight=None, bias=None, eps: float = 1e-5,
-                       s_bias=None):
+                       s_bias=None, out_dtype=None):
     """Launch the forward kernel: ``s = x + residual; out = layer_norm(s, (C,), weight, bias, eps)``,
     and with ``s_bias`` the first output ``s + s_bias`` in place of ``s``.
 
@@ -143,15 +143,16 @@ def add_layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor, weight=None, bia
     place; other layouts are copied), ``C <= MAX_C``; weight, bias: ``[C]`` or None, any float dtype
     (loaded as fp32); s_bias: ``[C]`` or None, any float dtype (taken as :func:`layer_norm_param`
     takes a bias: x's dtype or fp32 beside fp16/bf16 as is, else cast to x's dtype first). Returns
-    ``(s, out, mean, rstd)``: s (``s + s_bias`` with s_bias) and out ``[..., C]`` contiguous in x's
-    dtype, mean and rstd ``[R]`` fp32 (R = every leading element) of the unbiased s; one launch.
+    ``(s, out, mean, rstd)``: s (``s + s_bias`` with s_bias) and out ``[..., C]`` contiguous, s in
+    x's dtype, out in ``out_dtype`` (None: x's; fp32 is what autocast's layer_norm returns), mean and
+    rstd ``[R]`` fp32 (R = every leading element) of the unbiased s; one launch.
     Eager equivalent: :func:`add_layer_norm_reference`.
     """
     C = _check(x, residual, weight, bias, s_bias)
     if C > MAX_C:
         raise ValueError(f"add_layer_norm: the kernel holds rows of at most {MAX_C} elements, got C = {C}")
     s = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    out = torch.empty(x.shape, dtype=x.dtype if out_dtype is None else out_dtype, device=x.device)
     R = s.numel() // C if C else 0
     mean = torch.empty((R,), dtype=torch.float32, device=x.device)
     rstd = torch.empty((R,), dtype=torch.float32, device=x.device)
@@ -167,7 +168,8 @@ def add_layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor, weight=None, bia
         x, residual, weight if weight is not None else x, bias if bias is not None else x,
         s_bias if s_bias is not None else x, s, out, mean, rstd, R, C, x_rs, res_rs, float(eps),
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_S_BIAS=s_bias is not None, ROWS=rows,
-        BLOCK_C=block, BF16_RNE=x.dtype == torch.bfloat16 and x.device.type == "cpu", num_warps=num_warps,
+        BLOCK_C=block, BF16_RNE=x.dtype == torch.bfloat16 and x.device.type == "cpu",
+        OUT_BF16_RNE=out.dtype == torch.bfloat16 and x.device.type == "cpu", num_warps=num_warps,
     )
     return s, out, mean, rstd
 
@@ -186,7 +188,7 @@ def layer_norm_param(p, dtype: torch.dtype):
 
 
 def add_layer_norm_reference(x: torch.Tensor, residual: torch.Tensor, weight=None, bias=None, eps: float = 1e-5,
-                             s_bias=None):
+                             s_bias=None, out_dtype=None):
     """Eager reference, differentiable by autograd: diffusers' two statements,
     ``s = x + residual; out = F.layer_norm(s, (C,), weight, bias, eps)``; returns ``(s, out)``, or
     ``(s + s_bias, out)`` with s_bias ``[C]`` (``out`` still the layer norm of the unbiased s).
@@ -195,10 +197,13 @@ def add_layer_norm_reference(x: torch.Tensor, residual: torch.Tensor, weight=Non
     is judged against; at fp64 the exact one). weight, bias and s_bias are cast to x's dtype where
     ``F.layer_norm`` would refuse the pair (:func:`layer_norm_param`); ``s + s_bias`` is cast back
     to x's dtype (a no-op when s_bias has x's dtype: then it is eager's ``(x + residual) + s_bias``).
+    With ``out_dtype`` the norm runs on ``s.to(out_dtype)`` (autocast's layer_norm: the sum in x's
+    dtype, the norm and its output in fp32).
     """
     C = _check(x, residual, weight, bias, s_bias)
     s = x + residual
-    out = TF.layer_norm(s, (C,), layer_norm_param(weight, s.dtype), layer_norm_param(bias, s.dtype), eps)
+    sn = s if out_dtype is None or out_dtype == s.dtype else s.to(out_dtype)
+    out = TF.layer_norm(sn, (C,), layer_norm_param(weight, sn.dtype), layer_norm_param(bias, sn.dtype), eps)
     if s_bias is not None:
         return (s + layer_norm_param(s_bias, s.dtype)).to(s.dtype), out
     return s, out
@@ -216,12 +221,13 @@ def add_layer_norm_bwd(grad_s, grad_out, s, mean, rstd, weight, bias, output_mas
     if grad_out is not None:
         C = s.shape[-1]
         stat_shape = s.shape[:-1] + (1,)
-        w, b = layer_norm_param(weight, s.dtype), layer_norm_param(bias, s.dtype)
+        base = s if grad_out.dtype == s.dtype else s.to(grad_out.dtype)  # (out_dtype: the norm ran on s in it)
+        w, b = layer_norm_param(weight, base.dtype), layer_norm_param(bias, base.dtype)
         mask = [bool(output_mask[0]), bool(output_mask[1]) and w is not None, bool(output_mask[2]) and b is not None]
-        if s.is_cuda or s.dtype == torch.float32:
-            g, sv = grad_out, s
+        if base.is_cuda or base.dtype == torch.float32:
+            g, sv = grad_out, base
         else:
-            g, sv = grad_out.float(), s.float()
+            g, sv = grad_out.float(), base.float()
             w = w.float() if w is not None else None
             b = b.float() if b is not None else None
         ds, dweight, dbias = torch.ops.aten.native_layer_norm_backward(

@@ -393,14 +393,30 @@ def global_module_hooks() -> bool:
                ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_forward_hooks_always_called"))
 
 
+_UNKNOWN_AUTOCAST = object()
+
+
+def autocast_layer_norm_dtype(device_type: str):
+    """The ``out_dtype`` for :func:`ldm_fast.functional.add_layer_norm` that reproduces
+    ``F.layer_norm`` under the autocast state of ``device_type``: None (the input's dtype) without
+    autocast, ``torch.float32`` under CUDA autocast (layer_norm is on its fp32 list: the norm of the
+    low-precision sum in fp32, output fp32); an opaque marker for another device's autocast, CPU's
+    included (CPU autocast keeps layer_norm in the input's dtype, and the kernels' backward upcasts
+    there: the caller runs the eager statements, the reference machine's exact behaviour)."""
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.float32 if device_type == "cuda" else _UNKNOWN_AUTOCAST
+
+
 def add_norm(x: Tensor, residual: Tensor, norm: torch.nn.LayerNorm) -> tuple[Tensor, Tensor]:
     """``(s, norm(s))`` with ``s = x + residual`` (``[..., C]``; ``norm`` an ``nn.LayerNorm`` over C):
     one :func:`ldm_fast.functional.add_layer_norm` pass where its dtype rule is the module's (same
-    shapes and dtypes, no autocast, which runs layer_norm in fp32), else the two eager statements.
-    Eager equivalent: ``s = x + residual; s, norm(s)``."""
-    if (x.shape == residual.shape and x.dtype == residual.dtype
-            and not torch.is_autocast_enabled(x.device.type)):
-        return functional.add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps)
+    shapes and dtypes; under autocast the dtypes autocast gives, :func:`autocast_layer_norm_dtype`),
+    else the two eager statements. Eager equivalent: ``s = x + residual; s, norm(s)``."""
+    if x.shape == residual.shape and x.dtype == residual.dtype:
+        out_dtype = autocast_layer_norm_dtype(x.device.type)
+        if out_dtype is not _UNKNOWN_AUTOCAST:
+            return functional.add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps, out_dtype=out_dtype)
     hidden = x + residual
     return hidden, norm(hidden)
 

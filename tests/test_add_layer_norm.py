@@ -388,3 +388,71 @@ def test_bad_s_bias_names_s_bias():
         add_layer_norm_fwd(x, x, s_bias=torch.ones(3))
     with pytest.raises(TypeError, match="s_bias"):
         add_layer_norm_reference(x, x, s_bias=torch.ones(4, dtype=torch.int64))
+
+
+# --- out_dtype: autocast's fp32 layer norm of a low-precision sum ----------------------------------
+
+
+@pytest.mark.parametrize("affine", ["weight+bias", "fp32-params"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_out_dtype_fp32_forward_and_gradients(dtype, affine, poison, triton_backend):
+    """out_dtype=float32: s in x's dtype (bit for bit eager's), out fp32, the norm of the rounded sum
+    in fp32 (what autocast's layer_norm returns), against float64 by the rule; the gradients (the norm's
+    backward on s in fp32, ds cast back to x's dtype as autocast's cast backward does) too."""
+    shape = (2, 6, 77)
+    x, residual, weight, bias = _inputs(shape, dtype, affine)
+    s, out = lf.add_layer_norm(x, residual, weight, bias, 1e-5, out_dtype=torch.float32)
+    assert triton_backend("add_layer_norm")
+    assert s.dtype == dtype and out.dtype == torch.float32
+    eager_s, eager_out = add_layer_norm_reference(x, residual, weight, bias, 1e-5, out_dtype=torch.float32)
+    assert torch.equal(s, eager_s) and eager_out.dtype == torch.float32
+    exact = TF.layer_norm(s.double(), (77,), _double(weight), _double(bias), 1e-5)
+    assert_close_to_exact(out, exact, eager_out)
+    # what CUDA autocast computes (layer_norm on its fp32 list): the norm of the sum cast to fp32
+    cuda_ac = TF.layer_norm((x + residual).float(), (77,), _float(weight), _float(bias), 1e-5)
+    assert torch.equal(cuda_ac, eager_out)
+
+    g = torch.Generator().manual_seed(3)
+    grad_s, grad_out = torch.randn(shape, generator=g).to(dtype), torch.randn(shape, generator=g)
+
+    def run(fn, cast):
+        leaves = [t.detach().to(cast or t.dtype).requires_grad_() for t in (x, residual, weight, bias)]
+        s, out = fn(*leaves, 1e-5, out_dtype=torch.float32 if cast is None else None)
+        return torch.autograd.grad((s, out), leaves, (grad_s.to(s.dtype), grad_out.to(out.dtype)))
+
+    fused = run(lf.add_layer_norm, None)
+    assert triton_backend("add_layer_norm")
+    exact_g, eager_g = run(add_layer_norm_reference, torch.float64), run(add_layer_norm_reference, None)
+    for name, got, ex, low in zip(["x", "residual", "weight", "bias"], fused, exact_g, eager_g):
+        assert got.dtype == low.dtype, name
+        assert_close_to_exact(got, ex, low)
+
+
+def _float(t):
+    return None if t is None else t.float()
+
+
+def test_autocast_layer_norm_dtype_rule(monkeypatch):
+    """add_norm's out_dtype: None without autocast, fp32 under CUDA autocast (layer_norm on its fp32
+    list), the eager statements under another device's autocast, the CPU's included (which keeps
+    layer_norm in the input's dtype: checked here)."""
+    from ldm_fast.nn import _UNKNOWN_AUTOCAST, autocast_layer_norm_dtype
+
+    x = torch.randn(2, 8, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert TF.layer_norm(x, (8,), torch.ones(8), torch.zeros(8)).dtype == torch.bfloat16
+        assert autocast_layer_norm_dtype("cpu") is _UNKNOWN_AUTOCAST
+    assert autocast_layer_norm_dtype("cuda") is None and autocast_layer_norm_dtype("cpu") is None  # autocast off
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda device_type=None: True)
+    assert autocast_layer_norm_dtype("cuda") == torch.float32
+    assert autocast_layer_norm_dtype("xpu") is _UNKNOWN_AUTOCAST
+
+
+def test_out_dtype_checked():
+    x = torch.randn(2, 8)
+    with pytest.raises(TypeError, match="out_dtype"):
+        lf.add_layer_norm(x, x, out_dtype=torch.int32)
+    with pytest.raises(TypeError, match="out_dtype"):
+        lf.add_layer_norm(x, x, out_dtype="float32")
+    s, out = lf.add_layer_norm(x, x, out_dtype=torch.float32)  # x's own dtype: the plain call
+    assert out.dtype == torch.float32

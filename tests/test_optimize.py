@@ -972,21 +972,23 @@ def test_transformer_block_adds_the_feed_forward_residual_in_its_output_gemm(dty
     restore(block)
 
 
-def test_transformer_block_fallbacks_run_diffusers_statements():
-    """Under autocast (which runs LayerNorm in fp32) the fused forward runs diffusers' own statements:
-    the same result as the block before optimize, no kernel; without it, the kernels."""
+def test_transformer_block_under_cpu_autocast_runs_diffusers_statements():
+    """Under CPU autocast the fused forward runs diffusers' own statements (ldm_fast fuses the pairs
+    under CUDA autocast, with the norm's output in fp32 as autocast gives it:
+    tests/test_add_layer_norm.py): the same result as the block before optimize, no kernel; without
+    autocast, the kernels."""
     block = _basic_block()
     x, ctx = torch.randn(2, 6, 16), torch.randn(2, 3, 12)
     with torch.no_grad():
         ref = block(x, encoder_hidden_states=ctx)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            ref_ac = block(x, encoder_hidden_states=ctx)
+            ref_ac = block(x.bfloat16(), encoder_hidden_states=ctx)
     optimize(block, geglu=False)  # (the GEGLU kernel computes in fp32 under autocast too: not bit for bit)
     assert isinstance(block.forward, ldm_fast.integrations.diffusers.FusedTransformerBlockForward)
     with torch.no_grad(), ldm_fast.use_backend("triton"):
         before = ldm_fast.ops.kernel_launches["add_layer_norm"]
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert torch.equal(block(x, encoder_hidden_states=ctx), ref_ac)
+            assert torch.equal(block(x.bfloat16(), encoder_hidden_states=ctx), ref_ac)
         assert ldm_fast.ops.kernel_launches["add_layer_norm"] == before
         torch.testing.assert_close(block(x, encoder_hidden_states=ctx), ref, rtol=1e-5, atol=1e-5)
         assert ldm_fast.ops.kernel_launches["add_layer_norm"] == before + 2

@@ -23,7 +23,8 @@ MAX_C = _kernels.MAX_C
 
 
 def add_layer_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
-                   eps: float = 1e-5, *, s_bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                   eps: float = 1e-5, *, s_bias: Optional[Tensor] = None,
+                   out_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
     """``(s, out)`` with ``s = x + residual`` and ``out = F.layer_norm(s, (C,), weight, bias, eps)``:
     x and residual ``[..., C]`` of one floating dtype (the last dim contiguous, rows may be
     strided), weight and bias ``[C]`` or None. Both outputs are new contiguous tensors in x's dtype;
@@ -38,6 +39,11 @@ def add_layer_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor] = None,
     ``torch.addmm(s_biased, g, W.t())`` with s_bias = the Linear's bias. One more ``[C]`` read a
     program, nothing more. The kernel path with s_bias is inference-only: when any input requires
     grad the call runs the eager reference below (autograd through torch ops).
+
+    ``out_dtype`` (a floating dtype, or None: x's) is the dtype of ``out``, the norm computed on
+    ``s.to(out_dtype)``: ``torch.float32`` is what CUDA autocast's layer_norm (on its fp32 list)
+    returns for a low-precision ``s`` (the sum stays in x's dtype), so a block under CUDA autocast
+    fuses too (:func:`ldm_fast.nn.add_norm`); the backward casts as autocast's does.
 
     Eager equivalent (diffusers ``BasicTransformerBlock``'s residual stream, bit for bit on the
     eager backend): ``s = x + residual; out = F.layer_norm(s, (C,), weight, bias, eps)``, and
@@ -66,23 +72,29 @@ def add_layer_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor] = None,
         eps = finite_float("eps", eps)
     if eps < 0:
         raise ValueError(f"add_layer_norm: eps must be >= 0, got {eps}")
+    if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
+        raise TypeError(f"add_layer_norm: out_dtype must be a floating torch.dtype or None, got {out_dtype!r}")
+    if out_dtype == x.dtype:
+        out_dtype = None
     if (x.numel() and 0 < C <= MAX_C and x.stride(-1) == 1 and residual.stride(-1) == 1
             and not torch.compiler.is_compiling() and backend.kernel_ok(x, residual)
             and (weight is None or weight.device == x.device) and (bias is None or bias.device == x.device)
             and (s_bias is None or s_bias.device == x.device)):
         if not needs_grad(x, residual, weight, bias, s_bias):
-            s, out, _, _ = launch("add_layer_norm", _kernels.add_layer_norm_fwd, x, residual, weight, bias, eps, s_bias)
+            s, out, _, _ = launch("add_layer_norm", _kernels.add_layer_norm_fwd, x, residual, weight, bias, eps, s_bias,
+                                  out_dtype)
             return s, out
         if s_bias is None:
-            return _AddLayerNormFunction.apply(x, residual, weight, bias, eps)
+            return _AddLayerNormFunction.apply(x, residual, weight, bias, eps, out_dtype)
         # with s_bias and a gradient wanted: the reference below (the s_bias kernel is forward only)
-    return _kernels.add_layer_norm_reference(x, residual, weight, bias, eps, s_bias)
+    return _kernels.add_layer_norm_reference(x, residual, weight, bias, eps, s_bias, out_dtype)
 
 
 class _AddLayerNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, residual, weight, bias, eps):
-        s, out, mean, rstd = launch("add_layer_norm", _kernels.add_layer_norm_fwd, x, residual, weight, bias, eps)
+    def forward(ctx, x, residual, weight, bias, eps, out_dtype):
+        s, out, mean, rstd = launch("add_layer_norm", _kernels.add_layer_norm_fwd, x, residual, weight, bias, eps,
+                                    None, out_dtype)
         ctx.save_for_backward(s, mean, rstd, weight, bias)
         ctx.set_materialize_grads(False)
         return s, out
@@ -94,4 +106,4 @@ class _AddLayerNormFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         ds, dweight, dbias = _kernels.add_layer_norm_bwd(
             grad_s, grad_out, s, mean, rstd, weight, bias, (need[0] or need[1], need[2], need[3]))
-        return (ds if need[0] else None), (ds if need[1] else None), dweight, dbias, None
+        return (ds if need[0] else None), (ds if need[1] else None), dweight, dbias, None, None
