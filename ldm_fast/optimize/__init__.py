@@ -43,8 +43,9 @@ exactly what it changed. What it does is a list of small passes (:data:`PASSES`)
     whose ``forward`` is the diffusers 0.42 source (AST hash), plain ``nn.LayerNorm`` norms without
     hooks and no positional embedding gets an instance-level forward in which each residual add
     that feeds a LayerNorm (``attn1``'s output into ``norm2``, ``attn2``'s into ``norm3``) and that
-    norm are one :func:`ldm_fast.functional.add_layer_norm` kernel. diffusers' own statements on a
-    CPU, under autocast (which runs LayerNorm in fp32), for a 4-d input or GLIGEN kwargs, and under
+    norm are one :func:`ldm_fast.functional.add_layer_norm` kernel (under CUDA autocast, which runs
+    LayerNorm in fp32, with the norm's output in fp32 as autocast gives it). diffusers' own
+    statements on a CPU (CPU autocast included), for a 4-d input or GLIGEN kwargs, and under
     torch.compile. The ``ResnetBlock2D`` forward of ``silu_fusion`` also computes the time
     embedding's SiLU once per step instead of once per block (inference only). In inference on the
     Triton backend the feed-forward's residual goes into its output GEMM: norm3's kernel writes

@@ -100,8 +100,9 @@ def optimize(model: nn.Module, *, group_norm: bool = True, channels_last: bool =
       statements on a CPU and under torch.compile, which fuses them itself).
     - ``add_layer_norm``: diffusers ``BasicTransformerBlock``s (``norm_type="layer_norm"``) add each
       residual that feeds a LayerNorm and apply that norm in one
-      :func:`ldm_fast.functional.add_layer_norm` kernel (two per SD block; diffusers' statements on a
-      CPU, under autocast and under torch.compile).
+      :func:`ldm_fast.functional.add_layer_norm` kernel (two per SD block; CUDA autocast too, the
+      norm's output fp32 as autocast gives it; diffusers' statements on a CPU and under
+      torch.compile).
     - ``timestep_embedding``: diffusers ``Timesteps`` modules (the U-Net's sinusoidal time
       embedding) run :func:`ldm_fast.functional.timestep_embedding`, one kernel instead of ~10
       launches (diffusers' statements on a CPU and under torch.compile).
