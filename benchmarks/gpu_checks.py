@@ -101,6 +101,12 @@ def checks(small: bool) -> list[tuple[str, str, Callable, Callable, Callable, in
         arg = t[:, None] * freq[None, :]
         return torch.cat([torch.cos(arg), torch.sin(arg)], dim=-1)
 
+    def aln_fp32(fn):  # the norm's output in fp32 beside a low-precision sum (float64 inputs: the exact one)
+        def run(x, r, w, b):
+            low = x.dtype in (torch.float16, torch.bfloat16)
+            return fn(x, r, w, b, 1e-5, out_dtype=torch.float32 if low else None)
+        return run
+
     def gn_ref(x, w, b):
         return group_norm_reference(x, 32, w, b, 1e-5, activation="silu")
 
@@ -141,6 +147,8 @@ def checks(small: bool) -> list[tuple[str, str, Callable, Callable, Callable, in
         (f"group_norm+silu+shift {gn_shape}", "group_norm", gn_shift_make, gn_shift, gn_shift_ref, 4),
         (f"geglu {ff}", "geglu", geglu_make, F.geglu, geglu_reference, 1),
         (f"add_layer_norm {ln}", "add_layer_norm", aln_make, F.add_layer_norm, add_layer_norm_reference, 4),
+        (f"add_layer_norm out fp32 (CUDA autocast) {ln}", "add_layer_norm", aln_make, aln_fp32(F.add_layer_norm),
+         aln_fp32(add_layer_norm_reference), 4),
         (f"reparameterize {lat}", "reparameterize",
          rep_make, lambda m, lv, n: F.reparameterize(m, lv, noise=n, scale=0.18215),
          lambda m, lv, n: reparameterize_reference(m, lv, n, 0.18215), 2),
