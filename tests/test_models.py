@@ -372,3 +372,38 @@ def test_resblocks_share_the_time_embedding_silu_in_inference():
     with DispatchedOps() as ops:
         sum(b(xg, emb.requires_grad_(True)).sum() for b in blocks).backward()
     assert ops.names.count("aten::silu") == 3 * len(blocks)
+
+
+def test_own_unet_time_projections_packed_by_optimize(monkeypatch):
+    """optimize(pack_weights=True) packs ldm_fast's own ResBlocks' emb_layers[1] too: one GEMM a step
+    for every block in inference on the Triton backend (the output within the kernels' error), the same
+    Parameters and state dict; restore unpacks and clears the blocks' pack."""
+    from ldm_fast.models.unet import ResBlock
+
+    ours = UNetModel.from_diffusers(_diffusers_unet()).eval()
+    blocks = [m for m in ours.modules() if type(m) is ResBlock]
+    state = {k: v.clone() for k, v in ours.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    x, t, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 500]), torch.randn(2, 5, 24, generator=g)
+    with torch.no_grad():
+        ref = ours(x, t, ctx)
+    report = ldm_fast.optimize(ours)
+    from ldm_fast.optimize.report import TIME_PROJECTIONS
+
+    assert len(report.paths(TIME_PROJECTIONS)) == len(blocks)
+    packs = {id(b._time_pack) for b in blocks}
+    assert len(packs) == 1 and None not in {b._time_pack for b in blocks}
+    pack = blocks[0]._time_pack
+    assert all(torch.equal(ours.state_dict()[k], v) for k, v in state.items())
+    calls = []
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda a, w, b=None: calls.append(w is pack.weight) or linear(a, w, b))
+    with torch.no_grad(), ldm_fast.use_backend("triton"):
+        out = ours(x, t, ctx)
+    assert calls.count(True) == 1
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    ldm_fast.restore(ours)
+    assert all(b._time_pack is None for b in blocks)
+    storages = [p.untyped_storage()._cdata for b in blocks for p in b.emb_layers[1].parameters()]
+    assert len(set(storages)) == len(storages)  # (the attention modules' q/k/v share storage by design)
+    assert all(torch.equal(ours.state_dict()[k], v) for k, v in state.items())

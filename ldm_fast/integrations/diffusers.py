@@ -51,7 +51,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import backend, functional
-from ..nn import ShortcutGemm, add_norm, add_norm_feed_forward, global_module_hooks, shared_silu
+from ..nn import (PackedLinears, PackedTimeProjections, ShortcutGemm, add_norm, add_norm_feed_forward,
+                  global_module_hooks, linear_unpackable, shared_silu)
 from ..nn import storage_key as _storage_key
 
 __all__ = ["PACK_ATTR", "AttnProcessor", "ChannelsLastTransformerOutput", "FusedGEGLUForward", "FusedResnetForward",
@@ -231,68 +232,6 @@ class AttnProcessor:
 PACK_ATTR = "_ldm_fast_packed_projections"
 
 
-class PackedLinears:
-    """The weights (and biases) of ``nn.Linear`` modules of one input width, dtype and device as row
-    blocks of one buffer, so one GEMM computes all their outputs side by side.
-
-    Packing sets each Parameter's ``.data`` to its block of the buffer: the Parameter objects, their
-    ``requires_grad``, state dict keys and values stay; in-place updates (``load_state_dict``, an
-    optimizer step, ``fuse_lora``'s copy) land in the buffer. A packed GEMM may run only while the
-    module still holds that view and has no hooks (:meth:`intact`: a few attribute reads, so it is
-    checked per call): anything that re-allocates a weight after optimize (``model.to(dtype)``,
-    ``.to(device)``) or swaps the module (a LoRA layer) makes the user's own statements run.
-    :meth:`unpack` (restore) gives every weight still in the buffer its own storage back. Values:
-    the same products; cuBLAS may pick another kernel for the wider GEMM, so low-precision results
-    can differ from the separate GEMMs' in the last bit.
-
-    ``weight`` ``[sum of out_features, K]``, ``bias`` ``[sum of out_features]`` or None;
-    ``offsets[i]`` the first row of module i's block.
-    """
-
-    def __init__(self, modules: tuple) -> None:
-        self.modules = modules
-        self.offsets = [0]
-        for m in modules:
-            self.offsets.append(self.offsets[-1] + m.out_features)
-        with torch.no_grad():
-            self.weight = torch.cat([m.weight.detach() for m in modules])
-            self.bias = None if modules[0].bias is None else torch.cat([m.bias.detach() for m in modules])
-            for i, m in enumerate(modules):
-                rows = slice(self.offsets[i], self.offsets[i + 1])
-                m.weight.data = self.weight[rows]
-                if self.bias is not None:
-                    m.bias.data = self.bias[rows]
-        self.keys = tuple((_storage_key(m.weight), _storage_key(m.bias)) for m in modules)
-        self.params = tuple(p for m in modules for p in (m.weight, m.bias) if p is not None)
-        # per module, what intact() reads (the hook dicts and __dict__ are the module's own objects, kept)
-        self._checks = tuple((m._forward_hooks, m._forward_pre_hooks, m.__dict__, m._parameters, m.weight, k[0],
-                              m.bias, k[1]) for m, k in zip(modules, self.keys))
-
-    def intact(self, i: int) -> bool:
-        """Whether module i still computes its block of the packed GEMM: the same weight and bias
-        Parameters, still the buffer's views, no hooks, no instance-level forward (per call: ~1 µs)."""
-        hooks, pre_hooks, attrs, params, w, w_key, b, b_key = self._checks[i]
-        return not (hooks or pre_hooks or "forward" in attrs or params.get("weight") is not w
-                    or params.get("bias") is not b or _storage_key(w) != w_key
-                    or (b is not None and _storage_key(b) != b_key))
-
-    def inference(self, *tensors: Optional[torch.Tensor]) -> bool:
-        """Whether a packed GEMM may run on these inputs at all: the Triton backend runs (CUDA; the eager
-        backend keeps the user's GEMMs bit for bit), no torch.compile, no gradient to record (training
-        runs the separate GEMMs, whose weight gradients the Parameters need), no global module hooks."""
-        return not (torch.compiler.is_compiling() or not backend.kernel_ok(*tensors)
-                    or (torch.is_grad_enabled() and any(p.requires_grad for p in self.params))
-                    or global_module_hooks())
-
-    def unpack(self) -> None:
-        """Give every weight still in the buffer its own storage (restore)."""
-        with torch.no_grad():
-            for m, key in zip(self.modules, self.keys):
-                for p, k in ((m.weight, key[0]), (m.bias, key[1])):
-                    if p is not None and _storage_key(p) == k:
-                        p.data = p.data.clone()
-
-
 class PackedProjections(PackedLinears):
     """The ``to_q``/``to_k``/``to_v`` weights of one diffusers ``Attention`` packed
     (:class:`PackedLinears`), so :class:`AttnProcessor` computes the three projections of a
@@ -325,38 +264,6 @@ class PackedProjections(PackedLinears):
         return True
 
 
-class PackedTimeProjections(PackedLinears):
-    """The ``time_emb_proj`` Linears of a model's ``ResnetBlock2D``s packed (:class:`PackedLinears`):
-    every block of a U-Net projects the same time embedding, so the first block of a step computes
-    all the projections with one GEMM (``[B, sum of widths]``) and each block reads its columns as a
-    view (the GroupNorm kernel reads the shift's rows in place): SD 1.5 runs 22 GEMMs a step, now 1.
-    The result is kept for the next blocks while the input is the same tensor at the same version
-    (inference on the Triton backend only; :meth:`project`).
-    """
-
-    def __init__(self, modules: tuple) -> None:
-        super().__init__(modules)
-        self.index = {id(m): i for i, m in enumerate(modules)}
-        self._last: Optional[tuple] = None  # (weakref to the input, its _version, the packed output)
-
-    def __repr__(self) -> str:
-        return f"<ldm_fast packed time_emb_proj of {len(self.modules)} ResnetBlock2Ds: {tuple(self.weight.shape)}>"
-
-    def project(self, module: nn.Module, temb: torch.Tensor) -> Optional[torch.Tensor]:
-        """``module(temb)`` (``module`` one of the packed Linears) as columns of the packed GEMM's
-        output, or None where the packed GEMM does not apply (the caller calls the module)."""
-        i = self.index.get(id(module))
-        if i is None or not self.inference(temb) or self.modules[i] is not module or not self.intact(i):
-            return None  # (inference first: it steps aside under torch.compile before any storage is read)
-        last = self._last
-        if last is not None and last[0]() is temb and last[1] == temb._version:
-            out = last[2]
-        else:
-            out = F.linear(temb, self.weight, self.bias)
-            self._last = (weakref.ref(temb), temb._version, out)
-        return out[..., self.offsets[i]:self.offsets[i + 1]]
-
-
 def projections_unpackable(attn: nn.Module) -> Optional[str]:
     """None when ``attn``'s key and value projections (and its query's, see :func:`packs_query`) can
     be packed into one buffer (:class:`PackedProjections`), else why not."""
@@ -368,18 +275,6 @@ def projections_unpackable(attn: nn.Module) -> Optional[str]:
     k, v = mods["to_k"], mods["to_v"]
     if not _same_linear(k, v):
         return "its to_k and to_v differ in shape, dtype, device or bias"
-    return None
-
-
-def linear_unpackable(m: Optional[nn.Module], name: str) -> Optional[str]:
-    """None when ``m`` (the module's ``name``) is a plain ``nn.Linear`` a :class:`PackedLinears` may
-    hold, else why not."""
-    if type(m) is not nn.Linear:
-        return f"its {name} is a {type(m).__name__}, not an nn.Linear (e.g. a LoRA layer)"
-    if m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__:
-        return f"its {name} has hooks or an instance-level forward (the packed GEMM would not call them)"
-    if not m.weight.is_floating_point():
-        return f"its {name} weight is {m.weight.dtype}, not a floating dtype"
     return None
 
 

@@ -59,6 +59,7 @@ class ResBlock(nn.Module):
         )
         self.skip_connection = nn.Conv2d(channels, out_channels, 1) if out_channels != channels else nn.Identity()
         self._shortcut = ShortcutGemm()
+        self._time_pack = None  # a PackedTimeProjections holding emb_layers[1], set by optimize(pack_weights=True)
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         h = self.in_layers(x)
@@ -67,7 +68,9 @@ class ResBlock(nn.Module):
         if self.emb_layers._forward_hooks or self.emb_layers._forward_pre_hooks or type(act) is not nn.SiLU:
             e = self.emb_layers(emb)
         else:  # the embedding's SiLU once per step for all blocks (inference), then this block's projection
-            e = proj(shared_silu(act, emb))
+            e = shared_silu(act, emb)
+            packed = None if self._time_pack is None else self._time_pack.project(proj, e)
+            e = proj(e) if packed is None else packed  # (packed: this block's columns of one GEMM for all)
         h = dropout(norm(h, shift=e.type(h.dtype)))
         if type(self.skip_connection) is nn.Conv2d:  # inference on the Triton backend: the 1x1 skip as a GEMM onto conv
             out = self._shortcut(conv, h, self.skip_connection, x)

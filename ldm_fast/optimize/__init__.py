@@ -65,9 +65,9 @@ exactly what it changed. What it does is a list of small passes (:data:`PASSES`)
     Linear weights one GEMM can serve together are stored as row blocks of one buffer
     (:class:`ldm_fast.integrations.diffusers.PackedLinears`: the same Parameter objects, state dict
     keys and values, each ``.data`` a view; safetensors saves them): the ``time_emb_proj`` of every
-    fused ``ResnetBlock2D`` (the first block of a step computes all of them with one GEMM, each
-    block slices its columns: 22 GEMMs a SD 1.5 step -> 1) and, with ``attention``, each
-    ``Attention``'s projections. Used in inference on the Triton backend while the views are intact
+    fused ``ResnetBlock2D`` and the ``emb_layers[1]`` of ldm_fast's own ``ResBlock`` (the first
+    block of a step computes all of them with one GEMM, each block slices its columns: 22 GEMMs a
+    SD 1.5 step -> 1) and, with ``attention``, each ``Attention``'s projections. Used in inference on the Triton backend while the views are intact
     (checked per call); ``model.to(dtype)`` or ``.to(device)`` after optimize re-allocates them and
     the separate GEMMs run (optimize after moving the model); :func:`restore` unpacks.
 ``channels_last`` (``channels_last=True``)

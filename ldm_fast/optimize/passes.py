@@ -194,33 +194,45 @@ def _silu_fusion_pass(ctx: _Context) -> None:
         _pack_time_projections(ctx, forwards)
 
 
+def _time_projection_holders(ctx: _Context, forwards: list) -> list:
+    """(block, its time projection Linear, its name, where the pack goes) for the fused diffusers
+    ResnetBlock2Ds (``forwards``) and ldm_fast's own U-Net ResBlocks."""
+    from ..models.unet import ResBlock  # (lazily: the models import ldm_fast.nn, as this package does)
+
+    holders = [(f.block, f.block.time_emb_proj, "time_emb_proj", f) for f in forwards if f.block.time_emb_proj is not None]
+    for module in ctx.modules():
+        if type(module) is ResBlock and "_time_pack" in module.__dict__ and module._time_pack is None:
+            holders.append((module, module.emb_layers[1], "emb_layers.1", module))
+    return holders
+
+
 def _pack_time_projections(ctx: _Context, forwards: list) -> None:
-    """Pack the time_emb_proj Linears of the fused ResnetBlock2Ds (one group per input width, dtype,
-    device and bias presence; two or more blocks) into PackedTimeProjections."""
+    """Pack the time-embedding projections of the U-Net's ResNet blocks (one group per input width,
+    dtype, device and bias presence; two or more blocks) into PackedTimeProjections."""
     param_uses = Counter(id(p) for _, p in ctx.model.named_parameters(remove_duplicate=False))
     groups: dict = {}
-    for forward in forwards:
-        block = forward.block
-        proj = block.time_emb_proj
-        if proj is None:
-            continue
-        reason = linear_unpackable(proj, "time_emb_proj")
+    for block, proj, name, owner in _time_projection_holders(ctx, forwards):
+        reason = linear_unpackable(proj, name)
         if reason is None and (ctx.uses[id(proj)] > 1 or any(param_uses[id(p)] > 1 for p in proj.parameters())):
-            reason = "its time_emb_proj (or its weight) is shared with another module: packing would untie it"
+            reason = f"its {name} (or its weight) is shared with another module: packing would untie it"
         if reason is not None:
-            ctx.left(block, "ResnetBlock2D time_emb_proj (one GEMM for all blocks)", reason)
+            ctx.left(block, f"{type(block).__name__} {name} (one GEMM for all blocks)", reason)
             continue
         key = (proj.in_features, proj.weight.dtype, proj.weight.device, proj.bias is None)
-        groups.setdefault(key, []).append(forward)
+        groups.setdefault(key, []).append((block, proj, owner))
     for group in groups.values():
         if len(group) < 2:
             continue
-        pack = PackedTimeProjections(tuple(f.block.time_emb_proj for f in group))
+        pack = PackedTimeProjections(tuple(proj for _, proj, _ in group))
         ctx.record(_Unpack(pack))
-        for forward in group:
-            forward.time_pack = pack
-            ctx.changed(forward.block, TIME_PROJECTIONS)
-        ctx.report.notes.append(f"pack_weights: the time_emb_proj of {len(group)} ResnetBlock2Ds as one GEMM a step "
+        for block, _, owner in group:
+            if owner is block:  # ldm_fast's ResBlock: an instance attribute, put back by restore
+                ctx.record(_SetAttr(block, "_time_pack", None, pack))
+                block.__dict__["_time_pack"] = pack
+            else:  # the fused diffusers forward (removed by restore)
+                owner.time_pack = pack
+            ctx.changed(block, TIME_PROJECTIONS)
+        ctx.report.notes.append(f"pack_weights: the time projections of {len(group)} ResNet blocks as one GEMM a step "
                                 f"(packed weight {tuple(pack.weight.shape)}; inference on the Triton backend)")
 
 
