@@ -28,8 +28,12 @@ attention processors it may replace (:func:`attention_swap_refused`), and the fu
 reproduces, checked by :func:`resnet_block_unfusable`), the fused ``GEGLU`` gate
 (:class:`FusedGEGLUForward`) and the fused ``BasicTransformerBlock`` forward
 (:class:`FusedTransformerBlockForward`: the residual adds that feed a LayerNorm and that norm in one
-kernel, checked by :func:`transformer_block_unfusable`) and the channels-last-keeping
-``Transformer2DModel`` output (:class:`ChannelsLastTransformerOutput`).
+kernel, checked by :func:`transformer_block_unfusable`; the feed-forward residual in its output
+GEMM, :func:`feed_forward_epilogue_refused`), the channels-last-keeping ``Transformer2DModel``
+output (:class:`ChannelsLastTransformerOutput`), the one-kernel ``Timesteps`` forward
+(:class:`FusedTimestepsForward`) and the packed attention projections (:class:`PackedProjections`).
+The model-agnostic pieces these use (weight packing, the shortcut GEMM, the add + LayerNorm
+helpers, the shared time-embedding SiLU) live in :mod:`ldm_fast.nn`.
 
 diffusers is imported only to emit its deprecation warning for the ``scale`` argument; importing
 this module does not import it.
@@ -55,10 +59,10 @@ from ..nn import (PackedLinears, PackedTimeProjections, ShortcutGemm, add_norm, 
                   global_module_hooks, linear_unpackable, shared_silu)
 from ..nn import storage_key as _storage_key
 
-__all__ = ["PACK_ATTR", "AttnProcessor", "ChannelsLastTransformerOutput", "FusedGEGLUForward", "FusedResnetForward",
-           "FusedTimestepsForward", "FusedTransformerBlockForward", "PackedLinears", "PackedProjections", "PackedTimeProjections",
-           "global_module_hooks", "linear_unpackable", "packs_query",
-           "projections_unpackable", "shortcut_gemm_refused", "attention_swap_refused", "feed_forward_epilogue_refused", "geglu_unfusable", "is_diffusers_class", "resnet_block_unfusable",
+__all__ = ["AttnProcessor", "ChannelsLastTransformerOutput", "FusedGEGLUForward", "FusedResnetForward",
+           "FusedTimestepsForward", "FusedTransformerBlockForward", "PACK_ATTR", "PackedProjections",
+           "attention_swap_refused", "feed_forward_epilogue_refused", "geglu_unfusable", "is_diffusers_class",
+           "packs_query", "projections_unpackable", "resnet_block_unfusable", "shortcut_gemm_refused",
            "timesteps_unfusable", "transformer_block_unfusable", "transformer_output_unkept"]
 
 _SCALE_DEPRECATION = (

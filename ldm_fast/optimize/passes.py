@@ -23,11 +23,11 @@ from .. import nn as ldm_nn
 from ..integrations.diffusers import AttnProcessor as _LdmAttnProcessor
 from ..integrations.diffusers import (PACK_ATTR, ChannelsLastTransformerOutput, FusedGEGLUForward, FusedResnetForward,
                                       FusedTimestepsForward, FusedTransformerBlockForward, PackedProjections,
-                                      PackedTimeProjections, attention_swap_refused, feed_forward_epilogue_refused,
-                                      geglu_unfusable, global_module_hooks, is_diffusers_class, linear_unpackable,
-                                      packs_query, projections_unpackable, resnet_block_unfusable,
+                                      attention_swap_refused, feed_forward_epilogue_refused, geglu_unfusable,
+                                      is_diffusers_class, packs_query, projections_unpackable, resnet_block_unfusable,
                                       shortcut_gemm_refused, timesteps_unfusable, transformer_block_unfusable,
                                       transformer_output_unkept)
+from ..nn import PackedTimeProjections, global_module_hooks, linear_unpackable
 from .report import (ATTENTION, CHANNELS_LAST, FUSED, GEGLU, GROUP_NORM, GROUP_NORM32, PACKED_PROJECTIONS, RESNET_FORWARD,
                      SEQUENTIAL_SILU, TIME_PROJECTIONS, TIMESTEPS, TRANSFORMER_FORWARD, TRANSFORMER_LAYOUT, ReportItem)
 from .undo import _MISSING, _Restride, _SetAttr, _SetChild, _SetClass, _Unpack
