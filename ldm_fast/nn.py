@@ -614,7 +614,7 @@ class PackedTimeProjections(PackedLinears):
     def __init__(self, modules: tuple) -> None:
         super().__init__(modules)
         self.index = {id(m): i for i, m in enumerate(modules)}
-        self._last: Optional[tuple] = None  # (weakref to the input, its _version, the packed output)
+        self._last: Optional[tuple] = None  # (weakref to the input, its _version, the output, weight versions)
 
     def __repr__(self) -> str:
         return f"<ldm_fast packed time projections of {len(self.modules)} ResNet blocks: {tuple(self.weight.shape)}>"
@@ -626,12 +626,18 @@ class PackedTimeProjections(PackedLinears):
         if i is None or not self.inference(temb) or self.modules[i] is not module or not self.intact(i):
             return None  # (inference first: it steps aside under torch.compile before any storage is read)
         last = self._last
-        if last is not None and last[0]() is temb and last[1] == temb._version:
-            out = last[2]
+        if last is not None and last[0]() is temb and last[1] == temb._version and last[3][i] == self._version(i):
+            out = last[2]  # (the same input, and this block's weights not updated in place since)
         else:
             out = F.linear(temb, self.weight, self.bias)
-            self._last = (weakref.ref(temb), temb._version, out)
+            self._last = (weakref.ref(temb), temb._version, out, [self._version(j) for j in range(len(self.modules))])
         return out[..., self.offsets[i]:self.offsets[i + 1]]
+
+    def _version(self, i: int) -> tuple:
+        """Module i's weight and bias version counters (an in-place update, e.g. an optimizer step or
+        load_state_dict, bumps them)."""
+        m = self.modules[i]
+        return (m.weight._version, None if m.bias is None else m.bias._version)
 
 
 def linear_unpackable(m: Optional[torch.nn.Module], name: str) -> Optional[str]:

@@ -818,6 +818,17 @@ def test_unet_time_projections_packed_into_one_gemm_a_step_and_restore(monkeypat
         out = _run_unet(unet, inputs)
         assert calls.count(True) == 1  # one packed GEMM for every block of the step
         _assert_close_rel(out, ref, TRITON_RTOL)
+        # the kept output is reused only while the block's own weights are unchanged: an in-place update
+        # between two calls with the same embedding tensor is seen
+        block = unet.down_blocks[0].resnets[0]
+        temb = torch.randn(2, 128)
+        with torch.no_grad():
+            before = pack.project(block.time_emb_proj, temb).clone()
+            saved = block.time_emb_proj.bias.clone()
+            block.time_emb_proj.bias.add_(1.0)
+            after = pack.project(block.time_emb_proj, temb)
+            block.time_emb_proj.bias.copy_(saved)
+        torch.testing.assert_close(after, before + 1.0, rtol=0, atol=1e-5)
         calls.clear()
         unet(*inputs).sample.sum().backward()  # gradients to record: the blocks' own GEMMs
         assert not any(calls) and unet.down_blocks[0].resnets[0].time_emb_proj.weight.grad is not None
