@@ -573,7 +573,9 @@ def test_optimize_attention_swaps_default_processors_and_restore_gives_them_back
 
     assert sorted(report.paths(opt_mod.ATTENTION)) == sorted(originals)
     assert all(type(p) is LdmAttnProcessor for p in _processors(model).values())
-    assert report.left == [] and report.options["attention"] is True
+    # (the VAE decoder's conv_norm_out/conv_act pair, called apart, is the only thing left)
+    assert [i.path for i in report.left] == ([] if model_kind == "unet" else ["decoder.conv_norm_out"])
+    assert report.options["attention"] is True
     assert f"{len(originals)} attention processors -> ldm_fast" in str(report)
     assert any(n.startswith(f"attention: {len(originals)} diffusers Attention modules") for n in report.notes)
     assert torch.equal(_run_model(model, inputs), ref)  # default backend on CPU: exactly the original

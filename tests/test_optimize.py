@@ -117,14 +117,17 @@ def test_unet_default_backend_exact_and_restore_round_trip():
     # every ResnetBlock2D (down, mid, up) is fused, both norms
     blocks = [name for name, m in unet.named_modules() if isinstance(m, ResnetBlock2D)]
     assert sorted(report.paths(opt_mod.RESNET_FORWARD)) == sorted(blocks)
-    assert sorted(report.paths(opt_mod.FUSED)) == sorted(f"{b}.{n}" for b in blocks for n in ("norm1", "norm2"))
+    # and conv_norm_out, which the U-Net's forward calls right before conv_act
+    assert sorted(report.paths(opt_mod.FUSED)) == sorted(
+        [f"{b}.{n}" for b in blocks for n in ("norm1", "norm2")] + ["conv_norm_out"])
     assert report.left == []
     text = str(report)
-    assert "21 GroupNorm -> ldm_fast" in text and f"{2 * len(blocks)} GroupNorm+SiLU fused" in text
+    assert "21 GroupNorm -> ldm_fast" in text and f"{2 * len(blocks) + 1} GroupNorm+SiLU fused" in text
     assert "cuda_graph: off" in text and "channels_last: off" in text
     block = unet.down_blocks[0].resnets[0]
     assert type(block.norm1) is LdmGroupNorm and block.norm1.activation == "silu"
-    assert type(unet.conv_norm_out) is LdmGroupNorm and unet.conv_norm_out.activation is None  # no SiLU fused
+    assert type(unet.conv_norm_out) is LdmGroupNorm and unet.conv_norm_out.activation == "silu"
+    assert isinstance(unet.conv_act, nn.Identity)
     assert type(block.nonlinearity) is nn.SiLU  # still applied to temb
     assert opt_mod.report_of(unet) is report
 
@@ -159,7 +162,8 @@ def test_vae_default_backend_exact_and_triton_kernels_match():
     n_norms = sum(isinstance(m, nn.GroupNorm) for m in vae.modules())
     assert report.counts["GroupNorm -> ldm_fast GroupNorm"] == n_norms
     n_blocks = sum(isinstance(m, ResnetBlock2D) for m in vae.modules())
-    assert report.counts[opt_mod.RESNET_FORWARD] == n_blocks and report.counts[opt_mod.FUSED] == 2 * n_blocks
+    # (+ the encoder's conv_norm_out, called right before its conv_act; the decoder's is left)
+    assert report.counts[opt_mod.RESNET_FORWARD] == n_blocks and report.counts[opt_mod.FUSED] == 2 * n_blocks + 1
     assert torch.equal(_run_vae(vae, image), ref)
 
     before = ldm_fast.ops.kernel_launches["group_norm"]
@@ -292,6 +296,61 @@ def test_compvis_group_norm32_becomes_ldm_group_norm32_and_fuses():
     assert torch.equal(model(x), ref)  # eager GroupNorm32: fp32 norm, cast, SiLU in bf16, as before
     restore(model)
     assert all(type(block[0]) is GroupNorm32 and type(block[1]) is nn.SiLU for block in model)
+
+
+def test_conv_norm_out_and_conv_act_fused_where_called_as_one_pair():
+    """UNet2DConditionModel and the VAE Encoder call ``conv_norm_out`` then ``conv_act`` as one
+    adjacent pair (read from the class source): the norm takes the SiLU and conv_act becomes
+    nn.Identity (exact on the eager backend; restore puts the SiLU object back). The VAE Decoder calls
+    them apart (its latent_embeds branch): left with the reason."""
+    unet, vae = _unet(), _vae()
+    inputs, image = _unet_inputs(), _image()
+    ref_unet, ref_vae = _run_unet(unet, inputs), _run_vae(vae, image)
+    silu, enc_silu, dec_silu = unet.conv_act, vae.encoder.conv_act, vae.decoder.conv_act
+    report = optimize(unet)
+    assert isinstance(unet.conv_act, nn.Identity) and unet.conv_norm_out.activation == "silu"
+    assert "conv_act" in report.paths(opt_mod.SEQUENTIAL_SILU)
+    assert torch.equal(_run_unet(unet, inputs), ref_unet)
+    report = optimize(vae)
+    assert isinstance(vae.encoder.conv_act, nn.Identity) and vae.decoder.conv_act is dec_silu
+    left = {item.path: item.reason for item in report.left}
+    assert "adjacent pair" in left["decoder.conv_norm_out"]
+    assert torch.equal(_run_vae(vae, image), ref_vae)
+    restore(unet)
+    restore(vae)
+    assert unet.conv_act is silu and vae.encoder.conv_act is enc_silu
+    assert unet.conv_norm_out.__dict__.get("activation") is None
+
+
+def test_attribute_pair_check_reads_every_use():
+    """A norm/SiLU pair used anywhere else (apart, or the SiLU on another tensor) is not fused."""
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv_norm_out, self.conv_act = nn.GroupNorm(2, 4), nn.SiLU()
+
+    class Together(Pair):
+        def forward(self, x):
+            x = self.conv_norm_out(x)
+            x = self.conv_act(x)
+            return x
+
+    class Apart(Pair):
+        def forward(self, x):
+            x = self.conv_norm_out(x)
+            x = self.conv_act(x)
+            return x + self.conv_act(x)  # a second SiLU use
+
+    assert not opt_passes._class_calls_as_pair(Apart, "conv_norm_out", "conv_act")
+    assert opt_passes._class_calls_as_pair(Together, "conv_norm_out", "conv_act")
+    model = nn.ModuleDict({"apart": Apart(), "together": Together()})
+    x = torch.randn(2, 4, 3, 3)
+    ref = (model["apart"](x), model["together"](x))
+    report = optimize(model)
+    assert isinstance(model["together"].conv_act, nn.Identity) and type(model["apart"].conv_act) is nn.SiLU
+    assert "apart.conv_norm_out" in {item.path for item in report.left}
+    assert torch.equal(model["apart"](x), ref[0]) and torch.equal(model["together"](x), ref[1])
+    restore(model)
 
 
 def test_unknown_subclass_left_with_reason():

@@ -181,6 +181,8 @@ def _silu_fusion_pass(ctx: _Context) -> None:
                 forwards.append(forward)
         elif isinstance(module, nn.Sequential):
             _fuse_sequential(ctx, module, holders.get(id(module), []))
+        elif not isinstance(module, _CONTAINERS):
+            _fuse_attribute_pairs(ctx, module)
     shortcuts = 0
     for forward in forwards:
         if forward.shortcut_gemm:
@@ -280,6 +282,20 @@ def _split_positions(parent: nn.Module, name: str, length: int) -> Optional[set]
     return answers[name, length]
 
 
+def _class_trees(cls: type) -> Optional[list]:
+    """The parsed source of ``cls`` and of its bases below nn.Module (torch's own classes skipped);
+    None when one of them has no source to read."""
+    trees = []
+    for klass in cls.__mro__:
+        if klass in (nn.Module, object) or (klass.__module__ or "").startswith("torch."):
+            continue
+        try:
+            trees.append(ast.parse(textwrap.dedent(inspect.getsource(klass))))
+        except (OSError, TypeError, SyntaxError):
+            return None
+    return trees
+
+
 def _class_split_positions(parent_cls: type, name: str, length: int) -> Optional[set]:
     """The pairs ``(i, i + 1)`` of ``parent.<name>`` (a Sequential of ``length`` entries) that the
     parent's code calls apart, as the set of their ``i``: the source of the parent's class (and its
@@ -287,13 +303,10 @@ def _class_split_positions(parent_cls: type, name: str, length: int) -> Optional
     ``ResBlock`` with ``use_scale_shift_norm`` calls ``out_layers[0]``, modulates, then
     ``out_layers[1:]``). None when it cannot be known (no source; a computed index; iteration)."""
     split: set = set()
-    for cls in parent_cls.__mro__:
-        if cls in (nn.Module, object) or (cls.__module__ or "").startswith("torch."):
-            continue
-        try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-        except (OSError, TypeError, SyntaxError):
-            return None
+    trees = _class_trees(parent_cls)
+    if trees is None:
+        return None
+    for tree in trees:
         for node in ast.walk(tree):
             target = node.value if isinstance(node, ast.Subscript) else node.iter if isinstance(node, ast.For) else None
             if not (isinstance(target, ast.Attribute) and target.attr == name
@@ -361,6 +374,84 @@ def _fuse_sequential(ctx: _Context, seq: nn.Sequential, holders: list) -> None:
                 i += 2
                 continue
         i += 1
+
+
+def _fuse_attribute_pairs(ctx: _Context, parent: nn.Module) -> None:
+    """A GroupNorm child and an nn.SiLU child that the parent's code only ever calls as the pair
+    ``x = self.<norm>(x)`` then ``x = self.<act>(x)`` (diffusers' ``conv_norm_out``/``conv_act`` in
+    UNet2DConditionModel and the VAE Encoder): the norm gets ``activation="silu"`` and the SiLU
+    entry becomes ``nn.Identity()`` (exact; the state dict is unchanged)."""
+    if _has_instance_forward(parent):
+        return
+    children = parent._modules
+    norms = [n for n, m in children.items() if type(m) in (ldm_nn.GroupNorm, ldm_nn.GroupNorm32)]
+    acts = [n for n, m in children.items() if type(m) is nn.SiLU]
+    for norm_name in norms:
+        for act_name in acts:
+            if not _called_as_pair(type(parent), norm_name, act_name):
+                if (norm_name, act_name) == ("conv_norm_out", "conv_act"):  # diffusers' pair, called apart here
+                    ctx.left(children[norm_name], "GroupNorm+SiLU fusion",
+                             f"{type(parent).__qualname__}'s code does not call conv_norm_out then conv_act as one "
+                             "adjacent pair (e.g. the VAE Decoder's latent_embeds branch)")
+                continue
+            norm, act = children[norm_name], children[act_name]
+            why = _fusable_norm(ctx, norm)
+            if why is None and (_any_hooks(act) or _has_instance_forward(act) or ctx.uses[id(act)] > 1):
+                why = "the SiLU module has hooks, an instance-level forward or is shared (it would not be called)"
+            if why is not None:
+                ctx.left(norm, "GroupNorm+SiLU fusion", why)
+                continue
+            _set_silu(ctx, norm)
+            identity = nn.Identity()
+            ctx.record(_SetChild(parent, act_name, act, identity))
+            children[act_name] = identity
+            ctx.report.changed.append(ReportItem(_join(ctx.path(parent), act_name), SEQUENTIAL_SILU))
+
+
+_PAIRS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # class -> {(norm, act): answer}
+
+
+def _called_as_pair(cls: type, norm: str, act: str) -> bool:
+    """Cached :func:`_class_calls_as_pair` per class (weakly: a class seen is not kept alive)."""
+    answers = _PAIRS.setdefault(cls, {})
+    if (norm, act) not in answers:
+        answers[norm, act] = _class_calls_as_pair(cls, norm, act)
+    return answers[norm, act]
+
+
+def _class_calls_as_pair(cls: type, norm: str, act: str) -> bool:
+    """Whether the source of ``cls`` (and its bases below nn.Module) mentions ``self.<norm>`` and
+    ``self.<act>`` only in adjacent statements ``v = self.<norm>(v)``; ``v = self.<act>(v)`` (a bare
+    truth test of the norm, ``if self.<norm>:``, aside), at least once. False when it cannot be known."""
+    def is_self_attr(node, name):
+        return (isinstance(node, ast.Attribute) and node.attr == name and isinstance(node.value, ast.Name)
+                and node.value.id == "self")
+
+    def call_of(stmt, name):  # the v of ``v = self.<name>(v)``, else None
+        if (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name)
+                and isinstance(stmt.value, ast.Call) and is_self_attr(stmt.value.func, name)
+                and len(stmt.value.args) == 1 and not stmt.value.keywords
+                and isinstance(stmt.value.args[0], ast.Name) and stmt.value.args[0].id == stmt.targets[0].id):
+            return stmt.targets[0].id
+        return None
+
+    pairs = mentions = 0
+    trees = _class_trees(cls)
+    if trees is None:
+        return False
+    for tree in trees:
+        tests = {id(n.test) for n in ast.walk(tree) if isinstance(n, (ast.If, ast.IfExp, ast.While))}
+        for node in ast.walk(tree):
+            if (is_self_attr(node, norm) or is_self_attr(node, act)) and isinstance(node.ctx, ast.Load):
+                mentions += 0 if id(node) in tests else 1
+            for field in ("body", "orelse", "finalbody"):
+                stmts = getattr(node, field, None)
+                if isinstance(stmts, list):
+                    for first, second in zip(stmts, stmts[1:]):
+                        v = call_of(first, norm)
+                        if v is not None and call_of(second, act) == v:
+                            pairs += 1
+    return pairs > 0 and mentions == 2 * pairs
 
 
 def _join(prefix: str, name: str) -> str:
