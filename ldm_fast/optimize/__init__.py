@@ -28,6 +28,10 @@ exactly what it changed. What it does is a list of small passes (:data:`PASSES`)
     * ``nn.Sequential(..., GroupNorm, nn.SiLU(), ...)`` (the CompVis U-Net's
       ``nn.Sequential(normalization(ch), nn.SiLU(), conv)``): the norm gets ``activation="silu"``
       and that SiLU entry becomes ``nn.Identity()`` (no state; the state dict is unchanged).
+    * a GroupNorm child and an ``nn.SiLU`` child that the parent class's source (its bases
+      included) only ever calls as the adjacent pair ``x = self.norm(x); x = self.act(x)``
+      (diffusers' ``conv_norm_out``/``conv_act`` in ``UNet2DConditionModel`` and the VAE
+      ``Encoder``): the same change (the VAE ``Decoder`` calls them apart and is left, reported).
 
     Every other SiLU is left alone. A norm or SiLU with forward hooks is not fused (the hooks would
     see a different tensor, or not fire): it is listed as left, with the reason. Note that a forward
