@@ -23,7 +23,7 @@ from .ops.group_norm import ACTIVATIONS as GROUP_NORM_ACTIVATIONS
 
 __all__ = ["CrossAttention", "GroupNorm", "GroupNorm32", "PackedLinears", "PackedTimeProjections", "ShortcutGemm",
            "SpatialSelfAttention", "add_norm",
-           "add_norm_feed_forward", "global_module_hooks", "linear_unpackable",
+           "add_norm_feed_forward", "global_module_hooks", "intercepted", "linear_unpackable",
            "shared_silu", "storage_key"]
 
 
@@ -103,11 +103,17 @@ class GroupNorm32(GroupNorm):
 # live storage sees in-place updates (optimizer steps, ``load_state_dict``), also from a CUDA graph.
 
 
+def intercepted(module: torch.nn.Module) -> bool:
+    """Whether calling ``module`` runs more than its class's forward: forward hooks or pre-hooks, or
+    an instance-level forward (e.g. an accelerate hook). A fusion that does not call the module steps
+    aside then."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__)
+
+
 def _plain_module(module: torch.nn.Module, cls: type) -> bool:
     """``module`` is exactly ``cls`` and calling it does nothing but its class's forward (no hooks,
     no instance-level forward), so reading its parameters directly computes what calling it would."""
-    return (type(module) is cls and not module._forward_hooks and not module._forward_pre_hooks
-            and "forward" not in module.__dict__)
+    return type(module) is cls and not intercepted(module)
 
 
 def _is_pointwise(conv: torch.nn.Module, channels: int) -> bool:
@@ -348,8 +354,7 @@ class SpatialSelfAttention(_PackedProjections):
     def _fusable(self) -> bool:
         norm, c = self.norm, self.channels
         return (type(norm) in (GroupNorm, torch.nn.GroupNorm) and getattr(norm, "activation", None) is None
-                and not norm._forward_hooks and not norm._forward_pre_hooks and "forward" not in norm.__dict__
-                and all(_is_pointwise(m, c) for m in (self.q, self.k, self.v, self.proj_out)))
+                and not intercepted(norm) and all(_is_pointwise(m, c) for m in (self.q, self.k, self.v, self.proj_out)))
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.channels:
@@ -440,9 +445,7 @@ def add_norm_feed_forward(x: Tensor, residual: Tensor, norm: torch.nn.LayerNorm,
     if torch.is_grad_enabled() and (x.requires_grad or residual.requires_grad
                                     or any(p.requires_grad for p in (*ff.parameters(), *norm.parameters()))):
         return None
-    if any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in (ff, out_proj)):
-        return None
-    if global_module_hooks():
+    if intercepted(ff) or intercepted(out_proj) or global_module_hooks():
         return None
     s_biased, normed = functional.add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps, s_bias=out_proj.bias)
     gated = inner(normed)
@@ -478,9 +481,7 @@ class ShortcutGemm:
         if (torch.compiler.is_compiling() or not backend.kernel_ok(h, x)
                 or (torch.is_grad_enabled() and (conv.weight.requires_grad or shortcut.weight.requires_grad
                                                  or h.requires_grad or x.requires_grad))
-                or conv._forward_hooks or conv._forward_pre_hooks or "forward" in conv.__dict__
-                or shortcut._forward_hooks or shortcut._forward_pre_hooks or "forward" in shortcut.__dict__
-                or global_module_hooks()
+                or intercepted(conv) or intercepted(shortcut) or global_module_hooks()
                 or not (h.dtype == x.dtype == conv.weight.dtype == shortcut.weight.dtype) or x.dim() != 4):
             return None
         B, C, H, W = x.shape
@@ -645,7 +646,7 @@ def linear_unpackable(m: Optional[torch.nn.Module], name: str) -> Optional[str]:
     hold, else why not."""
     if type(m) is not torch.nn.Linear:
         return f"its {name} is a {type(m).__name__}, not an nn.Linear (e.g. a LoRA layer)"
-    if m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__:
+    if intercepted(m):
         return f"its {name} has hooks or an instance-level forward (the packed GEMM would not call them)"
     if not m.weight.is_floating_point():
         return f"its {name} weight is {m.weight.dtype}, not a floating dtype"

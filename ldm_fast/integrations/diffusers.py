@@ -56,7 +56,7 @@ from torch import nn
 
 from .. import backend, functional
 from ..nn import (PackedLinears, PackedTimeProjections, ShortcutGemm, add_norm, add_norm_feed_forward,
-                  global_module_hooks, linear_unpackable, shared_silu)
+                  global_module_hooks, intercepted, linear_unpackable, shared_silu)
 from ..nn import storage_key as _storage_key
 
 __all__ = ["AttnProcessor", "ChannelsLastTransformerOutput", "FusedGEGLUForward", "FusedResnetForward",
@@ -468,7 +468,7 @@ def resnet_block_unfusable(block: nn.Module) -> Optional[str]:
     act = getattr(block, "nonlinearity", None)
     if type(act) is not nn.SiLU:
         return f"its nonlinearity is {type(act).__name__}, not nn.SiLU"
-    if act._forward_hooks or act._forward_pre_hooks or "forward" in act.__dict__:
+    if intercepted(act):
         return "its nonlinearity module has hooks or an instance-level forward (it would be called less often)"
     if not isinstance(getattr(block, "time_embedding_norm", None), str):
         return f"time_embedding_norm={getattr(block, 'time_embedding_norm', None)!r} is not a string"
@@ -641,9 +641,9 @@ def feed_forward_epilogue_refused(ff: Optional[nn.Module]) -> Optional[str]:
     in sequence, so its output Linear can take the block's residual in its GEMM, else why not."""
     if ff is None or not is_diffusers_class(ff, "FeedForward"):
         return f"its ff is a {type(ff).__name__}, not diffusers' FeedForward"
-    digest = _function_ast_sha256(type(ff).forward)
-    if digest not in _FEED_FORWARD_AST_SHA256:
-        return "its FeedForward.forward differs from the diffusers 0.42 one ldm_fast reproduces"
+    reason = _source_unknown(type(ff), "forward", (type(ff).forward,), _FEED_FORWARD_AST_SHA256)
+    if reason is not None:
+        return reason
     net = getattr(ff, "net", None)
     if not (isinstance(net, nn.ModuleList) and len(net) == 3 and type(net[1]) is nn.Dropout
             and type(net[2]) is nn.Linear):
@@ -674,7 +674,7 @@ def transformer_block_unfusable(block: nn.Module) -> Optional[str]:
             return f"its {name} is a {type(norm).__name__}, not an nn.LayerNorm"
         if len(norm.normalized_shape) != 1:
             return f"its {name} normalizes over {tuple(norm.normalized_shape)}, not the last dimension alone"
-        if norm._forward_hooks or norm._forward_pre_hooks or "forward" in norm.__dict__:
+        if intercepted(norm):
             return f"its {name} has hooks or an instance-level forward (the fused kernel would not call them)"
     if not hasattr(sys.modules.get(cls.__module__), "_chunked_feed_forward"):
         return f"{cls.__module__} has no _chunked_feed_forward"

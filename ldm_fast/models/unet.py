@@ -23,7 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as lf
-from ..nn import CrossAttention, GroupNorm, GroupNorm32, ShortcutGemm, add_norm, add_norm_feed_forward, shared_silu
+from ..nn import (CrossAttention, GroupNorm, GroupNorm32, ShortcutGemm, add_norm, add_norm_feed_forward, intercepted,
+                  shared_silu)
 from .autoencoder import Upsample  # nearest x2 + 3x3 conv (key ``conv``): the same in the VAE and the U-Net
 
 __all__ = ["UNetModel", "ResBlock", "SpatialTransformer", "BasicTransformerBlock", "timestep_embedding"]
@@ -65,7 +66,7 @@ class ResBlock(nn.Module):
         h = self.in_layers(x)
         norm, _, dropout, conv = self.out_layers  # the embedding is added inside the norm's pass
         act, proj = self.emb_layers
-        if self.emb_layers._forward_hooks or self.emb_layers._forward_pre_hooks or type(act) is not nn.SiLU:
+        if intercepted(self.emb_layers) or type(act) is not nn.SiLU:
             e = self.emb_layers(emb)
         else:  # the embedding's SiLU once per step for all blocks (inference), then this block's projection
             e = shared_silu(act, emb)

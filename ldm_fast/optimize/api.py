@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
 from torch import nn
@@ -26,6 +26,14 @@ class Context:
     records: list
     paths: Dict[int, str]  # id(module) -> its first path
     uses: Counter  # id(module) -> how many places in the module tree hold it
+    _param_uses: Optional[Counter] = field(default=None, init=False, repr=False)  # id(parameter) -> holders
+
+    def shares_parameters(self, module: nn.Module) -> bool:
+        """Whether ``module`` is held at several places in the model, or one of its parameters is
+        (tied weights): re-storing its weights would untie them."""
+        if self._param_uses is None:
+            self._param_uses = Counter(id(p) for _, p in self.model.named_parameters(remove_duplicate=False))
+        return self.uses[id(module)] > 1 or any(self._param_uses[id(p)] > 1 for p in module.parameters())
 
     def path(self, module: nn.Module) -> str:
         return self.paths.get(id(module)) or "<root>"

@@ -13,7 +13,6 @@ import functools
 import inspect
 import textwrap
 import weakref
-from collections import Counter
 from typing import TYPE_CHECKING, Any, Optional, Tuple
 
 import torch
@@ -211,11 +210,10 @@ def _time_projection_holders(ctx: _Context, forwards: list) -> list:
 def _pack_time_projections(ctx: _Context, forwards: list) -> None:
     """Pack the time-embedding projections of the U-Net's ResNet blocks (one group per input width,
     dtype, device and bias presence; two or more blocks) into PackedTimeProjections."""
-    param_uses = Counter(id(p) for _, p in ctx.model.named_parameters(remove_duplicate=False))
     groups: dict = {}
     for block, proj, name, owner in _time_projection_holders(ctx, forwards):
         reason = linear_unpackable(proj, name)
-        if reason is None and (ctx.uses[id(proj)] > 1 or any(param_uses[id(p)] > 1 for p in proj.parameters())):
+        if reason is None and ctx.shares_parameters(proj):
             reason = f"its {name} (or its weight) is shared with another module: packing would untie it"
         if reason is not None:
             ctx.left(block, f"{type(block).__name__} {name} (one GEMM for all blocks)", reason)
@@ -480,9 +478,9 @@ def _channels_last_pass(ctx: _Context) -> None:
                     if tensor.grad is not None:
                         tensor.grad = tensor.grad.contiguous(memory_format=fmt)
                     converted += 1
-    kept = _install_per_module(ctx, "Transformer2DModel", "_get_output_for_continuous_inputs",
-                               transformer_output_unkept, ChannelsLastTransformerOutput, TRANSFORMER_LAYOUT,
-                               "Transformer2DModel channels-last output")
+    kept = len(_install_per_module(ctx, "Transformer2DModel", "_get_output_for_continuous_inputs",
+                                   transformer_output_unkept, ChannelsLastTransformerOutput, TRANSFORMER_LAYOUT,
+                                   "Transformer2DModel channels-last output"))
     if kept:
         ctx.report.notes.append(f"channels_last: {kept} diffusers Transformer2DModels return their output in their "
                                 "input's layout (no NCHW copy after the transformer)")
@@ -501,7 +499,6 @@ def _channels_last_pass(ctx: _Context) -> None:
 def _attention_pass(ctx: _Context) -> None:
     processor = _LdmAttnProcessor()  # stateless: one instance serves every Attention
     swapped = packed = 0
-    param_uses = Counter(id(p) for _, p in ctx.model.named_parameters(remove_duplicate=False))
     for module in ctx.modules():
         if not is_diffusers_class(module, "Attention"):
             cls = type(module)
@@ -520,7 +517,7 @@ def _attention_pass(ctx: _Context) -> None:
         ctx.changed(module, ATTENTION)
         swapped += 1
         if ctx.options["pack_weights"]:
-            packed += _pack_projections(ctx, module, param_uses)
+            packed += _pack_projections(ctx, module)
     ctx.report.notes.append(
         f"attention: {swapped} diffusers Attention modules run ldm_fast.functional.attention (impl 'auto': SDPA "
         "unless a GPU measurement says the Triton kernel is faster; LDM_FAST_ATTENTION overrides); "
@@ -529,7 +526,7 @@ def _attention_pass(ctx: _Context) -> None:
     )
 
 
-def _pack_projections(ctx: _Context, attn: nn.Module, param_uses: Counter) -> int:
+def _pack_projections(ctx: _Context, attn: nn.Module) -> int:
     """Pack ``attn``'s to_q/to_k/to_v (or to_k/to_v) weights into one buffer (PackedProjections); 1 if done."""
     reason = projections_unpackable(attn)
     if reason is None and PACK_ATTR in attn.__dict__:
@@ -538,8 +535,7 @@ def _pack_projections(ctx: _Context, attn: nn.Module, param_uses: Counter) -> in
     names = ("to_q", "to_k", "to_v") if with_q else ("to_k", "to_v")
     if reason is None:
         for name in names:
-            linear = getattr(attn, name)
-            if ctx.uses[id(linear)] > 1 or any(param_uses[id(p)] > 1 for p in linear.parameters()):
+            if ctx.shares_parameters(getattr(attn, name)):
                 reason = f"its {name} (or its weight) is shared with another module: packing would untie it"
                 break
     if reason is not None:
@@ -559,8 +555,8 @@ def _pack_projections(ctx: _Context, attn: nn.Module, param_uses: Counter) -> in
 def _install_per_module(ctx: _Context, class_name: str, attr: str, refused, make, changed: str, left: str) -> int:
     """For each diffusers ``class_name`` module: ``refused(module)`` is None -> ``make(module)`` becomes its
     instance-level ``attr`` (recorded for restore, reported ``changed``), else it is reported ``left``
-    with the reason. Returns how many were installed."""
-    installed = 0
+    with the reason. Returns the installed values."""
+    installed = []
     for module in ctx.modules():
         if not is_diffusers_class(module, class_name):
             continue
@@ -572,12 +568,12 @@ def _install_per_module(ctx: _Context, class_name: str, attr: str, refused, make
         ctx.record(_SetAttr(module, attr, _MISSING, value))
         module.__dict__[attr] = value
         ctx.changed(module, changed)
-        installed += 1
+        installed.append(value)
     return installed
 
 
 def _geglu_pass(ctx: _Context) -> None:
-    fused = _install_per_module(ctx, "GEGLU", "forward", geglu_unfusable, FusedGEGLUForward, GEGLU, "GEGLU fusion")
+    fused = len(_install_per_module(ctx, "GEGLU", "forward", geglu_unfusable, FusedGEGLUForward, GEGLU, "GEGLU fusion"))
     ctx.report.notes.append(f"geglu: {fused} diffusers GEGLU gates run ldm_fast.functional.geglu (one kernel)")
 
 
@@ -588,17 +584,14 @@ def _add_layer_norm_pass(ctx: _Context) -> None:
     if global_module_hooks():
         ctx.report.notes.append("add_layer_norm: skipped: global module forward hooks are registered")
         return
-    fused = _install_per_module(ctx, "BasicTransformerBlock", "forward", transformer_block_unfusable,
-                                FusedTransformerBlockForward, TRANSFORMER_FORWARD,
-                                "BasicTransformerBlock (add + LayerNorm fusion)")
-    epilogues = 0
-    for module in ctx.modules():
-        forward = module.__dict__.get("forward")
-        if isinstance(forward, FusedTransformerBlockForward) and forward.block is module:
-            if forward.ff_epilogue:
-                epilogues += 1
-            else:
-                ctx.left(module.ff, "feed-forward residual in its output GEMM", feed_forward_epilogue_refused(module.ff))
+    forwards = _install_per_module(ctx, "BasicTransformerBlock", "forward", transformer_block_unfusable,
+                                   FusedTransformerBlockForward, TRANSFORMER_FORWARD,
+                                   "BasicTransformerBlock (add + LayerNorm fusion)")
+    for forward in forwards:
+        if not forward.ff_epilogue:
+            ctx.left(forward.block.ff, "feed-forward residual in its output GEMM",
+                     feed_forward_epilogue_refused(forward.block.ff))
+    fused, epilogues = len(forwards), sum(f.ff_epilogue for f in forwards)
     ctx.report.notes.append(f"add_layer_norm: {fused} diffusers BasicTransformerBlocks add their residual into "
                             "the next LayerNorm in one ldm_fast.functional.add_layer_norm kernel; "
                             f"{epilogues} add the feed-forward's residual in its output GEMM (inference on the "
@@ -609,7 +602,7 @@ def _add_layer_norm_pass(ctx: _Context) -> None:
 
 
 def _timestep_embedding_pass(ctx: _Context) -> None:
-    fused = _install_per_module(ctx, "Timesteps", "forward", timesteps_unfusable, FusedTimestepsForward, TIMESTEPS,
-                                "Timesteps (timestep_embedding kernel)")
+    fused = len(_install_per_module(ctx, "Timesteps", "forward", timesteps_unfusable, FusedTimestepsForward,
+                                    TIMESTEPS, "Timesteps (timestep_embedding kernel)"))
     ctx.report.notes.append(f"timestep_embedding: {fused} diffusers Timesteps modules run "
                             "ldm_fast.functional.timestep_embedding (one kernel)")

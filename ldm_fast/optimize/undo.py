@@ -109,8 +109,9 @@ class _Restride:
 
 @dataclass
 class _Unpack:
-    """Projection weights packed into one buffer (``PackedProjections``); undo gives each weight
-    still in the buffer its own storage again (a weight re-allocated since is left as it is)."""
+    """Linear weights packed into one buffer (a ``ldm_fast.nn.PackedLinears``: the attention
+    projections, the ResNet time projections); undo gives each weight still in the buffer its own
+    storage again (a weight re-allocated since is left as it is)."""
 
     pack: Any
 
