@@ -64,7 +64,7 @@ REPO = Path(__file__).resolve().parent.parent
 #: passes (the audit compiles that value). ``BF16_AS_F32`` (kernels/attention.py ``_dot``): the
 #: interpreter's ``tl.dot`` mishandles bf16, so on the CPU bf16 operands multiply as fp32; on a GPU
 #: they go to the tensor cores as they are.
-GPU_CONSTEXPRS = {"BF16_AS_F32": False, "BF16_RNE": False, "INTERPRETER_MATH": False}
+GPU_CONSTEXPRS = {"BF16_AS_F32": False, "BF16_RNE": False, "OUT_BF16_RNE": False, "INTERPRETER_MATH": False}
 
 #: Most shared memory one block may use, bytes (``cudaDevAttrMaxSharedMemoryPerBlockOptin``): A100
 #: 163 KB (of 164 KB per SM), H100 227 KB (of 228 KB per SM).

@@ -11,6 +11,11 @@ reads 2C and writes C, the layer norm reads C and writes C per row: 5C elements,
 minimum, in two launches. Fused: ``ldm_fast.functional.add_layer_norm(x, residual, weight, bias)``,
 one launch. Minimum traffic: read x and residual once, write s and out once (4C a row).
 
+Two more calls of the op (issue #16): ``s_bias-*``, the feed-forward epilogue's call (the first
+output ``s + ff.net[2].bias``, one more [C] read a program), against the same eager add + norm;
+``out-fp32-*``, CUDA autocast's dtypes (the sum in bf16, the norm's output fp32), against autocast's
+statements (the add, the fp32 cast, the fp32 layer_norm).
+
 Target: 1.0 plus what the kernel moves beyond the minimum by design (:func:`_target`): each program
 reads weight and bias once (2C elements, ``R / ROWS`` programs: 6.3% of the minimum at C = 320,
 12.5% at 640, 25% at 1280, where a program holds only 8, 4, 2 rows) and the 8-byte-a-row mean and
@@ -57,12 +62,41 @@ def _min_bytes(inputs):
     return 2 * nbytes(inputs["x"], inputs["residual"])  # read x, residual; write s, out
 
 
-def _target(batch: int, tokens: int, C: int, dtype: torch.dtype) -> float:
-    """Fused bytes / minimum by design: the minimum, weight and bias once per program, mean and rstd."""
+def _target(batch: int, tokens: int, C: int, dtype: torch.dtype, params: int = 2, out_itemsize: int = 0) -> float:
+    """Fused bytes / minimum by design: the minimum, the ``params`` [C] vectors (weight, bias, and
+    s_bias when given) once per program, mean and rstd; ``out`` in x's dtype unless
+    ``out_itemsize``."""
     R, itemsize = batch * tokens, torch.finfo(dtype).bits // 8
     programs = _plan(R, C)[3]
-    minimum = 4 * R * C * itemsize
-    return round(1 + (programs * 2 * C * itemsize + 8 * R) / minimum, 4)
+    minimum = (3 * itemsize + (out_itemsize or itemsize)) * R * C
+    return round(1 + (programs * params * C * itemsize + 8 * R) / minimum, 4)
+
+
+def _with_s_bias(make):  # the feed-forward epilogue's call: s + ff.net[2].bias written beside norm3(s)
+    def make_sb(device):
+        inputs = make(device)
+        g = torch.Generator(device="cpu").manual_seed(1)
+        inputs["s_bias"] = (0.1 * torch.randn(inputs["x"].shape[-1], generator=g)).to(inputs["x"])
+        return inputs
+
+    return make_sb
+
+
+def _fused_s_bias(inputs):
+    return lf.add_layer_norm(inputs["x"], inputs["residual"], inputs["weight"], inputs["bias"], s_bias=inputs["s_bias"])
+
+
+def _fused_fp32_out(inputs):  # CUDA autocast's dtypes: the sum in x's dtype, the norm's output fp32
+    return lf.add_layer_norm(inputs["x"], inputs["residual"], inputs["weight"], inputs["bias"], out_dtype=torch.float32)
+
+
+def _eager_fp32_out(inputs):  # CUDA autocast's statements: the add, then layer_norm on the fp32 cast
+    h = inputs["x"] + inputs["residual"]
+    return h, TF.layer_norm(h.float(), (h.shape[-1],), inputs["weight"].float(), inputs["bias"].float(), 1e-5)
+
+
+def _min_bytes_fp32_out(inputs):
+    return 3 * nbytes(inputs["x"]) + 4 * inputs["x"].numel()  # read x, residual; write s; write out in fp32
 
 
 def cases() -> list[Case]:
@@ -74,6 +108,12 @@ def cases() -> list[Case]:
                             _eager, _min_bytes, traffic_target=_target(2, tokens, C, DTYPES[name]), quick=quick))
     out.append(Case("add_layer_norm", "b2-1024x320-fp32", _make(2, 1024, 320, torch.float32), _fused, _eager,
                     _min_bytes, traffic_target=_target(2, 1024, 320, torch.float32)))
+    bf16 = DTYPES["bf16"]
+    out.append(Case("add_layer_norm", "s_bias-b2-256x640-bf16", _with_s_bias(_make(2, 256, 640, bf16)), _fused_s_bias,
+                    _eager, _min_bytes, traffic_target=_target(2, 256, 640, bf16, params=3)))
+    out.append(Case("add_layer_norm", "out-fp32-b2-256x640-bf16", _make(2, 256, 640, bf16), _fused_fp32_out,
+                    _eager_fp32_out, _min_bytes_fp32_out, traffic_target=_target(2, 256, 640, bf16, out_itemsize=4),
+                    quick=True))
     return out
 
 
