@@ -7,6 +7,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+import benchmarks  # noqa: E402,F401  (imports the installed `kernels` package before the checkout's folder shadows it)
 import ldm_fast  # noqa: E402
 
 
