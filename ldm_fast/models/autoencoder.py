@@ -22,7 +22,8 @@ import torch.nn.functional as TF
 from torch import Tensor, nn
 
 from .. import functional as lf
-from ..nn import GroupNorm, ShortcutGemm, SpatialSelfAttention
+from .._fusion import shortcut_gemm
+from ..nn import GroupNorm, SpatialSelfAttention
 
 __all__ = ["AutoencoderKL", "DiagonalGaussianDistribution", "Encoder", "Decoder", "ResnetBlock"]
 
@@ -32,7 +33,7 @@ EPS = 1e-6  # the VAE's GroupNorm eps (CompVis ``Normalize``)
 class ResnetBlock(nn.Module):
     """``nin_shortcut(x) + conv2(silu(norm2(conv1(silu(norm1(x))))))``; no time embedding, no dropout.
     Keys: norm1, conv1, norm2, conv2 (3x3), nin_shortcut (1x1, only when the channel count changes;
-    in inference on the Triton backend a GEMM onto conv2's output, :class:`ldm_fast.nn.ShortcutGemm`)."""
+    in inference on the Triton backend a GEMM onto conv2's output, ``ldm_fast._fusion.shortcut_gemm``)."""
 
     def __init__(self, in_channels: int, out_channels: Optional[int] = None, groups: int = 32) -> None:
         super().__init__()
@@ -42,12 +43,11 @@ class ResnetBlock(nn.Module):
         self.norm2 = GroupNorm(groups, out_channels, EPS, activation="silu")
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
-        self._shortcut = ShortcutGemm()
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.norm2(self.conv1(self.norm1(x)))
         if type(self.nin_shortcut) is nn.Conv2d:  # inference on the Triton backend: the 1x1 shortcut as a GEMM onto conv2
-            out = self._shortcut(self.conv2, h, self.nin_shortcut, x)
+            out = shortcut_gemm(self.conv2, h, self.nin_shortcut, x)
             if out is not None:
                 return out
         return self.nin_shortcut(x) + self.conv2(h)

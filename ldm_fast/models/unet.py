@@ -23,8 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as lf
-from ..nn import (CrossAttention, GroupNorm, GroupNorm32, ShortcutGemm, add_norm, add_norm_feed_forward, intercepted,
-                  shared_silu)
+from .._fusion import add_norm, add_norm_feed_forward, intercepted, shared_silu, shortcut_gemm
+from ..nn import CrossAttention, GroupNorm, GroupNorm32
 from .autoencoder import Upsample  # nearest x2 + 3x3 conv (key ``conv``): the same in the VAE and the U-Net
 
 __all__ = ["UNetModel", "ResBlock", "SpatialTransformer", "BasicTransformerBlock", "timestep_embedding"]
@@ -42,7 +42,7 @@ class ResBlock(nn.Module):
     """``skip_connection(x) + out_layers(in_layers(x) + emb_layers(emb)[..., None, None])`` (additive
     time embedding, added inside out_layers' GroupNorm kernel: ``norm(h, shift=emb)``; in inference
     on the Triton backend a 1x1 skip_connection is a GEMM onto the last conv's output,
-    :class:`ldm_fast.nn.ShortcutGemm`). Keys: in_layers.{0 norm, 2 conv}, emb_layers.1, out_layers.{0 norm, 3 conv},
+    ``ldm_fast._fusion.shortcut_gemm``). Keys: in_layers.{0 norm, 2 conv}, emb_layers.1, out_layers.{0 norm, 3 conv},
     skip_connection (1x1 conv when the channel count changes)."""
 
     def __init__(self, channels: int, emb_channels: int, out_channels: Optional[int] = None, *,
@@ -59,8 +59,7 @@ class ResBlock(nn.Module):
             nn.Conv2d(out_channels, out_channels, 3, padding=1),
         )
         self.skip_connection = nn.Conv2d(channels, out_channels, 1) if out_channels != channels else nn.Identity()
-        self._shortcut = ShortcutGemm()
-        self._time_pack = None  # a PackedTimeProjections holding emb_layers[1], set by optimize(pack_weights=True)
+        self.time_pack = None  # a PackedTimeProjections holding emb_layers[1], set by optimize(pack_weights=True)
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         h = self.in_layers(x)
@@ -70,11 +69,11 @@ class ResBlock(nn.Module):
             e = self.emb_layers(emb)
         else:  # the embedding's SiLU once per step for all blocks (inference), then this block's projection
             e = shared_silu(act, emb)
-            packed = None if self._time_pack is None else self._time_pack.project(proj, e)
+            packed = None if self.time_pack is None else self.time_pack.project(proj, e)
             e = proj(e) if packed is None else packed  # (packed: this block's columns of one GEMM for all)
         h = dropout(norm(h, shift=e.type(h.dtype)))
         if type(self.skip_connection) is nn.Conv2d:  # inference on the Triton backend: the 1x1 skip as a GEMM onto conv
-            out = self._shortcut(conv, h, self.skip_connection, x)
+            out = shortcut_gemm(conv, h, self.skip_connection, x)
             if out is not None:
                 return out
         return self.skip_connection(x) + conv(h)
@@ -118,8 +117,12 @@ class BasicTransformerBlock(nn.Module):
     def forward(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
         x, normed = add_norm(self.attn1(self.norm1(x)), x, self.norm2)  # the residual add + norm2: one kernel
         attn = self.attn2(normed, context)
-        net = self.ff.net
-        fused = add_norm_feed_forward(attn, x, self.norm3, self.ff, lambda n: net[1](net[0](n)), net[2])
+        ff = self.ff
+        net = ff.net
+        fused = None
+        if not intercepted(ff) and not intercepted(net):
+            fused = add_norm_feed_forward(attn, x, self.norm3, lambda n: net[1](net[0](n)), net[2],
+                                          (*ff.parameters(), *self.norm3.parameters()))
         if fused is not None:  # inference on the Triton backend: the residual in the output GEMM
             return fused
         x, normed = add_norm(attn, x, self.norm3)

@@ -9,18 +9,14 @@ import inspect
 import itertools
 import warnings
 from collections import Counter, OrderedDict
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import torch
 from torch import nn
 
 from .. import backend
 from ..ops._common import needs_grad
-from .report import CUDA_GRAPH, ReportItem
-from .undo import _MISSING, _SetAttr
-
-if TYPE_CHECKING:
-    from .api import Context as _Context
+from .patch import Context, InstallPatch
 
 
 #: At most this many CUDA graphs (call signatures) per model; later signatures run the plain forward.
@@ -336,22 +332,29 @@ def _model_device_types(model: nn.Module) -> set:
     return {t.device.type for t in list(model.parameters()) + list(model.buffers())}
 
 
-def _cuda_graph_pass(ctx: _Context) -> None:
-    model = ctx.model
-    old = model.__dict__.get("forward", _MISSING)
-    wrapper = CUDAGraphForward(model, None if old is _MISSING else old)
-    ctx.record(_SetAttr(model, "forward", old, wrapper))
-    model.__dict__["forward"] = wrapper
-    ctx.report.changed.append(ReportItem("<root>", CUDA_GRAPH))
-    devices = _model_device_types(model)
-    if not torch.cuda.is_available():
-        note = "cuda_graph: enabled, but CUDA is not available: every call runs the plain forward"
-    elif devices and devices != {"cuda"}:
-        note = (f"cuda_graph: enabled, but the model is not on CUDA ({', '.join(sorted(devices))}): calls run the "
-                "plain forward until the model and its inputs are on CUDA")
-    else:
-        note = ("cuda_graph: enabled; graphs are captured on the first CUDA call per input shape "
-                "(under torch.no_grad()/inference_mode or with frozen parameters)")
-    if callable(getattr(type(model), "decode", None)):
-        note += "; only forward() is graphed, not decode()/encode()"
-    ctx.report.notes.append(note)
+class CudaGraphPatch(InstallPatch):
+    """The model's ``forward``: a :class:`CUDAGraphForward` (an instance attribute, wrapping a previous
+    instance-level forward if there was one)."""
+
+    name = "cuda_graph"
+    default = False
+    doc = "model.forward replayed from CUDA graphs, one per static call signature (inference)"
+
+    def make(self, model: nn.Module, ctx: Context) -> Any:
+        return CUDAGraphForward(model, model.__dict__.get("forward"))
+
+    def run(self, ctx: Context) -> None:
+        model = ctx.model
+        ctx.changed(self, model, self.apply(model, ctx))
+        devices = _model_device_types(model)
+        if not torch.cuda.is_available():
+            note = "enabled, but CUDA is not available: every call runs the plain forward"
+        elif devices and devices != {"cuda"}:
+            note = (f"enabled, but the model is not on CUDA ({', '.join(sorted(devices))}): calls run the "
+                    "plain forward until the model and its inputs are on CUDA")
+        else:
+            note = ("enabled; graphs are captured on the first CUDA call per input shape "
+                    "(under torch.no_grad()/inference_mode or with frozen parameters)")
+        if callable(getattr(type(model), "decode", None)):
+            note += "; only forward() is graphed, not decode()/encode()"
+        ctx.note(self, note)

@@ -1,0 +1,219 @@
+"""The pieces of fused block forwards, shared by ldm_fast's own models and the diffusers integration.
+
+A fused forward computes what a block's own statements compute while calling fewer modules: it
+reads a submodule's parameters instead of calling it, or lets one kernel do the work of two
+modules. That is exact only while calling those modules would do nothing but their class's
+forward, so every fused path here checks, per call, what it relies on and returns None (the
+caller runs its own statements) otherwise:
+
+* :func:`intercepted` - a module's call runs more than its class's forward (hooks of any kind, an
+  instance-level forward such as an accelerate hook); :func:`global_module_hooks` - any module's
+  call does;
+* the modules a fused forward reads instead of calling are read from their parent on every call
+  and must be exactly the plain class it was written for (a LoRA/LoCon layer swapped in, or any
+  module replaced by another class, makes the block call that module on that call);
+* nothing derived from weights is cached across calls: a value computed from parameters (a bias
+  sum) is computed on every call, so in-place updates that do not bump a version counter
+  (``p.data.copy_()``, an EMA's ``copy_to``) are always seen, CUDA graphs included.
+
+Costs per call: identity and emptiness checks, well under a microsecond a module.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import backend, functional
+from . import nn as _ldm_nn  # (a cycle: ldm_fast.nn imports intercepted; its classes are read at call time)
+
+__all__ = ["plain_group_norm", "plain_silu", "add_norm", "add_norm_feed_forward", "autocast_layer_norm_dtype", "global_module_hooks",
+           "intercepted", "shared_silu", "shortcut_gemm"]
+
+_module_globals = torch.nn.modules.module
+
+
+def intercepted(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs more than its class's forward: forward or backward hooks or
+    pre-hooks, or an instance-level forward (e.g. an accelerate hook). A fusion that does not call
+    the module steps aside then."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or "forward" in module.__dict__)
+
+
+def global_module_hooks() -> bool:
+    """Whether global module hooks (``register_module_forward_hook`` & co.) are registered: a fusion
+    that calls fewer modules would change what they see, so it steps aside then."""
+    g = _module_globals
+    return bool(g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks
+                or g._global_backward_pre_hooks)
+
+
+def plain_group_norm(norm: nn.Module) -> bool:
+    """``norm`` is an ldm_fast GroupNorm (what the ``group_norm`` patch makes of a torch GroupNorm)
+    without an activation of its own, and nothing intercepts its call: reading its parameters
+    computes what calling it computes."""
+    return (type(norm) in (_ldm_nn.GroupNorm, _ldm_nn.GroupNorm32) and norm.__dict__.get("activation") is None
+            and not intercepted(norm))
+
+
+def plain_silu(act: nn.Module) -> bool:
+    """``act`` is an ``nn.SiLU`` and nothing intercepts its call (nor any module's)."""
+    return type(act) is nn.SiLU and not intercepted(act) and not global_module_hooks()
+
+
+def needs_grad_of(tensors: Sequence[Optional[Tensor]], params) -> bool:
+    """Whether autograd records a call on ``tensors`` or on the Parameters ``params``."""
+    return torch.is_grad_enabled() and (any(t is not None and t.requires_grad for t in tensors)
+                                        or any(p.requires_grad for p in params))
+
+
+# --- the transformer block's residual stream ----------------------------------------------------
+
+_UNKNOWN_AUTOCAST = object()
+
+
+def autocast_layer_norm_dtype(device_type: str):
+    """The ``out_dtype`` for :func:`ldm_fast.functional.add_layer_norm` that reproduces
+    ``F.layer_norm`` under the autocast state of ``device_type``: None (the input's dtype) without
+    autocast, ``torch.float32`` under CUDA autocast (layer_norm is on its fp32 list: the norm of the
+    low-precision sum in fp32, output fp32); an opaque marker for another device's autocast, CPU's
+    included (CPU autocast keeps layer_norm in the input's dtype, and the kernels' backward upcasts
+    there: the caller runs the eager statements, the reference machine's exact behaviour)."""
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.float32 if device_type == "cuda" else _UNKNOWN_AUTOCAST
+
+
+def _plain_layer_norm(norm: nn.Module) -> bool:
+    return type(norm) is nn.LayerNorm and not intercepted(norm) and len(norm.normalized_shape) == 1
+
+
+def add_norm(x: Tensor, residual: Tensor, norm: nn.LayerNorm) -> tuple[Tensor, Tensor]:
+    """``(s, norm(s))`` with ``s = x + residual`` (``[..., C]``; ``norm`` an ``nn.LayerNorm`` over C):
+    one :func:`ldm_fast.functional.add_layer_norm` pass where its dtype rule is the module's (same
+    shapes and dtypes; under autocast the dtypes autocast gives, :func:`autocast_layer_norm_dtype`)
+    and ``norm`` is a plain LayerNorm (not intercepted), else the two eager statements. Eager
+    equivalent: ``s = x + residual; s, norm(s)``."""
+    if x.shape == residual.shape and x.dtype == residual.dtype and _plain_layer_norm(norm):
+        out_dtype = autocast_layer_norm_dtype(x.device.type)
+        if out_dtype is not _UNKNOWN_AUTOCAST:
+            return functional.add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps, out_dtype=out_dtype)
+    hidden = x + residual
+    return hidden, norm(hidden)
+
+
+def add_norm_feed_forward(x: Tensor, residual: Tensor, norm: nn.LayerNorm, inner, out_proj: nn.Linear,
+                          params) -> Optional[Tensor]:
+    """``out_proj(inner(norm(s))) + s`` with ``s = x + residual`` (``[..., C]``; ``inner`` the
+    feed-forward up to its output Linear ``out_proj``; ``params`` the feed-forward's and the norm's
+    Parameters) with the residual in the output GEMM: the norm's
+    :func:`ldm_fast.functional.add_layer_norm` writes ``s + out_proj.bias`` beside ``norm(s)`` and
+    ``addmm_`` accumulates ``inner(...) W^T`` onto that tensor in place: no add launch, no
+    feed-forward output tensor. Low-precision rounding: ``(s + b) + g W^T`` instead of
+    ``(g W^T + b) + s``. None where it does not apply: not on the Triton backend (the eager backend
+    keeps the statements bit for bit), autocast, a gradient to record (training), torch.compile,
+    ``norm``/``out_proj`` not plain (another class, e.g. a LoRA layer, or intercepted); the caller
+    then runs its own statements. The caller checks that ``inner`` is what the feed-forward computes
+    before ``out_proj``."""
+    if not (x.shape == residual.shape and x.dtype == residual.dtype and type(out_proj) is nn.Linear
+            and out_proj.weight.dtype == x.dtype and not intercepted(out_proj) and _plain_layer_norm(norm)
+            and not torch.compiler.is_compiling() and backend.kernel_ok(x, residual)
+            and not torch.is_autocast_enabled(x.device.type) and not needs_grad_of((x, residual), params)):
+        return None
+    s_biased, normed = functional.add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps, s_bias=out_proj.bias)
+    gated = inner(normed)
+    C = s_biased.shape[-1]
+    # s_biased is ours (fresh): accumulate in place (an out-of-place addmm would copy it first)
+    s_biased.view(-1, C).addmm_(gated.reshape(-1, gated.shape[-1]), out_proj.weight.t())
+    return s_biased
+
+
+# --- the ResNet block's 1x1 shortcut as a GEMM ---------------------------------------------------
+
+
+def _gemm_like_conv(x: Tensor) -> bool:
+    """Whether a GEMM computes with the precision a convolution of ``x`` would: fp16/bf16 always;
+    fp32 on CUDA only when the user's TF32 settings for matmuls and cuDNN convolutions agree
+    (by default convolutions use TF32 and matmuls do not)."""
+    if x.dtype != torch.float32 or not x.is_cuda:
+        return True
+    return torch.backends.cudnn.allow_tf32 == torch.backends.cuda.matmul.allow_tf32
+
+
+def shortcut_gemm(conv: nn.Module, h: Tensor, shortcut: nn.Module, x: Tensor) -> Optional[Tensor]:
+    """``shortcut(x) + conv(h)`` of a ResNet block whose ``shortcut`` is a 1x1 convolution (stride
+    1, unpadded, one group, zero padding mode: the caller guarantees it) as ``conv`` with both
+    biases, then the shortcut as a GEMM accumulating onto conv's output in place: ``addmm_`` on the
+    ``[B*H*W, C]`` views of channels-last tensors, ``baddbmm_`` on the ``[B, C, H*W]`` views of NCHW
+    ones; the shortcut's output and the add are never written. The bias sum is computed on every
+    call (a ``[C]`` add; a cache would miss ``p.data.copy_()`` updates). Returns None where it does
+    not apply (either module not exactly an ``nn.Conv2d`` or intercepted, a gradient to record, the
+    eager backend, torch.compile, mixed dtypes, a layout that is neither, fp32 with TF32 settings
+    that differ between matmuls and convolutions): the caller runs its own statements. Values: the
+    same products and sums, rounded in another order in low precision.
+
+    Eager equivalent: ``shortcut(x) + conv(h)``.
+    """
+    if (type(conv) is not nn.Conv2d or type(shortcut) is not nn.Conv2d or intercepted(conv) or intercepted(shortcut)
+            or torch.compiler.is_compiling() or not backend.kernel_ok(h, x) or x.dim() != 4
+            or not (h.dtype == x.dtype == conv.weight.dtype == shortcut.weight.dtype)
+            or needs_grad_of((h, x), (conv.weight, shortcut.weight)) or global_module_hooks() or not _gemm_like_conv(x)):
+        return None
+    B, C, H, W = x.shape
+    last = torch.channels_last
+    if x.is_contiguous(memory_format=last) and not x.is_contiguous():
+        layout = last
+    elif x.is_contiguous():
+        layout = torch.contiguous_format
+    else:
+        return None
+    b1, b2 = conv.bias, shortcut.bias
+    bias = b1 if b2 is None else b2 if b1 is None else b1 + b2
+    y = F.conv2d(h, conv.weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    if y.shape[0] != B or y.shape[2:] != x.shape[2:] or not y.is_contiguous(memory_format=layout):
+        return y + F.conv2d(x, shortcut.weight)  # conv chose another layout: the GEMM and the add apart
+    Co = y.shape[1]
+    w = shortcut.weight.view(Co, C)
+    if layout is last:  # [B*H*W, C] row views: y += x @ w^T
+        y.permute(0, 2, 3, 1).view(B * H * W, Co).addmm_(x.permute(0, 2, 3, 1).view(B * H * W, C), w.t())
+    else:  # [B, C, H*W] views: y += w @ x
+        y.view(B, Co, H * W).baddbmm_(w.expand(B, Co, C), x.view(B, C, H * W))
+    return y
+
+
+# --- the time embedding's SiLU, once per step -----------------------------------------------------
+
+
+def _version(t: Tensor):
+    """``t``'s version counter, or None for an inference tensor (it has none: made in
+    ``torch.inference_mode``, it cannot be changed in place outside it)."""
+    return None if t.is_inference() else t._version
+
+
+class _LastSiLU:
+    """The last ``silu(temb)`` computed by :func:`shared_silu`: (weakref to temb, its version, output)."""
+
+    entry: Optional[tuple] = None
+
+
+def shared_silu(act: nn.Module, temb: Tensor) -> Tensor:
+    """``act(temb)`` (``act`` an ``nn.SiLU``), computed once for the U-Net's one time embedding, which
+    every ResNet block receives and applies the same SiLU to (22 identical launches per SD 1.5 step,
+    now 1: diffusers' ResnetBlock2D under optimize, ldm_fast's ResBlock). Reused only while ``temb``
+    is the same tensor object at the same version (an inference tensor: the same object) and no
+    gradient is recorded (inference; under autograd and torch.compile each block computes its own).
+    Nothing derived from weights is kept. Eager equivalent: ``act(temb)``."""
+    if (type(act) is not nn.SiLU or act.inplace or intercepted(act) or torch.compiler.is_compiling()
+            or (torch.is_grad_enabled() and temb.requires_grad) or global_module_hooks()):
+        return act(temb)
+    entry = _LastSiLU.entry
+    if entry is not None and entry[0]() is temb and entry[1] == _version(temb):
+        return entry[2]
+    out = act(temb)
+    _LastSiLU.entry = (weakref.ref(temb), _version(temb), out)
+    return out
