@@ -82,6 +82,16 @@ def _with_s_bias(make):  # the feed-forward epilogue's call: s + ff.net[2].bias 
     return make_sb
 
 
+def _nchw_residual(make):  # an NCHW U-Net's residual stream: the permuted view of proj_in's [B, C, H, W] output
+    def make_nchw(device):
+        inputs = make(device)
+        r = inputs["residual"]  # [B, HW, C] -> the same values as a view of an NCHW tensor, column stride HW
+        inputs["residual"] = r.transpose(1, 2).contiguous().transpose(1, 2)
+        return inputs
+
+    return make_nchw
+
+
 def _fused_s_bias(inputs):
     return lf.add_layer_norm(inputs["x"], inputs["residual"], inputs["weight"], inputs["bias"], s_bias=inputs["s_bias"])
 
@@ -114,6 +124,8 @@ def cases() -> list[Case]:
     out.append(Case("add_layer_norm", "out-fp32-b2-256x640-bf16", _make(2, 256, 640, bf16), _fused_fp32_out,
                     _eager_fp32_out, _min_bytes_fp32_out, traffic_target=_target(2, 256, 640, bf16, out_itemsize=4),
                     quick=True))
+    out.append(Case("add_layer_norm", "nchw-residual-b2-1024x320-fp16", _nchw_residual(_make(2, 1024, 320, DTYPES["fp16"])),
+                    _fused, _eager, _min_bytes, traffic_target=_target(2, 1024, 320, DTYPES["fp16"])))
     return out
 
 

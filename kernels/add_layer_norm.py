@@ -27,9 +27,11 @@ dL/ds``.
 
 Plan: each program takes ROWS rows x BLOCK_C columns, BLOCK_C the next power of two >= C (the
 whole row in registers: one read, two-pass variance from registers), ROWS = TILE / BLOCK_C rows
-(at least 1) so a program holds TILE elements (16 a thread at 8 warps: 128-bit accesses). Rows
-may be strided (the last dimension contiguous); row offsets are int64. Above :data:`MAX_C`
-columns the op runs the eager reference.
+(at least 1) so a program holds TILE elements (16 a thread at 8 warps: 128-bit accesses). x and
+residual are read in place as ``[B, N, C]`` views with any strides (row r at ``(r // N) * batch
+stride + (r % N) * row stride``, int64; Triton specializes a column stride of 1, so contiguous rows
+keep their 128-bit loads); s and out are written contiguous. Above :data:`MAX_C` columns the op
+runs the eager reference.
 """
 
 from __future__ import annotations
@@ -40,7 +42,6 @@ import torch
 import torch.nn.functional as TF
 
 from ._triton import cdiv, next_pow2, tl, triton
-from .geglu import _rows
 
 TILE = 4096  # elements per program at 8 warps: 16 per thread
 MAX_C = 8192  # the widest row held in registers (16 warps, 16 fp32 a thread per tensor)
@@ -60,10 +61,10 @@ def _to_storage(b, dtype: tl.constexpr, BF16_RNE: tl.constexpr):
 
 @triton.jit
 def _add_layer_norm_fwd_kernel(
-    x_ptr, res_ptr,  # x, residual [R, C] (row strides below, last dim contiguous)
+    x_ptr, res_ptr,  # x, residual [R, C]: row r = (b, n), b = r // N, n = r % N, strides below
     w_ptr, b_ptr, sb_ptr,  # weight, bias, s_bias [C] (each read only under its HAS_ flag)
     s_ptr, out_ptr, mean_ptr, rstd_ptr,  # s (+ s_bias) [R, C] x's dtype, out [R, C] out's dtype; mean, rstd [R] fp32
-    R, C, x_row_stride, res_row_stride, eps,
+    R, C, N, x_sb, x_sn, x_sc, r_sb, r_sn, r_sc, eps,  # N rows a batch; (batch, row, column) strides of x, residual
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_S_BIAS: tl.constexpr, ROWS: tl.constexpr,
     BLOCK_C: tl.constexpr, BF16_RNE: tl.constexpr, OUT_BF16_RNE: tl.constexpr,
 ):
@@ -73,8 +74,9 @@ def _add_layer_norm_fwd_kernel(
     m_row = o_row < R
     m_col = o_col < C
     m = m_row[:, None] & m_col[None, :]
-    b_x = tl.load(x_ptr + o_row[:, None] * x_row_stride + o_col[None, :], mask=m, other=0.0)
-    b_r = tl.load(res_ptr + o_row[:, None] * res_row_stride + o_col[None, :], mask=m, other=0.0)
+    o_b, o_n = o_row // N, o_row % N  # [ROWS] int64
+    b_x = tl.load(x_ptr + (o_b * x_sb + o_n * x_sn)[:, None] + o_col[None, :] * x_sc, mask=m, other=0.0)
+    b_r = tl.load(res_ptr + (o_b * r_sb + o_n * r_sn)[:, None] + o_col[None, :] * r_sc, mask=m, other=0.0)
     # the sum rounded to the storage dtype, as eager stores it; the statistics come from that value
     b_s_low = _to_storage(b_x.to(tl.float32) + b_r.to(tl.float32), s_ptr.dtype.element_ty, BF16_RNE)
     o_out = o_row[:, None] * C + o_col[None, :]
@@ -139,8 +141,8 @@ def add_layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor, weight=None, bia
     """Launch the forward kernel: ``s = x + residual; out = layer_norm(s, (C,), weight, bias, eps)``,
     and with ``s_bias`` the first output ``s + s_bias`` in place of ``s``.
 
-    x, residual: ``[..., C]``, one floating dtype, last dim contiguous (rows may be strided: read in
-    place; other layouts are copied), ``C <= MAX_C``; weight, bias: ``[C]`` or None, any float dtype
+    x, residual: ``[..., C]``, one floating dtype, ``C <= MAX_C``, read in place as ``[B, N, C]`` views
+    with any strides (leading dims that do not collapse to two are copied); weight, bias: ``[C]`` or None, any float dtype
     (loaded as fp32); s_bias: ``[C]`` or None, any float dtype (taken as :func:`layer_norm_param`
     takes a bias: x's dtype or fp32 beside fp16/bf16 as is, else cast to x's dtype first). Returns
     ``(s, out, mean, rstd)``: s (``s + s_bias`` with s_bias) and out ``[..., C]`` contiguous, s in
@@ -158,20 +160,51 @@ def add_layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor, weight=None, bia
     rstd = torch.empty((R,), dtype=torch.float32, device=x.device)
     if s.numel() == 0:
         return s, out, mean, rstd
-    x, x_rs = _rows(x)
-    residual, res_rs = _rows(residual)
+    N = _batch_rows(x, residual)
+    (x, x_strides), (residual, r_strides) = _strides(x, N), _strides(residual, N)
     if s_bias is not None:
         s_bias = layer_norm_param(s_bias, x.dtype)
     weight, bias, s_bias = _unit_stride(weight), _unit_stride(bias), _unit_stride(s_bias)
     rows, block, num_warps, n_programs = _plan(R, C)
     _add_layer_norm_fwd_kernel[(n_programs,)](
         x, residual, weight if weight is not None else x, bias if bias is not None else x,
-        s_bias if s_bias is not None else x, s, out, mean, rstd, R, C, x_rs, res_rs, float(eps),
+        s_bias if s_bias is not None else x, s, out, mean, rstd, R, C, N, *x_strides, *r_strides, float(eps),
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_S_BIAS=s_bias is not None, ROWS=rows,
         BLOCK_C=block, BF16_RNE=x.dtype == torch.bfloat16 and x.device.type == "cpu",
         OUT_BF16_RNE=out.dtype == torch.bfloat16 and x.device.type == "cpu", num_warps=num_warps,
     )
     return s, out, mean, rstd
+
+
+def _batch_rows(x: torch.Tensor, residual: torch.Tensor) -> int:
+    """N, the rows of x's last leading dimension (of size > 1): the kernel addresses row r as
+    (r // N, r % N), so a ``[B, N, C]`` view with any strides is read in place (the SD 1.x transformer
+    block's residual stream in an NCHW U-Net: the permuted view of proj_in's output, C-stride H*W)."""
+    sizes = [n for n in x.shape[:-1] if n > 1]
+    return sizes[-1] if sizes else 1
+
+
+def _strides(x: torch.Tensor, N: int) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """``(x, (batch stride, row stride, column stride))`` for x ``[..., N, C]`` read as B x N rows of C
+    in place, when its leading dims other than the last of size > 1 collapse into one stride; else a
+    contiguous copy's strides."""
+    C = x.shape[-1]
+    dims = [(n, st) for n, st in zip(x.shape[:-1], x.stride()[:-1]) if n > 1]
+    if not dims:
+        return x, (0, 0, x.stride(-1) if C > 1 else 1)
+    row_stride = dims[-1][1]
+    batch = dims[:-1]
+    batch_stride, ok = 0, True
+    if batch:
+        batch_stride = batch[-1][1]
+        expected = batch_stride
+        for n, st in reversed(batch):
+            ok = ok and st == expected
+            expected = st * n
+    if not ok:
+        x = x.contiguous()
+        return x, (N * C, C, 1)
+    return x, (batch_stride, row_stride, x.stride(-1) if C > 1 else 1)
 
 
 def _unit_stride(p):

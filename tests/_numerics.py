@@ -26,3 +26,15 @@ def assert_close_to_exact(out: torch.Tensor, exact: torch.Tensor, eager: torch.T
     eager_err = (eager.double() - exact.double()).abs().max().item()
     bound = factor * eager_err + ATOL_FLOOR[out.dtype] * max(1.0, exact.abs().max().item())
     assert err <= bound, f"kernel error {err:.3g} > bound {bound:.3g} (eager error {eager_err:.3g}, dtype {out.dtype})"
+
+
+def check_attention(out, exact, eager, backend, run_on):
+    """The module's result against the float64 reference, with the eager fp32 formula's own error as
+    the yardstick (float64 results: against the float64 reference, to 1e-12 of its scale)."""
+    if out.dtype == torch.float64:
+        scale = max(1.0, exact.abs().max().item())
+        assert (out - exact).abs().max().item() <= 1e-12 * scale
+    else:
+        assert_close_to_exact(out, exact, eager)
+    if backend == "triton":
+        assert run_on.launched(), "the Triton attention kernel did not run"

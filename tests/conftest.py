@@ -42,3 +42,23 @@ def triton_backend():
     before = ldm_fast.ops.kernel_launches.copy()
     with ldm_fast.use_backend("triton"):
         yield lambda op: ldm_fast.ops.kernel_launches[op] > before[op]
+
+
+@pytest.fixture
+def run_on(monkeypatch):
+    """``run_on(backend)``: a context for the default backend, or one forcing the Triton attention
+    kernel (and the other kernels) under the interpreter; ``launched()`` says whether the attention
+    kernel ran since the fixture started."""
+    import contextlib
+
+    before = ldm_fast.ops.kernel_launches["attention"]
+
+    def context(name):
+        if name == "default":
+            return contextlib.nullcontext()
+        monkeypatch.setenv("LDM_FAST_ATTENTION", "triton")
+        ldm_fast.backend.reload_env()
+        return ldm_fast.use_backend("triton")
+
+    context.launched = lambda: ldm_fast.ops.kernel_launches["attention"] > before
+    return context

@@ -92,11 +92,30 @@ def test_strided_rows_read_in_place(dtype, poison, triton_backend, monkeypatch):
     assert_close_to_exact(out, TF.layer_norm(s.double(), (C,), weight.double()), eager_out)
 
 
-def test_other_layouts_are_copied_and_correct(poison, triton_backend):
-    """Leading dims that do not collapse to one stride (a transpose) are copied; the result is the same."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_batch_row_and_column_strided_views_read_in_place(dtype, poison, triton_backend, monkeypatch):
+    """[B, N, C] views with any strides are read without a copy: a transpose of the leading dims, and
+    the SD 1.x transformer block's residual stream in an NCHW U-Net (the permuted view of proj_in's
+    [B, C, H, W] output: column stride H*W, row stride 1)."""
     C = 40
-    x = torch.randn(7, 3, C).transpose(0, 1)
-    residual = torch.randn(3, 7, C)
+    transposed = torch.randn(7, 3, C).to(dtype).transpose(0, 1)  # [3, 7, C], strides (C, 3C, 1)
+    conv_out = torch.randn(2, C, 2, 3).to(dtype)  # NCHW
+    nchw_tokens = conv_out.permute(0, 2, 3, 1).reshape(2, 6, C)  # a view: strides (6C, 1, 6)
+    assert nchw_tokens.stride() == (6 * C, 1, 6)
+    for x, residual in ((transposed, torch.randn(3, 7, C).to(dtype)), (torch.randn(2, 6, C).to(dtype), nchw_tokens)):
+        monkeypatch.setattr(torch.Tensor, "contiguous", lambda self, *a, **k: pytest.fail("copied"))
+        s, out = lf.add_layer_norm(x, residual)
+        monkeypatch.undo()
+        assert triton_backend("add_layer_norm")
+        eager_s, eager_out = add_layer_norm_reference(x, residual)
+        assert torch.equal(s, eager_s) and s.is_contiguous() and out.is_contiguous()
+        assert_close_to_exact(out, TF.layer_norm(s.double(), (C,)), eager_out)
+
+
+def test_leading_dims_that_do_not_collapse_to_two_are_copied(poison, triton_backend):
+    C = 24
+    x = torch.randn(4, 3, 2, C).permute(2, 1, 0, 3)  # [2, 3, 4, C]: three leading strides, no two-level view
+    residual = torch.randn(2, 3, 4, C)
     s, out = lf.add_layer_norm(x, residual)
     assert triton_backend("add_layer_norm")
     eager_s, eager_out = add_layer_norm_reference(x, residual)
@@ -436,7 +455,7 @@ def test_autocast_layer_norm_dtype_rule(monkeypatch):
     """add_norm's out_dtype: None without autocast, fp32 under CUDA autocast (layer_norm on its fp32
     list), the eager statements under another device's autocast, the CPU's included (which keeps
     layer_norm in the input's dtype: checked here)."""
-    from ldm_fast.nn import _UNKNOWN_AUTOCAST, autocast_layer_norm_dtype
+    from ldm_fast._fusion import _UNKNOWN_AUTOCAST, autocast_layer_norm_dtype
 
     x = torch.randn(2, 8, dtype=torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):

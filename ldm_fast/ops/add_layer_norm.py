@@ -26,8 +26,8 @@ def add_layer_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor] = None,
                    eps: float = 1e-5, *, s_bias: Optional[Tensor] = None,
                    out_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
     """``(s, out)`` with ``s = x + residual`` and ``out = F.layer_norm(s, (C,), weight, bias, eps)``:
-    x and residual ``[..., C]`` of one floating dtype (the last dim contiguous, rows may be
-    strided), weight and bias ``[C]`` or None. Both outputs are new contiguous tensors in x's dtype;
+    x and residual ``[..., C]`` of one floating dtype (any strides: ``[B, N, C]`` views are read in
+    place, e.g. the permuted view of an NCHW convolution's output), weight and bias ``[C]`` or None. Both outputs are new contiguous tensors in x's dtype;
     ``out`` is normalized from the rounded ``s`` with fp32 statistics. The kernel reads x and
     residual once and writes s and out (4C elements a row against eager's 5C, one launch against
     two). Differentiable in x, residual, weight and bias (first order; the layer norm's backward is
@@ -43,7 +43,7 @@ def add_layer_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor] = None,
     ``out_dtype`` (a floating dtype, or None: x's) is the dtype of ``out``, the norm computed on
     ``s.to(out_dtype)``: ``torch.float32`` is what CUDA autocast's layer_norm (on its fp32 list)
     returns for a low-precision ``s`` (the sum stays in x's dtype), so a block under CUDA autocast
-    fuses too (:func:`ldm_fast.nn.add_norm`); the backward casts as autocast's does.
+    fuses too (``ldm_fast._fusion.add_norm``); the backward casts as autocast's does.
 
     Eager equivalent (diffusers ``BasicTransformerBlock``'s residual stream, bit for bit on the
     eager backend): ``s = x + residual; out = F.layer_norm(s, (C,), weight, bias, eps)``, and
@@ -76,8 +76,7 @@ def add_layer_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor] = None,
         raise TypeError(f"add_layer_norm: out_dtype must be a floating torch.dtype or None, got {out_dtype!r}")
     if out_dtype == x.dtype:
         out_dtype = None
-    if (x.numel() and 0 < C <= MAX_C and x.stride(-1) == 1 and residual.stride(-1) == 1
-            and not torch.compiler.is_compiling() and backend.kernel_ok(x, residual)
+    if (x.numel() and 0 < C <= MAX_C and not torch.compiler.is_compiling() and backend.kernel_ok(x, residual)
             and (weight is None or weight.device == x.device) and (bias is None or bias.device == x.device)
             and (s_bias is None or s_bias.device == x.device)):
         if not needs_grad(x, residual, weight, bias, s_bias):

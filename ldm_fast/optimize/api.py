@@ -205,9 +205,11 @@ def restore(model) -> nn.Module:
             f"ldm_fast.restore: this {type(model).__name__} was not optimized by ldm_fast.optimize "
             "(or was already restored)"
         )
-    conflicts = [msg for msg in (rec.patch.conflict(rec.target, rec.state) for rec in state.records) if msg]
+    conflicts = [f"{rec.path} ({type(rec.target).__name__}): {msg}" for rec in state.records
+                 for msg in (rec.patch.conflict(rec.target, rec.state),) if msg]
     if conflicts:
-        raise ValueError("ldm_fast.restore: cannot undo exactly, nothing was changed: " + "; ".join(conflicts))
+        more = f"; and {len(conflicts) - 3} more" if len(conflicts) > 3 else ""
+        raise ValueError("ldm_fast.restore: cannot undo exactly, nothing was changed: " + "; ".join(conflicts[:3]) + more)
     for rec in reversed(state.records):
         rec.patch.undo(rec.target, rec.state)
     del model.__dict__[_STATE_ATTR]

@@ -53,6 +53,7 @@ class Record:
     patch: "Patch"
     target: Any
     state: Any
+    path: str = "<root>"
 
 
 @dataclass
@@ -67,6 +68,7 @@ class Context:
     uses: Counter = field(default_factory=Counter)  # id(module) -> how many places in the tree hold it
     unknown: Counter = field(default_factory=Counter)  # (patch, class name) -> modules left for unknown code
     _param_uses: Optional[Counter] = None
+    _holders: Optional[dict] = None
 
     @classmethod
     def of(cls, model: nn.Module, options: Dict[str, bool]) -> "Context":
@@ -87,6 +89,16 @@ class Context:
     def path(self, module: nn.Module) -> str:
         return self.paths.get(id(module)) or "<root>"
 
+    def holders(self, module: nn.Module) -> List[tuple]:
+        """``(parent, name)`` for every place in the model that holds ``module`` as a child."""
+        if self._holders is None:
+            self._holders = {}
+            for parent in self.modules():
+                for name, child in parent._modules.items():
+                    if child is not None:
+                        self._holders.setdefault(id(child), []).append((parent, name))
+        return self._holders.get(id(module), [])
+
     def shared(self, module: nn.Module) -> bool:
         """Whether ``module`` is held at several places in the model."""
         return self.uses[id(module)] > 1
@@ -100,8 +112,9 @@ class Context:
 
     def changed(self, patch: "Patch", target: Any, state: Any, path: Optional[str] = None) -> None:
         """Record a change ``patch`` made to ``target`` (undone with ``state``) and report it."""
-        self.records.append(Record(patch, target, state))
-        self.report.changed.append(ReportItem(self.path(target) if path is None else path, patch.name))
+        path = self.path(target) if path is None else path
+        self.records.append(Record(patch, target, state, path))
+        self.report.changed.append(ReportItem(path, patch.name))
 
     def left(self, patch: "Patch", module: nn.Module, reason: str, path: Optional[str] = None) -> None:
         """Report ``module`` as left as is by ``patch``, with the reason."""
@@ -192,5 +205,5 @@ class InstallPatch(Patch):
 
     def conflict(self, module: nn.Module, state: Any) -> Optional[str]:
         if module.__dict__.get(self.attr, MISSING) is not state[1]:
-            return f"the {self.attr} of {type(module).__name__} was replaced after optimize"
+            return f"its {self.attr} was replaced after optimize"
         return None

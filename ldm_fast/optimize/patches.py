@@ -117,7 +117,7 @@ class GroupNormPatch(Patch):
 
     def conflict(self, module: nn.Module, state: Any) -> Optional[str]:
         if type(module) is not state[1]:
-            return f"the class of a module is {type(module).__name__}, not {state[1].__name__} as optimize left it"
+            return f"its class is {type(module).__name__}, not {state[1].__name__} as optimize left it"
         return None
 
     def undo(self, module: nn.Module, state: Any) -> None:
@@ -174,10 +174,45 @@ class SequentialForward:
         return input
 
 
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+_CALLED_WHOLE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # class -> {name: answer}
+
+
+def _called_whole(parent: nn.Module, name: str) -> bool:
+    """Whether ``parent`` only ever calls its child ``name`` whole: a container does (a Sequential
+    calls its entries, lists and dicts only hold them); another module when every use of
+    ``self.<name>`` in its class's source (its bases below nn.Module included) is a call
+    ``self.<name>(...)`` (CompVis' ``ResBlock`` with ``use_scale_shift_norm`` calls ``out_layers[0]``
+    and ``out_layers[1:]`` apart). Cached per class; False when a source cannot be read."""
+    if isinstance(parent, _CONTAINERS):
+        return True
+    answers = _CALLED_WHOLE.setdefault(type(parent), {})
+    if name not in answers:
+        answers[name] = _class_calls_whole(type(parent), name)
+    return answers[name]
+
+
+def _class_calls_whole(cls: type, name: str) -> bool:
+    for klass in cls.__mro__:
+        if klass in (nn.Module, object) or (klass.__module__ or "").startswith("torch."):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):
+            return False
+        calls = {id(node.func) for node in ast.walk(tree) if isinstance(node, ast.Call)}
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and node.attr == name and isinstance(node.value, ast.Name)
+                    and node.value.id == "self" and isinstance(node.ctx, ast.Load) and id(node) not in calls):
+                return False
+    return True
+
+
 class GroupNormSiLUPatch(Patch):
-    """``nn.Sequential(..., GroupNorm, nn.SiLU(), ...)`` (exactly ``nn.Sequential``): the pair runs as
-    one GroupNorm+SiLU kernel (:class:`SequentialForward`). The modules stay as they are (hooks added
-    later see what they would see: the pair then runs as two calls)."""
+    """``nn.Sequential(..., GroupNorm, nn.SiLU(), ...)`` (exactly ``nn.Sequential``) that the code
+    holding it only calls whole: the pair runs as one GroupNorm+SiLU kernel
+    (:class:`SequentialForward`). The modules stay as they are (hooks added later see what they
+    would see: the pair then runs as two calls)."""
 
     name = "group_norm_silu"
     needs = ("group_norm",)
@@ -195,6 +230,11 @@ class GroupNormSiLUPatch(Patch):
     def refused(self, seq: nn.Module, ctx: Context) -> Optional[str]:
         if "forward" in seq.__dict__:
             return "the Sequential has an instance-level forward"
+        for parent, name in ctx.holders(seq):
+            if not _called_whole(parent, name):
+                return (f"{type(parent).__qualname__}'s code uses self.{name} other than by calling it whole (it "
+                        "indexes, slices or iterates it, e.g. CompVis ResBlock's out_layers[0]): the pair is "
+                        "called apart there")
         entries = list(seq._modules.values())
         for i in self._pairs(seq):
             if not plain_group_norm(entries[i]):
@@ -214,7 +254,7 @@ class GroupNormSiLUPatch(Patch):
 
     def conflict(self, seq: nn.Module, state: Any) -> Optional[str]:
         if seq.__dict__.get("forward") is not state:
-            return "the forward of a Sequential was replaced after optimize"
+            return "its forward was replaced after optimize"
         return None
 
     def summary(self, count: int) -> str:

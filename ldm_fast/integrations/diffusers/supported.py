@@ -65,6 +65,31 @@ SUPPORTED: Dict[str, Dict[str, Source]] = {
 }
 
 
+#: Where each function of :data:`SUPPORTED` lives in diffusers 0.30-0.42 (file under ``diffusers/``,
+#: class or None for a module-level function, name), and the functions each patch needs known.
+LOCATIONS: Dict[str, Tuple[str, Optional[str], str]] = {
+    "ResnetBlock2D.forward": ("models/resnet.py", "ResnetBlock2D", "forward"),
+    "BasicTransformerBlock.forward": ("models/attention.py", "BasicTransformerBlock", "forward"),
+    "FeedForward.forward": ("models/attention.py", "FeedForward", "forward"),
+    "GEGLU.forward": ("models/activations.py", "GEGLU", "forward"),
+    "GEGLU.gelu": ("models/activations.py", "GEGLU", "gelu"),
+    "Timesteps.forward": ("models/embeddings.py", "Timesteps", "forward"),
+    "get_timestep_embedding": ("models/embeddings.py", None, "get_timestep_embedding"),
+    "Transformer2DModel._get_output_for_continuous_inputs": (
+        "models/transformers/transformer_2d.py", "Transformer2DModel", "_get_output_for_continuous_inputs"),
+    "AttnProcessor2_0.__call__": ("models/attention_processor.py", "AttnProcessor2_0", "__call__"),
+    "AttnProcessor.__call__": ("models/attention_processor.py", "AttnProcessor", "__call__"),
+}
+PATCH_SOURCES: Dict[str, Tuple[str, ...]] = {
+    "resnet": ("ResnetBlock2D.forward",),
+    "add_layer_norm": ("BasicTransformerBlock.forward", "FeedForward.forward"),
+    "geglu": ("GEGLU.forward", "GEGLU.gelu"),
+    "timestep_embedding": ("Timesteps.forward", "get_timestep_embedding"),
+    "channels_last": ("Transformer2DModel._get_output_for_continuous_inputs",),
+    "attention": ("AttnProcessor2_0.__call__", "AttnProcessor.__call__"),
+}
+
+
 def is_diffusers(obj, name: str) -> bool:
     """Whether ``obj``'s class is diffusers' class ``name`` (by name and module: diffusers is never imported)."""
     cls = type(obj)
