@@ -79,7 +79,8 @@ from .gpu_model import H100
 from .traffic import DispatchCounter, footprint
 
 KINDS = ("gemm_conv", "attention", "norm", "elementwise", "copy", "other")
-GEMM_OPS = frozenset({"mm", "addmm", "bmm", "baddbmm", "convolution", "convolution_backward", "_convolution"})
+GEMM_OPS = frozenset({"mm", "addmm", "addmm_", "bmm", "baddbmm", "baddbmm_", "convolution", "convolution_backward",
+                      "_convolution"})
 NORM_OPS = frozenset({"native_group_norm", "native_layer_norm", "native_group_norm_backward",
                       "native_layer_norm_backward", "native_batch_norm", "_native_batch_norm_legit_no_training"})
 COPY_OPS = frozenset({"copy_", "_to_copy", "clone", "cat", "stack", "constant_pad_nd", "contiguous"})
@@ -151,7 +152,7 @@ def aten_flops(name: str, args: tuple, out) -> int:
     """Matrix FLOPs of one aten op (0 for everything else)."""
     if name in ("mm", "bmm"):
         return 2 * out.numel() * args[0].shape[-1]
-    if name in ("addmm", "baddbmm"):
+    if name in ("addmm", "baddbmm", "addmm_", "baddbmm_"):  # (the in-place forms: a GEMM accumulating onto its input)
         return 2 * out.numel() * args[1].shape[-1]
     if name in ("convolution", "_convolution"):
         w = args[1]

@@ -267,7 +267,6 @@ def test_chart_has_one_panel_per_op_family_with_values_on_both_bars(tmp_path):
 def test_readme_states_the_measured_benchmark_run_times_and_the_quick_run():
     """The run time a user meets (17.5 minutes on 2 busy cores) is stated, with the quick run to start with."""
     root = __import__("pathlib").Path(__file__).resolve().parents[1]
-    section = (root / "README.md").read_text().split("## Benchmarks", 1)[1].split("\n## ", 1)[0]
-    assert "5 to 8 minutes" not in section
-    assert "17.5" in section and "python -m benchmarks --quick" in section
-    assert "17.5 minutes" in (root / "benchmarks" / "README.md").read_text()
+    text = (root / "benchmarks" / "README.md").read_text()
+    assert "5 to 8 minutes" not in text
+    assert "17.5 minutes" in text and "python -m benchmarks --quick" in text

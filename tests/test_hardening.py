@@ -13,7 +13,7 @@ import torch
 
 import ldm_fast
 from ldm_fast import functional as F
-from ldm_fast.optimize import passes as opt_passes
+from ldm_fast.optimize import patches as opt_patches
 
 T = 1000
 ABAR = ldm_fast.make_schedule("scaled_linear").alphas_cumprod
@@ -155,86 +155,8 @@ def test_concurrent_interpreted_calls_from_threads(triton_backend):
 def test_group_norm32_check_keeps_no_class_alive():
     """The CompVis GroupNorm32 recognition cached every class it saw forever (an lru_cache)."""
     cls = type("GroupNorm32", (torch.nn.GroupNorm,), {"forward": lambda self, x: x})
-    assert not opt_passes._is_compvis_group_norm32(cls)
+    assert not opt_patches._is_compvis_group_norm32(cls)
     ref = weakref.ref(cls)
     del cls
     gc.collect()
     assert ref() is None
-
-
-class _CompVisResBlock(torch.nn.Module):
-    """The shape of CompVis/ADM ``ResBlock``: with ``use_scale_shift_norm`` it calls ``out_layers[0]``
-    (the norm) alone, modulates, then ``out_layers[1:]`` (SiLU, dropout, conv)."""
-
-    def __init__(self, channels: int, use_scale_shift_norm: bool, updown: bool = False):
-        super().__init__()
-        self.use_scale_shift_norm, self.updown = use_scale_shift_norm, updown
-        self.in_layers = torch.nn.Sequential(torch.nn.GroupNorm(4, channels), torch.nn.SiLU(),
-                                             torch.nn.Conv2d(channels, channels, 3, padding=1))
-        self.emb_layers = torch.nn.Linear(8, 2 * channels if use_scale_shift_norm else channels)
-        self.out_layers = torch.nn.Sequential(torch.nn.GroupNorm(4, channels), torch.nn.SiLU(), torch.nn.Dropout(0.0),
-                                              torch.nn.Conv2d(channels, channels, 3, padding=1))
-
-    def forward(self, x, emb):
-        if self.updown:
-            in_rest, in_conv = self.in_layers[:-1], self.in_layers[-1]
-            h = in_conv(in_rest(x))
-        else:
-            h = self.in_layers(x)
-        emb_out = self.emb_layers(emb)[:, :, None, None]
-        if self.use_scale_shift_norm:
-            out_norm, out_rest = self.out_layers[0], self.out_layers[1:]
-            scale, shift = emb_out.chunk(2, dim=1)
-            h = out_rest(out_norm(h) * (1 + scale) + shift)
-        else:
-            h = self.out_layers(h + emb_out)
-        return x + h
-
-
-@pytest.mark.parametrize("use_scale_shift_norm", [False, True])
-def test_optimize_fuses_a_sequential_only_where_it_is_called_whole(use_scale_shift_norm, triton_backend):
-    torch.manual_seed(0)
-    block = _CompVisResBlock(8, use_scale_shift_norm, updown=use_scale_shift_norm)
-    x, emb = torch.randn(2, 8, 4, 4), torch.randn(2, 8)
-    with torch.no_grad():
-        expected = block(x, emb)
-        report = ldm_fast.optimize(block)
-        got = block(x, emb)
-    fused = set(report.paths("GroupNorm+SiLU fused"))
-    assert "in_layers.0" in fused
-    # The check reads the source, not the flag: out_layers[0] is called apart in one branch, so it is
-    # never fused (in_layers[:-1] keeps the norm and its SiLU together, so in_layers is).
-    assert "out_layers.0" not in fused, report
-    assert any(item.path == "out_layers.0" and "apart" in item.reason for item in report.left), report.left
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
-    assert triton_backend("group_norm")
-    ldm_fast.restore(block)
-
-
-def test_report_says_a_cpu_model_runs_the_eager_reference():
-    report = ldm_fast.optimize(torch.nn.Sequential(torch.nn.GroupNorm(2, 4), torch.nn.SiLU()))
-    assert "eager reference" in str(report) and "no speed-up" in str(report)
-
-
-class _Pipeline:
-    """What a diffusers pipeline holds (not an nn.Module): a U-Net and a VAE."""
-
-    def __init__(self):
-        self.unet = torch.nn.Sequential(torch.nn.GroupNorm(2, 4), torch.nn.SiLU(), torch.nn.Conv2d(4, 4, 1))
-        self.vae = torch.nn.Module()
-        self.vae.decoder = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 1), torch.nn.GroupNorm(2, 4), torch.nn.SiLU())
-
-
-def test_optimize_takes_a_pipeline():
-    pipe = _Pipeline()
-    x = torch.randn(1, 4, 3, 3)
-    expected = pipe.vae.decoder(pipe.unet(x))
-    report = ldm_fast.optimize(pipe, channels_last=True)
-    assert report.paths("GroupNorm+SiLU fused") == ["unet.0", "vae.decoder.1"]
-    assert pipe.unet[2].weight.is_contiguous(memory_format=torch.channels_last)
-    assert pipe.vae.decoder[0].weight.is_contiguous()  # the decoder stays NCHW
-    torch.testing.assert_close(pipe.vae.decoder(pipe.unet(x)), expected, rtol=0, atol=0)
-    ldm_fast.restore(pipe)
-    assert type(pipe.unet[1]) is torch.nn.SiLU and type(pipe.vae.decoder[1]) is torch.nn.GroupNorm
-    with pytest.raises(TypeError, match="diffusers pipeline"):
-        ldm_fast.optimize(object())
