@@ -155,12 +155,15 @@ def test_fp32_follows_the_tf32_settings_of_the_convolution_it_replaces(monkeypat
     x = torch.randn(1, 2, 2, 2)
     assert _fusion._gemm_like_conv(x)  # a CPU tensor: no TF32 anywhere
     assert _fusion._gemm_like_conv(x.half())
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
-    assert not _fusion._gemm_like_conv(x) and _fusion._gemm_like_conv(x.half())
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    assert _fusion._gemm_like_conv(x)
+    try:  # (the flags are set and put back by hand: monkeypatch cannot delete these properties)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True
+        assert not _fusion._gemm_like_conv(x) and _fusion._gemm_like_conv(x.half())
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert _fusion._gemm_like_conv(x)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 class _LoCon(nn.Module):
