@@ -58,7 +58,7 @@ def plain_group_norm(norm: nn.Module) -> bool:
     without an activation of its own, and nothing intercepts its call: reading its parameters
     computes what calling it computes."""
     return (type(norm) in (_ldm_nn.GroupNorm, _ldm_nn.GroupNorm32) and norm.__dict__.get("activation") is None
-            and not intercepted(norm))
+            and not intercepted(norm) and not global_module_hooks())
 
 
 def plain_silu(act: nn.Module) -> bool:
@@ -90,7 +90,8 @@ def autocast_layer_norm_dtype(device_type: str):
 
 
 def _plain_layer_norm(norm: nn.Module) -> bool:
-    return type(norm) is nn.LayerNorm and not intercepted(norm) and len(norm.normalized_shape) == 1
+    return (type(norm) is nn.LayerNorm and not intercepted(norm) and len(norm.normalized_shape) == 1
+            and not global_module_hooks())
 
 
 def add_norm(x: Tensor, residual: Tensor, norm: nn.LayerNorm) -> tuple[Tensor, Tensor]:
@@ -196,24 +197,29 @@ def _version(t: Tensor):
 
 
 class _LastSiLU:
-    """The last ``silu(temb)`` computed by :func:`shared_silu`: (weakref to temb, its version, output)."""
+    """The last ``silu(temb)`` computed by :func:`shared_silu`: (weakref to temb, its version, the
+    output, the output's version)."""
 
     entry: Optional[tuple] = None
 
 
-def shared_silu(act: nn.Module, temb: Tensor) -> Tensor:
+def shared_silu(act: nn.Module, temb: Tensor, consumer: nn.Module) -> Tensor:
     """``act(temb)`` (``act`` an ``nn.SiLU``), computed once for the U-Net's one time embedding, which
     every ResNet block receives and applies the same SiLU to (22 identical launches per SD 1.5 step,
-    now 1: diffusers' ResnetBlock2D under optimize, ldm_fast's ResBlock). Reused only while ``temb``
-    is the same tensor object at the same version (an inference tensor: the same object) and no
-    gradient is recorded (inference; under autograd and torch.compile each block computes its own).
-    Nothing derived from weights is kept. Eager equivalent: ``act(temb)``."""
-    if (type(act) is not nn.SiLU or act.inplace or intercepted(act) or torch.compiler.is_compiling()
+    now 1: diffusers' ResnetBlock2D under optimize, ldm_fast's ResBlock), then given to ``consumer``
+    (the block's time projection). Shared only where nothing can change the shared tensor: the
+    consumer is a plain ``nn.Linear`` (no hook, no adapter: ``F.linear`` reads its input), ``temb`` is
+    the same tensor object at the same version, and the output still has its version (inference
+    tensors have none: made in ``torch.inference_mode``, where only a hook could change them, and a
+    hooked consumer takes its own); no gradient is recorded (under autograd and torch.compile each
+    block computes its own). Nothing derived from weights is kept. Eager equivalent: ``act(temb)``."""
+    if (type(act) is not nn.SiLU or act.inplace or intercepted(act) or type(consumer) is not nn.Linear
+            or intercepted(consumer) or torch.compiler.is_compiling()
             or (torch.is_grad_enabled() and temb.requires_grad) or global_module_hooks()):
         return act(temb)
     entry = _LastSiLU.entry
-    if entry is not None and entry[0]() is temb and entry[1] == _version(temb):
+    if entry is not None and entry[0]() is temb and entry[1] == _version(temb) and entry[3] == _version(entry[2]):
         return entry[2]
     out = act(temb)
-    _LastSiLU.entry = (weakref.ref(temb), _version(temb), out)
+    _LastSiLU.entry = (weakref.ref(temb), _version(temb), out, _version(out))
     return out

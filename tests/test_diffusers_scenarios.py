@@ -24,8 +24,6 @@ kernels' launches asserted) and on the default backend (the CPU: the model's own
 
 Fast loop: ``python -m pytest -m "not slow" tests/test_diffusers_scenarios.py``; ``-m slow`` runs the
 pipelines, the subprocess and the multi-call scenarios.
-
-Where ldm_fast is wrong, the test stays, marked ``xfail(strict=True, reason="BUG: ...")``.
 """
 
 from __future__ import annotations
@@ -554,9 +552,7 @@ def test_hooks_replace(where):
 
 @pytest.mark.parametrize("backend", [
     "default",
-    pytest.param("kernel", marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-        "BUG: ResnetForward hands every block the SAME silu(temb) tensor (_fusion.shared_silu caches it by "
-        "temb identity+version, not its own); a pre-hook changing it in place changes every later block's temb"))),
+    "kernel",
 ])
 def test_hook_changing_input_in_place(backend):
     """A forward pre-hook on the first block's time_emb_proj that scales its input IN PLACE (returns
@@ -588,9 +584,7 @@ def _global_recorder(model, log):
 
 @pytest.mark.parametrize("backend", [
     "default",
-    pytest.param("kernel", marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-        "BUG: with a global module hook, BasicTransformerBlock's fused forward still skips calling norm2, "
-        "norm3, ff and ff.net.2 (_fusion.add_norm / add_norm_feed_forward do not check global_module_hooks())"))),
+    "kernel",
 ])
 def test_global_module_hooks(backend):
     """torch.nn.modules.module.register_module_forward_hook added after optimize sees every module
@@ -657,11 +651,6 @@ CLASS_PATCHES = {
 }
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "BUG: InstallPatch puts the fused forward in the block's __dict__, which shadows any class-level forward; "
-    "ResnetForward/TransformerBlockForward/GEGLUForward/TimestepsForward never check type(block) per call and "
-    "fall back to the forward captured at optimize: a later class swap (tomesd) or class monkeypatch is "
-    "silently ignored, on the default backend too"))
 @pytest.mark.parametrize("patch", list(CLASS_PATCHES))
 def test_block_class_patched_after_optimize(patch, monkeypatch):
     """A library that patches the blocks' CLASS after optimize (tomesd swaps each
@@ -992,9 +981,6 @@ def test_set_attn_processor_after_attention_patch():
     assert type(model.conv_norm_out).__module__.startswith("ldm_fast")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "BUG: restore's refusal says 'the processor of Attention was replaced after optimize' (once per module, "
-    "repeated) without the module's path or a way out (InstallPatch.conflict has no path; api.restore joins)"))
 def test_restore_refusal_names_the_modules():
     from diffusers.models.attention_processor import AttnProcessor
 
@@ -1017,10 +1003,6 @@ def test_accelerate_cpu_offload_after_optimize():
     check_both(lambda: run_unet(model, x), lambda: run_unet(ref, x), ("group_norm",))
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError, reason=(
-    "BUG: cpu_offload + remove_hook_from_module leave each GroupNorm an instance forward bound to "
-    "ldm_fast.nn.GroupNorm.forward; restore (GroupNormPatch.undo/conflict check the class only) pops "
-    "'activation' and the 'restored' U-Net crashes: 'GroupNorm' object has no attribute 'activation'"))
 def test_restore_after_accelerate_hooks_removed():
     from accelerate import cpu_offload
     from accelerate.hooks import remove_hook_from_module
@@ -1035,10 +1017,7 @@ def test_restore_after_accelerate_hooks_removed():
 
 
 @pytest.mark.parametrize("options", [
-    pytest.param({}, id="NCHW", marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-        "BUG: on an NCHW U-Net the report counts each BasicTransformerBlock under add_layer_norm ('add each "
-        "residual into the next LayerNorm in one kernel') but the attn1 residual + norm2 runs eagerly (its rows "
-        "are the permuted proj_in output, stride H*W): 1 launch a block, not 2, and nothing in report.left"))),
+    pytest.param({}, id="NCHW"),
     pytest.param({"channels_last": True}, id="channels_last"),
 ])
 def test_report_matches_what_runs(options):
@@ -1097,9 +1076,6 @@ def test_unknown_source_one_warning(monkeypatch):
     check_both(lambda: run_unet(model, x), lambda: run_unet(ref, x), ("group_norm",))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "BUG: optimize(pipe) warns once per component (api._optimize_pipeline calls optimize on unet and "
-    "vae.decoder, each with its own _warn_unknown): two RuntimeWarnings for one call"))
 def test_unknown_source_one_warning_for_a_pipeline(monkeypatch):
     _drop_resnet_digests(monkeypatch)
     pipe = sd_pipeline()

@@ -68,7 +68,7 @@ class ResBlock(nn.Module):
         if intercepted(self.emb_layers) or type(act) is not nn.SiLU:
             e = self.emb_layers(emb)
         else:  # the embedding's SiLU once per step for all blocks (inference), then this block's projection
-            e = shared_silu(act, emb)
+            e = shared_silu(act, emb, proj)
             packed = None if self.time_pack is None else self.time_pack.project(proj, e)
             e = proj(e) if packed is None else packed  # (packed: this block's columns of one GEMM for all)
         h = dropout(norm(h, shift=e.type(h.dtype)))

@@ -6,7 +6,8 @@ from __future__ import annotations
 import itertools
 import warnings
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from collections import Counter
+from typing import Dict, List, Optional, Tuple
 
 from torch import nn
 
@@ -87,9 +88,19 @@ def optimize(model, **options: bool) -> OptimizeReport:
     options = _options(options)
     if not isinstance(model, nn.Module):
         if _pipeline_parts(model):
-            return _optimize_pipeline(model, options)
-        raise TypeError(f"model must be a torch.nn.Module or a diffusers pipeline (with .unet/.vae), "
-                        f"got {type(model).__name__}")
+            report, unknown = _optimize_pipeline(model, options)
+        else:
+            raise TypeError(f"model must be a torch.nn.Module or a diffusers pipeline (with .unet/.vae), "
+                            f"got {type(model).__name__}")
+    else:
+        ctx = _optimize_module(model, options)
+        report, unknown = ctx.report, ctx.unknown
+    _warn_unknown(report.model, unknown)
+    return report
+
+
+def _optimize_module(model: nn.Module, options: Dict[str, bool]) -> Context:
+    """optimize() on one module: the patches in order; what was done is undone if one fails."""
     for name, module in model.named_modules():
         if _STATE_ATTR in module.__dict__:
             where = "model" if module is model else f"its submodule {name!r}"
@@ -110,17 +121,16 @@ def optimize(model, **options: bool) -> OptimizeReport:
             rec.patch.undo(rec.target, rec.state)
         raise
     ctx.report.notes.append(_backend_note(model))
-    _warn_unknown(ctx)
     model.__dict__[_STATE_ATTR] = _State(ctx.report, ctx.records)
-    return ctx.report
+    return ctx
 
 
-def _warn_unknown(ctx: Context) -> None:
+def _warn_unknown(model: str, unknown: Counter) -> None:
     """One warning for every module left because its code is not code ldm_fast knows."""
-    if not ctx.unknown:
+    if not unknown:
         return
-    skipped = ", ".join(f"{patch} on {n} {cls}" for (patch, cls), n in ctx.unknown.items())
-    warnings.warn(f"ldm_fast.optimize({type(ctx.model).__name__}): diffusers {installed_version()} runs code ldm_fast "
+    skipped = ", ".join(f"{patch} on {n} {cls}" for (patch, cls), n in unknown.items())
+    warnings.warn(f"ldm_fast.optimize({model}): diffusers {installed_version()} runs code ldm_fast "
                   f"does not know (it knows diffusers {RELEASES}); these are left to diffusers (unfused, "
                   f"computing as before): {skipped}. The report lists each module with the reason.",
                   RuntimeWarning, stacklevel=3)
@@ -157,16 +167,18 @@ def _pipeline_parts(pipe) -> List[str]:
     return [name for name in _PIPELINE_PARTS if _get(pipe, name) is not None]
 
 
-def _optimize_pipeline(pipe, options: Dict[str, bool]) -> OptimizeReport:
+def _optimize_pipeline(pipe, options: Dict[str, bool]) -> Tuple[OptimizeReport, Counter]:
     """optimize() on a diffusers pipeline: its U-Net (the options given) and its VAE decoder (the
     GroupNorm patches only); one report whose paths start with the component's name."""
-    report = OptimizeReport(type(pipe).__name__, dict(options))
+    report, unknown = OptimizeReport(type(pipe).__name__, dict(options)), Counter()
     done: List[nn.Module] = []
     try:
         for name in _pipeline_parts(pipe):
             part_options = options if name == "unet" else {k: v and k in _DECODER_PATCHES for k, v in options.items()}
             part = _get(pipe, name)
-            sub = optimize(part, **part_options)
+            ctx = _optimize_module(part, part_options)
+            sub = ctx.report
+            unknown.update(ctx.unknown)
             done.append(part)
             report.changed += [item._replace(path=_prefixed(name, item.path)) for item in sub.changed]
             report.left += [item._replace(path=_prefixed(name, item.path)) for item in sub.left]
@@ -175,7 +187,7 @@ def _optimize_pipeline(pipe, options: Dict[str, bool]) -> OptimizeReport:
         for part in reversed(done):
             restore(part)
         raise
-    return report
+    return report, unknown
 
 
 def _prefixed(name: str, path: str) -> str:

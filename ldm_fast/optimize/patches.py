@@ -121,8 +121,13 @@ class GroupNormPatch(Patch):
         return None
 
     def undo(self, module: nn.Module, state: Any) -> None:
-        old_cls, _, old_activation = state
+        old_cls, new_cls, old_activation = state
         module.__class__ = old_cls
+        # an instance forward bound to our class's (accelerate's remove_hook_from_module leaves the forward it
+        # wrapped): bound to the original class's instead, as it would be without ldm_fast
+        forward = module.__dict__.get("forward")
+        if getattr(forward, "__self__", None) is module and getattr(forward, "__func__", None) is new_cls.forward:
+            module.__dict__["forward"] = old_cls.forward.__get__(module)
         if old_activation is MISSING:
             module.__dict__.pop("activation", None)
         else:
@@ -133,6 +138,9 @@ class GroupNormPatch(Patch):
 
 
 # --- group_norm_silu -------------------------------------------------------------------------
+
+
+_SEQUENTIAL_FORWARD = nn.Sequential.forward
 
 
 class SequentialForward:
@@ -154,8 +162,10 @@ class SequentialForward:
 
     def __call__(self, input):
         seq = self.seq
-        if not isinstance(input, torch.Tensor) or torch.compiler.is_compiling() or not backend.kernel_ok(input):
-            return type(seq).forward(seq, input)
+        forward = type(seq).forward
+        if (forward is not _SEQUENTIAL_FORWARD or not isinstance(input, torch.Tensor) or torch.compiler.is_compiling()
+                or not backend.kernel_ok(input)):
+            return forward(seq, input)
         entries = self.entries
         if tuple(self.seq._modules.values()) != entries or global_module_hooks():
             entries, pairs = tuple(self.seq._modules.values()), ()

@@ -32,8 +32,10 @@ class TimestepsForward:
 
     def __call__(self, timesteps: torch.Tensor) -> torch.Tensor:
         m = self.module
-        if torch.compiler.is_compiling() or not backend.kernel_ok(timesteps, dtypes=TIMESTEP_DTYPES):
-            return self.diffusers_forward(m, timesteps)
+        forward = type(m).forward  # (a class swapped or patched after optimize: its forward runs)
+        if (forward is not self.diffusers_forward or torch.compiler.is_compiling()
+                or not backend.kernel_ok(timesteps, dtypes=TIMESTEP_DTYPES)):
+            return forward(m, timesteps)
         return functional.timestep_embedding(timesteps, m.num_channels, flip_sin_to_cos=bool(m.flip_sin_to_cos),
                                              downscale_freq_shift=m.downscale_freq_shift, scale=m.scale)
 

@@ -50,12 +50,13 @@ class TransformerBlockForward:
                  cross_attention_kwargs: Optional[dict] = None, class_labels=None,
                  added_cond_kwargs: Optional[dict] = None) -> torch.Tensor:
         block = self.block
-        if (hidden_states.ndim != 3 or torch.compiler.is_compiling() or not backend.kernel_ok(hidden_states)
+        forward = type(block).forward  # (a class swapped or patched after optimize, as tomesd does: its forward runs)
+        if (forward is not self.diffusers_forward or hidden_states.ndim != 3 or torch.compiler.is_compiling()
+                or not backend.kernel_ok(hidden_states)
                 or (cross_attention_kwargs is not None
                     and ("gligen" in cross_attention_kwargs or cross_attention_kwargs.get("scale") is not None))):
-            return self.diffusers_forward(block, hidden_states, attention_mask, encoder_hidden_states,
-                                          encoder_attention_mask, timestep, cross_attention_kwargs, class_labels,
-                                          added_cond_kwargs)
+            return forward(block, hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask,
+                           timestep, cross_attention_kwargs, class_labels, added_cond_kwargs)
         cross_attention_kwargs = cross_attention_kwargs.copy() if cross_attention_kwargs is not None else {}
         mods = block._modules
 
@@ -165,12 +166,16 @@ class TransformerOutput:
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
+        self.diffusers_method = type(module)._get_output_for_continuous_inputs
 
     def __repr__(self) -> str:
         return "<ldm_fast Transformer2DModel output in the input's memory format>"
 
     def __call__(self, hidden_states, residual, batch_size, height, width, inner_dim):
         module = self.module
+        method = type(module)._get_output_for_continuous_inputs
+        if method is not self.diffusers_method:  # (the class swapped or patched after optimize)
+            return method(module, hidden_states, residual, batch_size, height, width, inner_dim)
         fmt = (torch.channels_last if residual.dim() == 4 and not residual.is_contiguous()
                and residual.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
         if not module.use_linear_projection:
