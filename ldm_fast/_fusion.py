@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from . import backend, functional
 from . import nn as _ldm_nn  # (a cycle: ldm_fast.nn imports intercepted; its classes are read at call time)
 
-__all__ = ["plain_group_norm", "plain_silu", "add_norm", "add_norm_feed_forward", "autocast_layer_norm_dtype", "global_module_hooks",
+__all__ = ["gemm_like_conv", "plain_group_norm", "plain_silu", "add_norm", "add_norm_feed_forward", "autocast_layer_norm_dtype", "global_module_hooks",
            "intercepted", "shared_silu", "shortcut_gemm"]
 
 _module_globals = torch.nn.modules.module
@@ -137,7 +137,7 @@ def add_norm_feed_forward(x: Tensor, residual: Tensor, norm: nn.LayerNorm, inner
 # --- the ResNet block's 1x1 shortcut as a GEMM ---------------------------------------------------
 
 
-def _gemm_like_conv(x: Tensor) -> bool:
+def gemm_like_conv(x: Tensor) -> bool:
     """Whether a GEMM computes with the precision a convolution of ``x`` would: fp16/bf16 always;
     fp32 on CUDA only when the user's TF32 settings for matmuls and cuDNN convolutions agree
     (by default convolutions use TF32 and matmuls do not)."""
@@ -163,7 +163,7 @@ def shortcut_gemm(conv: nn.Module, h: Tensor, shortcut: nn.Module, x: Tensor) ->
     if (type(conv) is not nn.Conv2d or type(shortcut) is not nn.Conv2d or intercepted(conv) or intercepted(shortcut)
             or torch.compiler.is_compiling() or not backend.kernel_ok(h, x) or x.dim() != 4
             or not (h.dtype == x.dtype == conv.weight.dtype == shortcut.weight.dtype)
-            or needs_grad_of((h, x), (conv.weight, shortcut.weight)) or global_module_hooks() or not _gemm_like_conv(x)):
+            or needs_grad_of((h, x), (conv.weight, shortcut.weight)) or global_module_hooks() or not gemm_like_conv(x)):
         return None
     B, C, H, W = x.shape
     last = torch.channels_last

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import functional
-from ._fusion import intercepted
+from ._fusion import gemm_like_conv, intercepted
 from .ops._common import needs_grad
 from .ops.group_norm import ACTIVATIONS as GROUP_NORM_ACTIVATIONS
 
@@ -313,8 +313,9 @@ class SpatialSelfAttention(_PackedProjections):
     Five launches, where the eager formula below takes about fifteen. Under autocast, or when x's
     dtype differs from the weights', step 4 takes the bias and the residual is added out of place
     (``x + ...``), so the result's dtype follows type promotion as in the eager formula. If a
-    submodule is not the plain module (a hook, a LoRA wrapper, another class), the block calls the
-    submodules one by one instead: ``norm(x)``, ``q(h)``, ``k(h)``, ``v(h)``, the attention on their
+    submodule is not the plain module (a hook, a LoRA wrapper, another class), or an fp32 input on a
+    GPU whose TF32 settings differ for matmuls and cuDNN convolutions (the GEMMs would not compute what
+    the 1x1 convolutions compute), the block calls the submodules one by one instead: ``norm(x)``, ``q(h)``, ``k(h)``, ``v(h)``, the attention on their
     ``[B, HW, C]`` views, ``proj_out``, ``x + ...``.
 
     Eager equivalent (CompVis ``AttnBlock.forward``)::
@@ -352,7 +353,7 @@ class SpatialSelfAttention(_PackedProjections):
                              f"got shape {tuple(x.shape)}")
         batch, c, height, width = x.shape
         n = height * width
-        if not self._fusable():
+        if not self._fusable() or not gemm_like_conv(x):  # (fp32 where TF32 differs for GEMMs and convolutions)
             h = self.norm(x)
             q, k, v = (t.flatten(2).transpose(1, 2) for t in (self.q(h), self.k(h), self.v(h)))  # [B, HW, C] views
             a = functional.attention(q, k, v, scale=self.scale)

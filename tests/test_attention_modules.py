@@ -480,3 +480,24 @@ def test_processor_scale_argument_warns_as_diffusers():
     assert torch.equal(ours, theirs)
     with pytest.raises(ValueError, match="impl"):
         LdmAttnProcessor(impl="flash")
+
+
+def test_spatial_self_attention_keeps_its_convolutions_where_tf32_differs(monkeypatch):
+    """An fp32 input on a GPU whose TF32 settings differ for matmuls (off by default) and cuDNN
+    convolutions (on): the 1x1 q/k/v/proj_out convolutions run as convolutions, as CompVis computes
+    them (emulated on the CPU: the check reads the flags and ``is_cuda``)."""
+    from _dispatch import DispatchedOps
+
+    torch.manual_seed(0)
+    block = SpatialSelfAttention(8, num_groups=2).eval()
+    x = torch.randn(1, 8, 3, 3)
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        for matmul_tf32, convs in ((True, 0), (False, 4)):
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul_tf32, True
+            with monkeypatch.context() as m, torch.no_grad(), DispatchedOps() as ops:
+                m.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+                block(x)
+            assert ops.names.count("aten::convolution") == convs, ops.names
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

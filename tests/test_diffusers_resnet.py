@@ -153,15 +153,15 @@ def test_fp32_follows_the_tf32_settings_of_the_convolution_it_replaces(monkeypat
     from ldm_fast import _fusion
 
     x = torch.randn(1, 2, 2, 2)
-    assert _fusion._gemm_like_conv(x)  # a CPU tensor: no TF32 anywhere
-    assert _fusion._gemm_like_conv(x.half())
+    assert _fusion.gemm_like_conv(x)  # a CPU tensor: no TF32 anywhere
+    assert _fusion.gemm_like_conv(x.half())
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
     try:  # (the flags are set and put back by hand: monkeypatch cannot delete these properties)
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True
-        assert not _fusion._gemm_like_conv(x) and _fusion._gemm_like_conv(x.half())
+        assert not _fusion.gemm_like_conv(x) and _fusion.gemm_like_conv(x.half())
         torch.backends.cuda.matmul.allow_tf32 = True
-        assert _fusion._gemm_like_conv(x)
+        assert _fusion.gemm_like_conv(x)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 

@@ -76,7 +76,8 @@ def optimize(model, **options: bool) -> OptimizeReport:
     Every fused path checks on each call that the modules it reads instead of calling are still the
     plain modules it was written for (a LoRA layer, a hook added later, a replaced module: that
     module is called as before), caches nothing derived from weights, and off the Triton backend
-    (a CPU) runs the model's own code, so the model computes what it computed before.
+    (a CPU) runs the model's own code, so the model computes what it computed before (``channels_last``
+    aside: convolutions in another memory layout sum in another order).
 
     diffusers code that ldm_fast does not know (a release outside 0.30.0-0.42.1, a subclass with its
     own forward) is left as it is, listed in the report, and named in ONE warning.
