@@ -87,7 +87,7 @@ def group_norm(
     if shift is not None:
         shift = _check_shift(shift, x)
 
-    if x.numel() and backend.kernel_ok(x, weight, bias, shift):
+    if x.numel() and channels <= _kernels.MAX_CHANNELS and backend.kernel_ok(x, weight, bias, shift):
         if torch.compiler.is_compiling():  # LDM_FAST_COMPILE: the kernel, or Inductor's own code
             if backend.compile_uses_kernel(x.numel() // (x.shape[0] * num_groups)):
                 if channels_last_out is None:
