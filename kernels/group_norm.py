@@ -855,6 +855,7 @@ def group_norm_fwd(
     out=None,
     stats: bool = True,
     shift=None,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Launch the forward: ``(y, mean, rstd)``. One launch on the one-pass path, two on the split
     path (statistics per chunk of each group; apply, which first merges its groups' chunks); no
@@ -862,9 +863,9 @@ def group_norm_fwd(
 
     x: ``[B, C, *spatial]``, NCHW-contiguous or channels-last (any other layout is copied to
     NCHW); weight, bias: ``[C]`` contiguous or None, any float dtype; ``C % num_groups == 0`` (the
-    caller checks). y: ``[B, C, *spatial]`` in x's dtype, channels-last when ``channels_last_out``
-    (None: x's layout), or written into ``out`` (NCHW-contiguous or channels-last: its layout
-    decides). mean, rstd: ``[B, G]`` fp32, what the backward needs; None with ``stats=False``
+    caller checks). y: ``[B, C, *spatial]`` in x's dtype (or ``out_dtype``: fp32 is what CUDA
+    autocast's group_norm returns), channels-last when ``channels_last_out`` (None: x's layout), or
+    written into ``out`` (NCHW-contiguous or channels-last: its layout decides). mean, rstd: ``[B, G]`` fp32, what the backward needs; None with ``stats=False``
     (inference: neither allocated nor written). shift: ``[B, C]`` any float dtype (channels
     contiguous, rows any stride: e.g. a column slice of one wider projection), or None: y is
     the norm of ``x + shift[:, :, None, ...]`` (added in fp32 as x is read; the sum is never
@@ -882,7 +883,8 @@ def group_norm_fwd(
     S = math.prod(x.shape[2:])
     G = num_groups
     if out is None:
-        out = empty_nc(x.shape, x_cl if channels_last_out is None else bool(channels_last_out), x.dtype, x.device)
+        out = empty_nc(x.shape, x_cl if channels_last_out is None else bool(channels_last_out),
+                       x.dtype if out_dtype is None else out_dtype, x.device)
     else:
         _check_out(out, x)
     y, y_cl = out, is_channels_last(out)
