@@ -900,6 +900,35 @@ def test_cuda_graph_keys_on_the_global_switches_emulated(monkeypatch):
         assert api.captures == 5 and model.forward.stats["graph replay"] == 7
 
 
+def test_cuda_graph_sees_a_lora_adapter_and_its_fuse_emulated():
+    """A PEFT LoRA adapter added after capture wraps the attention projections: torch's registration
+    hooks count it, the next call re-reads the model and captures again (the adapter is in the new
+    graph); fuse_lora merges in place but switches the layers' forward (Python state): by contract
+    reset() after it, then the graph equals the plain forward with the fused weights."""
+    pytest.importorskip("peft", reason="peft (diffusers' LoRA backend) is not installed")
+    from peft import LoraConfig
+
+    unet = _unet()
+    sample, t, context = _unet_inputs()
+    api = _FakeAPI()
+    _graphed(unet, api)
+    plain = unet.forward._plain
+    with torch.no_grad():
+        before = unet(sample, t, encoder_hidden_states=context).sample
+        unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                    init_lora_weights=False))
+        with_adapter = unet(sample, t, encoder_hidden_states=context).sample
+        assert api.captures == 2 and unet.forward.stats["reset: parameters re-assigned"] == 1
+        assert torch.equal(with_adapter, plain(sample, t, encoder_hidden_states=context).sample)
+        assert not torch.allclose(with_adapter, before, atol=1e-3)  # the adapter changes the output
+        unet.fuse_lora()
+        unet.forward.reset()
+        fused = unet(sample, t, encoder_hidden_states=context).sample
+        assert api.captures == 3
+        torch.testing.assert_close(fused, plain(sample, t, encoder_hidden_states=context).sample)
+        torch.testing.assert_close(fused, with_adapter, rtol=1e-4, atol=1e-5)  # merged == adapter applied
+
+
 # ---------------------------------------------------------------------------------------------
 # torch.compile over an optimized model
 
