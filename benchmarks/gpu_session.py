@@ -4,10 +4,16 @@ A lent GPU gives a session about 15 minutes of device time in all and 10 minutes
 this runs as ONE device call (timeout 600 s) under its own wall-clock budget (``--budget``, default
 540 s), in tiers, most valuable first:
 
-1. ``correctness`` (~2 min): ``tests/test_cuda_graphs.py`` (CUDA-graph capture + replay of every
+1. ``correctness`` (~3 min): ``tests/test_cuda_graphs.py`` (CUDA-graph capture + replay of every
    op, fresh noise per replay, q_sample's device-side t check, the attention kernels compiled
-   against SDPA) and :mod:`benchmarks.gpu_checks` (every op compiled on the device against eager
-   and float64: fp16/bf16, GroupNorm+SiLU NCHW and channels_last, forward and backward).
+   against SDPA; ``optimize(cuda_graph=True)`` on a diffusers U-Net: graph replays counted and
+   judged against eager and float64 for fp16/bf16, NCHW/channels_last, no_grad/inference_mode/CUDA
+   autocast, after an in-place weight update and a LoRA fuse; CUDA autocast dtypes of group_norm
+   and add_layer_norm; launches on a non-current device (two GPUs); attention past 65,535 batch x
+   heads) and :mod:`benchmarks.gpu_checks` (every op compiled on the device against eager and
+   float64: fp16/bf16, GroupNorm+SiLU NCHW and channels_last, forward and backward). On a GPU the
+   tier fails on any test failure, on any skip but the two-GPU test's, and when diffusers cannot be
+   imported (its model tests are part of the proof: a missing wheel fails loudly).
 2. ``host`` (~2 min): host µs per call of every op (the quick cases of each bench file) against
    the bare ``kernel[grid]`` launch, and GPU µs per op against eager (:mod:`benchmarks.host`,
    ``--host --quick``).
@@ -68,7 +74,7 @@ RESULTS = BENCH_DIR / "results"
 TIERS = ("correctness", "host", "e2e", "extra")
 #: Seconds a tier is expected to take on the lent GPU (the issue's sizing; tier 4 runs item by item,
 #: so its entry is its smallest item) and in the CPU dry run (measured on 2 cores, rounded up).
-ESTIMATE_S = {"correctness": 120, "host": 120, "e2e": 240, "extra": 60}
+ESTIMATE_S = {"correctness": 180, "host": 120, "e2e": 240, "extra": 60}
 DRY_ESTIMATE_S = {"correctness": 45, "host": 25, "e2e": 30, "extra": 5}
 #: Tier 4's items, most valuable first: (name, estimated GPU seconds, estimated dry-run seconds).
 EXTRA_ITEMS = (("attention-routes", 60, 5), ("compile-reduce-overhead", 100, 1), ("compile", 100, 1),
@@ -79,6 +85,9 @@ E2E_PLAN = (("unet-step-b2", ("eager", "optimize", "optimize+cuda_graph", "eager
 #: Tier 3's attention cases (``bench_attention`` shape names): the VAE's D=512, SD's D=40 and 80.
 ATTENTION_TIER3 = ("vae-4096x4096-h1d512-b1-fp16", "vae-16384x16384-h1d512-b1-fp16",
                    "unet-self-4096x4096-h8d40-b2-fp16", "unet-self-1024x1024-h8d80-b2-fp16")
+#: The skip reasons tier 1 accepts on a GPU (tests/test_cuda_graphs.py's TWO_GPUS): any other skip
+#: there means a check did not run, and the tier fails.
+ALLOWED_GPU_SKIPS = ("needs two CUDA devices",)
 #: A tier running past the budget is killed this many seconds after it (the device call's 600 s
 #: limit minus the default 540 s budget leaves 60 s: half for a tier that overruns its estimate).
 KILL_GRACE_S = 30
@@ -127,14 +136,36 @@ class TierContext:
 
 
 class _Outcomes:
-    """A pytest plugin that keeps each test's outcome (the tier's record of the CUDA tests)."""
+    """A pytest plugin that keeps each test's outcome, skip reason and recorded properties
+    (``record_property``: the graph replay counts), the tier's record of the CUDA tests."""
 
     def __init__(self) -> None:
         self.outcomes: dict = {}
+        self.skips: dict = {}
+        self.properties: dict = {}
 
     def pytest_runtest_logreport(self, report) -> None:
         if report.when == "call" or report.outcome != "passed":
             self.outcomes[report.nodeid] = report.outcome
+        if report.outcome == "skipped":
+            longrepr = report.longrepr
+            self.skips[report.nodeid] = str(longrepr[2] if isinstance(longrepr, tuple) else longrepr)
+        if report.when == "call" and report.user_properties:
+            self.properties[report.nodeid] = {k: v for k, v in report.user_properties}
+
+
+def gate_pytest(rec: dict, dry: bool, diffusers_importable: bool) -> list[str]:
+    """Why tier 1's pytest record fails on a GPU (empty: it passes): a failed test, a skip other than
+    :data:`ALLOWED_GPU_SKIPS` (a check that did not run proves nothing), diffusers not importable.
+    The dry run (no GPU: every test skips) only needs pytest's return code 0."""
+    problems = [] if rec["rc"] == 0 else [f"pytest exited {rec['rc']}: failed {rec['failed']}"]
+    if not dry:
+        problems += [f"skipped on the GPU: {node}: {reason}" for node, reason in rec["skips"].items()
+                     if not any(allowed in reason for allowed in ALLOWED_GPU_SKIPS)]
+        if not diffusers_importable:
+            problems.append("diffusers is NOT importable: the U-Net graph tests cannot run (put its wheel under .whl/: "
+                            "the pip download command is in this module's docstring)")
+    return problems
 
 
 def tier_correctness(ctx: TierContext) -> None:
@@ -142,22 +173,37 @@ def tier_correctness(ctx: TierContext) -> None:
 
     from . import gpu_checks
 
-    args = ["-q", "-p", "no:cacheprovider", str(REPO / "tests" / "test_cuda_graphs.py")]
+    diffusers_importable = importlib.util.find_spec("diffusers") is not None
+    if not diffusers_importable:
+        log("[tier 1] " + ("diffusers is not importable (dry run: not required)" if ctx.dry else
+                           "FAIL: diffusers is NOT importable: the U-Net CUDA-graph tests fail"))
+    args = ["-q", "-p", "no:cacheprovider", "-rs", str(REPO / "tests" / "test_cuda_graphs.py")]
     plugin = _Outcomes()
     rc = int(pytest.main(args, plugins=[plugin]))  # in this process: no second torch import
     counts = {k: list(plugin.outcomes.values()).count(k) for k in ("passed", "failed", "skipped")}
     pytest_rec = {"command": "pytest " + " ".join(args), "rc": rc, "counts": counts,
                   "failed": [n for n, o in plugin.outcomes.items() if o == "failed"],
+                  "skips": plugin.skips, "properties": plugin.properties, "diffusers_importable": diffusers_importable,
                   "summary": ", ".join(f"{v} {k}" for k, v in counts.items() if v)}
+    problems = gate_pytest(pytest_rec, ctx.dry, diffusers_importable)
+    pytest_rec["problems"] = problems
     log(f"[tier 1] pytest tests/test_cuda_graphs.py: rc {rc}, {pytest_rec['summary']}")
+    for node, reason in plugin.skips.items():
+        if not ctx.dry:
+            log(f"[tier 1] skipped: {node}: {reason}")
+    for problem in problems:
+        log(f"[tier 1] FAIL: {problem}")
     ctx.save(pytest=pytest_rec)
     checks = gpu_checks.run_all(ctx.device, small=ctx.dry, log=log)
     failed = [c for c in checks if c["status"] != "ok"]
     lines = [f"{c['check']} {c['dtype']}: {c['status']}" + (f" ({c['error'][:200]})" if c.get("error") else "")
              for c in checks]
+    graphs = [f"{node.split('::')[-1]}: {props}" for node, props in plugin.properties.items()]
+    skipped = [] if ctx.dry else [f"skipped {node.split('::')[-1]}: {reason}" for node, reason in plugin.skips.items()]
     ctx.save(checks=checks, failed=len(failed),
-             text="\n".join([f"pytest tests/test_cuda_graphs.py: {pytest_rec['summary']}"] + lines),
-             status="ok" if not failed and pytest_rec["rc"] == 0 else "FAIL")
+             text="\n".join([f"pytest tests/test_cuda_graphs.py: {pytest_rec['summary']}"] + problems + skipped + graphs
+                            + lines),
+             status="ok" if not failed and not problems else "FAIL")
 
 
 def tier_host(ctx: TierContext) -> None:
@@ -379,6 +425,9 @@ def run_session(out: Path, budget: float, dry: bool, tiers: tuple = TIERS, whl_d
         diffusers = {"installed": None, "reason": "diffusers is installed already: the wheels are not needed"}
     if diffusers["installed"]:
         env["PYTHONPATH"] = diffusers["installed"] + os.pathsep + env["PYTHONPATH"]
+    elif not dry and importlib.util.find_spec("diffusers") is None:
+        log(f"WARNING: diffusers is MISSING ({diffusers.get('reason')}): tier 1 FAILS (its U-Net CUDA-graph tests "
+            "need it) and tier 3's models are unavailable")
     log(f"gpu session{' (DRY RUN on the CPU)' if dry else ''}: budget {budget:g}s, tiers {', '.join(tiers)}; "
         f"wheels: {diffusers.get('wheels') or diffusers.get('reason')}")
     status: dict = {}

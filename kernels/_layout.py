@@ -10,6 +10,7 @@ import functools
 
 import torch
 
+from ._grid import check_grid
 from ._triton import cdiv, next_pow2, tl, triton
 
 MAX_BLOCK = 1024
@@ -41,11 +42,12 @@ def as_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
 def row_blocks(rows: int, K: int) -> tuple[int, int, int]:
     """``(BLOCK, column blocks per row, programs)`` for a grid of one program per block of one row.
 
-    BLOCK is at least 16 (a multiple of 4, as the in-kernel noise needs) and at most 1024.
+    BLOCK is at least 16 (a multiple of 4, as the in-kernel noise needs) and at most 1024. The
+    programs are one grid axis, below CUDA's 2^31 (ValueError above: 2^31 rows, or 2^41 elements).
     """
     block = min(MAX_BLOCK, max(16, next_pow2(K)))
     n_col_blocks = cdiv(K, block)
-    return block, n_col_blocks, rows * n_col_blocks
+    return block, n_col_blocks, check_grid((rows * n_col_blocks,), "row kernel")[0]
 
 
 @triton.jit

@@ -5,9 +5,12 @@ from ._triton import tl, triton
 
 def seed_args(seed) -> tuple:
     """``(seed, seed_ptr)`` kernel arguments for a seed given as an int (passed by value; the
-    pointer slot gets a dummy 0) or as an int64 tensor of one element on the kernel's device
-    (passed by pointer, ``SEED_FROM_PTR``: the kernel loads it, so a seed drawn on the device by a
-    CUDA graph or a compiled graph changes at every replay without the host reading it)."""
+    pointer slot gets a dummy 0), as None (nothing is drawn: 0 by value) or as an int64 tensor of
+    one element on the kernel's device (passed by pointer, ``SEED_FROM_PTR``: the kernel loads it,
+    so a seed drawn on the device by a CUDA graph or a compiled graph changes at every replay
+    without the host reading it). The launcher's ``SEED_FROM_PTR`` is ``isinstance(seed_ptr, Tensor)``."""
+    if seed is None:
+        return 0, 0
     if isinstance(seed, int):
         return seed, 0
     return 0, seed
@@ -30,11 +33,28 @@ def _cos_sin_2pi(u):
 
 
 @triton.jit
+def uniform_from_words(r):
+    """uint32 random words -> fp32 uniforms in [0, 1), exactly ``tl.uint_to_uniform_float``'s map:
+    the word read as int32 x, folded to ``x`` or ``-x - 1`` (2^31 values), times
+    4.6566127342e-10 (the largest scale keeping 2^31 - 1 below 1.0 after rounding).
+
+    Written with ``~x``, which equals ``-x - 1`` for every int32 without computing ``-x``: the
+    negation overflows at 0x80000000, and older Tritons' ``uint_to_uniform_float`` (3.6 among them;
+    3.9's uses ``~x``) write it that way, so a kernel launched with ``debug=True`` (the in-kernel
+    range check of q_sample's t and sampler_step's index) tripped the integer-overflow sanitizer on
+    that word ("int32 overflow detected", a device-side assert that leaves the CUDA context
+    unusable). ``~`` is a bitwise op, never sanitized."""
+    x = r.to(tl.int32, bitcast=True)
+    x = tl.where(x < 0, ~x, x)
+    return x * 4.6566127342e-10
+
+
+@triton.jit
 def _box_muller(r0, r1):
     """Two independent standard normals from two uint32 random words."""
-    u0 = tl.maximum(tl.uint_to_uniform_float(r0), 1.0e-7)
+    u0 = tl.maximum(uniform_from_words(r0), 1.0e-7)
     radius = tl.sqrt(-2.0 * tl.log(u0))
-    cos, sin = _cos_sin_2pi(tl.uint_to_uniform_float(r1))
+    cos, sin = _cos_sin_2pi(uniform_from_words(r1))
     return radius * cos, radius * sin
 
 

@@ -18,6 +18,15 @@ except ImportError:  # pragma: no cover - exercised by tests in a subprocess tha
 
 
 
+#: Launch options of a kernel variant whose ``tl.device_assert`` checks must run (q_sample's t,
+#: sampler_step's index on the device, as torch's own index asserts): ``debug=True`` keeps the
+#: asserts, and ``sanitize_overflow=False`` keeps out the integer-overflow checks that ``debug``
+#: would otherwise add to every int32 add/sub/mul (the Philox counters and random-word arithmetic
+#: wrap by design: a sanitizer assert there is a device-side assert that leaves the CUDA context
+#: unusable). Both are Triton compile options (3.6 and newer); the interpreter ignores them.
+DEVICE_ASSERTS = {"debug": True, "sanitize_overflow": False}
+
+
 def cdiv(a: int, b: int) -> int:
     """``ceil(a / b)`` for host code (``triton.cdiv`` is a JIT function: microseconds a call)."""
     return -(-a // b)
@@ -28,4 +37,4 @@ def next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 1 else 1
 
 
-__all__ = ["cdiv", "next_pow2", "triton", "tl"]
+__all__ = ["DEVICE_ASSERTS", "cdiv", "next_pow2", "triton", "tl"]

@@ -41,6 +41,7 @@ import functools
 import torch
 import torch.nn.functional as TF
 
+from ._grid import check_grid
 from ._triton import cdiv, next_pow2, tl, triton
 
 TILE = 4096  # elements per program at 8 warps: 16 per thread
@@ -109,7 +110,7 @@ def _plan(R: int, C: int) -> tuple[int, int, int, int]:
     block = max(16, next_pow2(C))
     rows = max(1, TILE // block)
     num_warps = 8 if block <= TILE else 16
-    return rows, block, num_warps, cdiv(R, rows)
+    return rows, block, num_warps, check_grid((cdiv(R, rows),), "add_layer_norm")[0]
 
 
 def _check(x, residual, weight, bias, s_bias=None) -> int:

@@ -15,14 +15,16 @@ cannot hold a [BLOCK_M, D] fp32 accumulator in registers, so D is tiled twice:
 
 * the q.k reduction runs over D in chunks of ``BLOCK_DK`` (``D_CHUNKS`` static steps, each a
   tensor-core dot), with the q chunks re-read per key block (from L1/L2);
-* the output columns are split over ``cdiv(D, BLOCK_DV)`` programs (grid axis 2), each owning a
+* the output columns are split over ``cdiv(D, BLOCK_DV)`` programs (grid axis 2: at most 4), each owning a
   [BLOCK_M, BLOCK_DV] accumulator; each recomputes the scores (the price: 1 + D/BLOCK_DV score
   GEMMs per output GEMM instead of 1).
 
 Layouts: every tensor is addressed as [B, H, N, D] through its (batch, head, row) strides with the
 D elements of a row contiguous, so q [B, N, H*D] as a Linear layer produces it, slices of one fused
 qkv projection, and SDPA's [B, H, N, D] are all read in place. The output and gradients are
-written as [B, N, H, D] (contiguous). Offsets of batch and head are int64; offsets inside one
+written as [B, N, H, D] (contiguous). The grid is (query or key blocks, batch x heads, output-column
+programs); batch x heads above CUDA's 65,535 on axis 1 (temporal attention over every pixel of a
+batch) runs as one launch per slab (``bh_offset``, kernels/_grid.py). Offsets of batch and head are int64; offsets inside one
 (batch, head) slice are int32 (the launcher checks they fit).
 
 Matrix products run on tensor cores with fp32 accumulation: fp16/bf16 operands as they are (the
@@ -38,6 +40,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import KERNEL_DTYPES
+from ._grid import axis_launches
 from ._triton import cdiv, next_pow2, tl, triton
 
 LOG2E = 1.4426950408889634
@@ -92,15 +95,15 @@ def _scores(a_ptr, o_a, m_a, a_stride, b_ptr, o_b, m_b, b_stride,
     return b_acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["bh_offset"])
 def _attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,  # q [B,H,NQ,D], k/v [B,H,NK,D] by strides; o [B,NQ,H,D]; lse [B,H,NQ] fp32
     s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
-    H, NQ, NK, qk_scale,  # qk_scale = scale * log2(e)
+    H, NQ, NK, bh_offset, qk_scale,  # bh_offset: this launch's first (batch, head); qk_scale = scale * log2(e)
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
     D_CHUNKS: tl.constexpr, BLOCK_DV: tl.constexpr, WRITE_LSE: tl.constexpr, BF16_AS_F32: tl.constexpr, HEADS_PACKED: tl.constexpr,
 ):
-    i_m, i_bh, i_dv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_m, i_bh, i_dv = tl.program_id(0), tl.program_id(1) + bh_offset, tl.program_id(2)
     i_b = i_bh // H
     i_h = i_bh - i_b * H
     q_ptr = _head(q_ptr, i_b, i_h, s_qb, s_qh, HEAD_DIM, HEADS_PACKED)
@@ -141,16 +144,16 @@ def _attention_fwd_kernel(
             tl.store(lse_ptr + i_bh.to(tl.int64) * NQ + o_m, b_m + tl.log2(b_l), mask=m_m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["bh_offset"])
 def _attention_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,  # o, dq [B,NQ,H,D]; do by strides; lse, delta [B,H,NQ]
     s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dn,
-    H, NQ, NK, qk_scale, scale,
+    H, NQ, NK, bh_offset, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
     D_CHUNKS: tl.constexpr, BLOCK_DO: tl.constexpr, BF16_AS_F32: tl.constexpr, HEADS_PACKED: tl.constexpr,
 ):
     """dq = scale * dS @ k with dS = P * (dout @ v^T - delta); also writes delta = rowsum(dout * out)."""
-    i_m, i_bh, i_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_m, i_bh, i_d = tl.program_id(0), tl.program_id(1) + bh_offset, tl.program_id(2)
     i_b = i_bh // H
     i_h = i_bh - i_b * H
     q_ptr = _head(q_ptr, i_b, i_h, s_qb, s_qh, HEAD_DIM, HEADS_PACKED)
@@ -200,16 +203,16 @@ def _attention_bwd_dq_kernel(
              mask=m_m[:, None] & (o_d[None, :] < HEAD_DIM))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["bh_offset"])
 def _attention_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,  # dk, dv [B,NK,H,D]
     s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dn,
-    H, NQ, NK, qk_scale, scale,
+    H, NQ, NK, bh_offset, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
     D_CHUNKS: tl.constexpr, BLOCK_DO: tl.constexpr, BF16_AS_F32: tl.constexpr, HEADS_PACKED: tl.constexpr,
 ):
     """dv = P^T @ dout and dk = scale * dS^T @ q for one key block, looping over the query blocks."""
-    i_n, i_bh, i_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_bh, i_d = tl.program_id(0), tl.program_id(1) + bh_offset, tl.program_id(2)
     i_b = i_bh // H
     i_h = i_bh - i_b * H
     q_ptr = _head(q_ptr, i_b, i_h, s_qb, s_qh, HEAD_DIM, HEADS_PACKED)
@@ -365,15 +368,17 @@ def attention_fwd(q, k, v, scale: float, *, lse: bool = True):
     if out.numel() == 0:
         return out, lse_out
     plan = fwd_plan(D, q.element_size())
-    grid = (cdiv(NQ, plan.block_m), B * H, cdiv(D, plan.block_dout))
-    _attention_fwd_kernel[grid](
-        q, k, v, out, lse_out if lse else out,
-        *_strides(q), *_strides(k), *_strides(v),
-        H, NQ, NK, float(scale) * LOG2E,
-        HEAD_DIM=D, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_DK=plan.block_dk, D_CHUNKS=plan.d_chunks,
-        BLOCK_DV=plan.block_dout, WRITE_LSE=lse, BF16_AS_F32=_bf16_as_f32(q),
-        HEADS_PACKED=_heads_packed(q, k, v), num_warps=plan.num_warps, num_stages=plan.num_stages,
-    )
+    # batch x heads on axis 1 (at most 65,535 a launch: more, e.g. temporal attention over every
+    # pixel, takes one launch per slab); query blocks fastest on axis 0 (K/V of a head stay in L2)
+    for grid, bh_offset in axis_launches((cdiv(NQ, plan.block_m), B * H, cdiv(D, plan.block_dout)), 1):
+        _attention_fwd_kernel[grid](
+            q, k, v, out, lse_out if lse else out,
+            *_strides(q), *_strides(k), *_strides(v),
+            H, NQ, NK, bh_offset, float(scale) * LOG2E,
+            HEAD_DIM=D, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_DK=plan.block_dk, D_CHUNKS=plan.d_chunks,
+            BLOCK_DV=plan.block_dout, WRITE_LSE=lse, BF16_AS_F32=_bf16_as_f32(q),
+            HEADS_PACKED=_heads_packed(q, k, v), num_warps=plan.num_warps, num_stages=plan.num_stages,
+        )
     return out, lse_out
 
 
@@ -395,18 +400,17 @@ def attention_bwd(grad, q, k, v, out, lse, scale: float):
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
     plan = bwd_plan(D, q.element_size())
-    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(grad), H, NQ, NK, float(scale) * LOG2E, float(scale))
+    strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(grad), H, NQ, NK)
+    scales = (float(scale) * LOG2E, float(scale))
     meta = dict(HEAD_DIM=D, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_DK=plan.block_dk,
                 D_CHUNKS=plan.d_chunks, BLOCK_DO=plan.block_dout, BF16_AS_F32=_bf16_as_f32(q),
                 HEADS_PACKED=_heads_packed(q, k, v, grad), num_warps=plan.num_warps,
                 num_stages=plan.num_stages)
     n_d = cdiv(D, plan.block_dout)
-    _attention_bwd_dq_kernel[(cdiv(NQ, plan.block_m), B * H, n_d)](
-        q, k, v, out, grad, lse, delta, dq, *common, **meta
-    )
-    _attention_bwd_dkdv_kernel[(cdiv(NK, plan.block_n), B * H, n_d)](
-        q, k, v, grad, lse, delta, dk, dv, *common, **meta
-    )
+    for grid, bh_offset in axis_launches((cdiv(NQ, plan.block_m), B * H, n_d), 1):  # as in the forward
+        _attention_bwd_dq_kernel[grid](q, k, v, out, grad, lse, delta, dq, *strides, bh_offset, *scales, **meta)
+    for grid, bh_offset in axis_launches((cdiv(NK, plan.block_n), B * H, n_d), 1):
+        _attention_bwd_dkdv_kernel[grid](q, k, v, grad, lse, delta, dk, dv, *strides, bh_offset, *scales, **meta)
     return dq, dk, dv
 
 

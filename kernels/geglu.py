@@ -31,6 +31,7 @@ import functools
 import torch
 import torch.nn.functional as TF
 
+from ._grid import check_grid
 from ._triton import cdiv, next_pow2, tl, triton
 
 APPROXIMATE = ("none", "tanh")
@@ -120,7 +121,7 @@ def _plan(R: int, F: int) -> tuple[int, int, int, int]:
         block = divisor
     rows = TILE // block
     n_col_blocks = cdiv(F, block)
-    return rows, block, n_col_blocks, cdiv(R, rows) * n_col_blocks
+    return rows, block, n_col_blocks, check_grid((cdiv(R, rows) * n_col_blocks,), "geglu")[0]
 
 
 def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -78,6 +78,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
+from ._grid import MAX_GRID_YZ, axis_launches
 from ._triton import cdiv, next_pow2, tl, triton
 
 #: Largest group (next_pow2(S) x the channel pieces, elements) the one-pass forward holds on chip
@@ -102,6 +103,12 @@ REDUCE_BLOCK = 2048
 MERGE_BLOCK = 256
 
 ACTIVATIONS = (None, "silu")
+#: Most channels the kernels take: groups (the split statistics) and channel blocks (the split
+#: apply kernels) sit on grid axis 1, which CUDA caps at 65,535 programs (kernels/_grid.py); more
+#: channels run the eager reference (:func:`ldm_fast.functional.group_norm` checks). The batch has no
+#: limit: the split kernels take it in slabs of 65,535, the one-pass kernels in blocks that keep
+#: axis 1 small (:func:`_batches_per_program`).
+MAX_CHANNELS = MAX_GRID_YZ
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,12 +215,12 @@ def _group_norm_fwd_one_pass_kernel(
             tl.store(rstd_ptr + i_b * G + i_g, b_rstd)
 
 
-@triton.jit(do_not_specialize=["n_chunks", "tiles_per_chunk", "part_plane"])
+@triton.jit(do_not_specialize=["n_chunks", "tiles_per_chunk", "part_plane", "b_offset"])
 def _group_norm_fwd_stats_kernel(
     x_ptr,  # [B, C, S], layout X_CL
     shift_ptr,  # [B, C] (rows shift_stride apart, channels contiguous), read when HAS_SHIFT (None otherwise)
     part_ptr,  # [2, B, G, n_chunks] fp32, written: mean and M2 of each chunk of each group
-    C, S, G, n_chunks, tiles_per_chunk, part_plane, shift_stride,
+    C, S, G, n_chunks, tiles_per_chunk, part_plane, shift_stride, b_offset,  # b_offset: this launch's first batch
     CG: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, X_CL: tl.constexpr,
     HAS_SHIFT: tl.constexpr,
 ):
@@ -228,7 +235,7 @@ def _group_norm_fwd_stats_kernel(
     i_g * CG + u // S)."""
     i_n = tl.program_id(0)
     i_g = tl.program_id(1)
-    i_b = tl.program_id(2)
+    i_b = tl.program_id(2) + b_offset
     n_units = S * CG if not X_CL else S  # elements (NCHW) or positions (channels-last) of the group
     u_begin = i_n * tiles_per_chunk * BLOCK_S
     u_end = tl.minimum(u_begin + tiles_per_chunk * BLOCK_S, n_units)
@@ -301,14 +308,14 @@ def _merge_chunks(p_part, part_plane, n_chunks, chunk_count, N, BLOCK_N: tl.cons
     return g_mean, tl.sum(b_m2 + b_n * b_d * b_d)
 
 
-@triton.jit(do_not_specialize=["tiles_per_program", "n_chunks", "chunk_count", "part_plane"])
+@triton.jit(do_not_specialize=["tiles_per_program", "n_chunks", "chunk_count", "part_plane", "b_offset"])
 def _group_norm_fwd_apply_kernel(
     x_ptr, y_ptr,  # [B, C, S], layouts X_CL and Y_CL; y written
     w_ptr, b_ptr,  # [C]
     shift_ptr,  # [B, C] (rows shift_stride apart, channels contiguous), read when HAS_SHIFT (None otherwise)
     part_ptr,  # [2, B, G, n_chunks] fp32 from the statistics kernel
     mean_ptr, rstd_ptr,  # [B, G] fp32, written when WRITE_STATS (each group by one program)
-    C, S, G, tiles_per_program, n_chunks, chunk_count, part_plane, eps, shift_stride,
+    C, S, G, tiles_per_program, n_chunks, chunk_count, part_plane, eps, shift_stride, b_offset,
     CG: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
     X_CL: tl.constexpr, Y_CL: tl.constexpr, SILU: tl.constexpr,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, WRITE_STATS: tl.constexpr, HAS_SHIFT: tl.constexpr,
@@ -320,7 +327,7 @@ def _group_norm_fwd_apply_kernel(
     mean/rstd for the backward."""
     i_n = tl.program_id(0)
     i_c = tl.program_id(1)
-    i_b = tl.program_id(2)
+    i_b = tl.program_id(2) + b_offset
     o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
     m_c = o_c < C
     o_cg = o_c // CG
@@ -421,14 +428,14 @@ def _group_norm_bwd_one_pass_kernel(
     tl.store(part_ptr + part_plane + o_part, b_sdzx, mask=m_c)
 
 
-@triton.jit(do_not_specialize=["n_chunks", "tiles_per_program", "part_plane"])
+@triton.jit(do_not_specialize=["n_chunks", "tiles_per_program", "part_plane", "b_offset"])
 def _group_norm_bwd_stats_kernel(
     x_ptr, dy_ptr,  # [B, C, S], layouts X_CL, DY_CL
     w_ptr, b_ptr,  # [C]
     shift_ptr,  # [B, C] contiguous, read when HAS_SHIFT (None otherwise)
     mean_ptr, rstd_ptr,  # [B, G] fp32
     part_ptr,  # [2 (3 with HAS_SHIFT), B, n_chunks, C] fp32, written: per-channel sum dz, sum dz * xhat
-    C, S, G, n_chunks, tiles_per_program, part_plane,  # (and sum xhat) of each chunk
+    C, S, G, n_chunks, tiles_per_program, part_plane, b_offset,  # (and sum xhat) of each chunk
     CG: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
     X_CL: tl.constexpr, DY_CL: tl.constexpr, SILU: tl.constexpr,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SHIFT: tl.constexpr,
@@ -436,7 +443,7 @@ def _group_norm_bwd_stats_kernel(
     """Program (chunk, channel block, batch): per-channel sums over tiles_per_program tiles."""
     i_n = tl.program_id(0)
     i_c = tl.program_id(1)
-    i_b = tl.program_id(2)
+    i_b = tl.program_id(2) + b_offset
     o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
     m_c = o_c < C
     o_batch = i_b.to(tl.int64) * C * S
@@ -533,13 +540,13 @@ def _group_norm_bwd_finalize_kernel(
         tl.store(db_ptr + o_c, b_col1.to(db_ptr.dtype.element_ty), mask=m_c)
 
 
-@triton.jit(do_not_specialize=["tiles_per_program"])
+@triton.jit(do_not_specialize=["tiles_per_program", "b_offset"])
 def _group_norm_bwd_apply_kernel(
     x_ptr, dy_ptr, dx_ptr,  # [B, C, S], layouts X_CL, DY_CL, DX_CL; dx written
     w_ptr, b_ptr,  # [C]
     shift_ptr,  # [B, C] contiguous, read when HAS_SHIFT (None otherwise)
     mean_ptr, rstd_ptr, c1_ptr, c2_ptr,  # [B, G] fp32
-    C, S, G, tiles_per_program,
+    C, S, G, tiles_per_program, b_offset,
     CG: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
     X_CL: tl.constexpr, DY_CL: tl.constexpr, DX_CL: tl.constexpr, SILU: tl.constexpr,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SHIFT: tl.constexpr,
@@ -548,7 +555,7 @@ def _group_norm_bwd_apply_kernel(
     tiles_per_program tiles, the per-channel factors loaded once."""
     i_n = tl.program_id(0)
     i_c = tl.program_id(1)
-    i_b = tl.program_id(2)
+    i_b = tl.program_id(2) + b_offset
     o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
     m_c = o_c < C
     o_batch = i_b.to(tl.int64) * C * S
@@ -733,6 +740,11 @@ def _activation_flag(activation) -> bool:
     return activation == "silu"
 
 
+def _too_many_channels(x: torch.Tensor) -> None:
+    raise ValueError(f"group_norm kernels take at most {MAX_CHANNELS} channels (CUDA's grid axis 1), got "
+                     f"C = {x.shape[1]}: run the eager reference")
+
+
 def _check_out(out: torch.Tensor, x: torch.Tensor) -> None:
     if out.shape != x.shape or out.dtype != x.dtype or not (out.is_contiguous() or is_channels_last(out)):
         raise ValueError(
@@ -843,6 +855,7 @@ def group_norm_fwd(
     out=None,
     stats: bool = True,
     shift=None,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Launch the forward: ``(y, mean, rstd)``. One launch on the one-pass path, two on the split
     path (statistics per chunk of each group; apply, which first merges its groups' chunks); no
@@ -850,9 +863,9 @@ def group_norm_fwd(
 
     x: ``[B, C, *spatial]``, NCHW-contiguous or channels-last (any other layout is copied to
     NCHW); weight, bias: ``[C]`` contiguous or None, any float dtype; ``C % num_groups == 0`` (the
-    caller checks). y: ``[B, C, *spatial]`` in x's dtype, channels-last when ``channels_last_out``
-    (None: x's layout), or written into ``out`` (NCHW-contiguous or channels-last: its layout
-    decides). mean, rstd: ``[B, G]`` fp32, what the backward needs; None with ``stats=False``
+    caller checks). y: ``[B, C, *spatial]`` in x's dtype (or ``out_dtype``: fp32 is what CUDA
+    autocast's group_norm returns), channels-last when ``channels_last_out`` (None: x's layout), or
+    written into ``out`` (NCHW-contiguous or channels-last: its layout decides). mean, rstd: ``[B, G]`` fp32, what the backward needs; None with ``stats=False``
     (inference: neither allocated nor written). shift: ``[B, C]`` any float dtype (channels
     contiguous, rows any stride: e.g. a column slice of one wider projection), or None: y is
     the norm of ``x + shift[:, :, None, ...]`` (added in fp32 as x is read; the sum is never
@@ -861,6 +874,8 @@ def group_norm_fwd(
     of ``x + shift[:, :, None, ...]``).
     """
     silu = _activation_flag(activation)
+    if x.shape[1] > MAX_CHANNELS:
+        _too_many_channels(x)
     shift = _check_shift(shift, x, rows=True)
     shift_stride = 0 if shift is None else shift.stride(0)
     x, x_cl = _canonical(x)
@@ -868,7 +883,8 @@ def group_norm_fwd(
     S = math.prod(x.shape[2:])
     G = num_groups
     if out is None:
-        out = empty_nc(x.shape, x_cl if channels_last_out is None else bool(channels_last_out), x.dtype, x.device)
+        out = empty_nc(x.shape, x_cl if channels_last_out is None else bool(channels_last_out),
+                       x.dtype if out_dtype is None else out_dtype, x.device)
     else:
         _check_out(out, x)
     y, y_cl = out, is_channels_last(out)
@@ -893,16 +909,18 @@ def group_norm_fwd(
     st, ap = plan.stats, plan.apply
     part = torch.empty((2, B, G, st.n_chunks), dtype=torch.float32, device=x.device)
     part_plane = B * G * st.n_chunks
-    _group_norm_fwd_stats_kernel[st.grid](
-        x, shift, part, C, S, G, st.n_chunks, st.chunk_len // st.BLOCK_S, part_plane, shift_stride,
-        CG=C // G, BLOCK_S=st.BLOCK_S, BLOCK_C=st.BLOCK_C, X_CL=x_cl, HAS_SHIFT=shift is not None,
-        num_warps=SPLIT_WARPS,
-    )
-    _group_norm_fwd_apply_kernel[ap.grid](
-        x, y, w, b, shift, part, mean_p, rstd_p, C, S, G, ap.tiles_per_program, st.n_chunks, st.chunk_count, part_plane, eps,
-        shift_stride, CG=C // G, BLOCK_S=ap.BLOCK_S, BLOCK_C=ap.BLOCK_C, BLOCK_N=plan.BLOCK_N, X_CL=x_cl, Y_CL=y_cl, **flags,
-        num_warps=SPLIT_WARPS,
-    )
+    for grid, b_offset in axis_launches(st.grid, 2):  # batch on axis 2: one launch per 65,535
+        _group_norm_fwd_stats_kernel[grid](
+            x, shift, part, C, S, G, st.n_chunks, st.chunk_len // st.BLOCK_S, part_plane, shift_stride, b_offset,
+            CG=C // G, BLOCK_S=st.BLOCK_S, BLOCK_C=st.BLOCK_C, X_CL=x_cl, HAS_SHIFT=shift is not None,
+            num_warps=SPLIT_WARPS,
+        )
+    for grid, b_offset in axis_launches(ap.grid, 2):
+        _group_norm_fwd_apply_kernel[grid](
+            x, y, w, b, shift, part, mean_p, rstd_p, C, S, G, ap.tiles_per_program, st.n_chunks, st.chunk_count,
+            part_plane, eps, shift_stride, b_offset, CG=C // G, BLOCK_S=ap.BLOCK_S, BLOCK_C=ap.BLOCK_C,
+            BLOCK_N=plan.BLOCK_N, X_CL=x_cl, Y_CL=y_cl, **flags, num_warps=SPLIT_WARPS,
+        )
     return y, mean, rstd
 
 
@@ -963,6 +981,8 @@ def group_norm_bwd(
     launch). Eager equivalent: autograd through :func:`group_norm_reference` (``shift=``).
     """
     silu = _activation_flag(activation)
+    if x.shape[1] > MAX_CHANNELS:
+        _too_many_channels(x)
     shift = _check_shift(shift, x)
     has_shift = shift is not None
     x, x_cl = _canonical(x)
@@ -1003,22 +1023,24 @@ def group_norm_bwd(
         return (dx, dw, db, dshift) if has_shift else (dx, dw, db)
 
     st, ap = plan.stats, plan.apply
-    _group_norm_bwd_stats_kernel[st.grid](
-        x, dy, w, b, shift, mean, rstd, part, C, S, G, st.n_chunks, st.tiles_per_program, part_plane,
-        CG=C // G, BLOCK_S=st.BLOCK_S, BLOCK_C=st.BLOCK_C, X_CL=x_cl, DY_CL=dy_cl, HAS_SHIFT=has_shift, **flags,
-        num_warps=SPLIT_WARPS,
-    )
+    for grid, b_offset in axis_launches(st.grid, 2):  # batch on axis 2: one launch per 65,535
+        _group_norm_bwd_stats_kernel[grid](
+            x, dy, w, b, shift, mean, rstd, part, C, S, G, st.n_chunks, st.tiles_per_program, part_plane, b_offset,
+            CG=C // G, BLOCK_S=st.BLOCK_S, BLOCK_C=st.BLOCK_C, X_CL=x_cl, DY_CL=dy_cl, HAS_SHIFT=has_shift, **flags,
+            num_warps=SPLIT_WARPS,
+        )
     c1 = torch.empty((B, G), dtype=torch.float32, device=x.device)
     c2 = torch.empty((B, G), dtype=torch.float32, device=x.device)
     _group_norm_bwd_finalize_kernel[(G,)](
         part, w, c1, c2, dw, db, rstd if has_shift else None, dshift, B, C, S, G, st.n_chunks, part_plane,
         HAS_W=has_w, HAS_B=has_b, HAS_SHIFT=has_shift, **plan.meta,
     )
-    _group_norm_bwd_apply_kernel[ap.grid](
-        x, dy, dx, w, b, shift, mean, rstd, c1, c2, C, S, G, ap.tiles_per_program,
-        CG=C // G, BLOCK_S=ap.BLOCK_S, BLOCK_C=ap.BLOCK_C, X_CL=x_cl, DY_CL=dy_cl, DX_CL=dx_cl,
-        HAS_SHIFT=has_shift, **flags, num_warps=SPLIT_WARPS,
-    )
+    for grid, b_offset in axis_launches(ap.grid, 2):
+        _group_norm_bwd_apply_kernel[grid](
+            x, dy, dx, w, b, shift, mean, rstd, c1, c2, C, S, G, ap.tiles_per_program, b_offset,
+            CG=C // G, BLOCK_S=ap.BLOCK_S, BLOCK_C=ap.BLOCK_C, X_CL=x_cl, DY_CL=dy_cl, DX_CL=dx_cl,
+            HAS_SHIFT=has_shift, **flags, num_warps=SPLIT_WARPS,
+        )
     return (dx, dw, db, dshift) if has_shift else (dx, dw, db)
 
 

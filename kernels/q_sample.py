@@ -18,7 +18,7 @@ import torch
 
 from ._layout import as_rows, row_block, row_blocks
 from ._random import randn_row_block, seed_args
-from ._triton import tl, triton
+from ._triton import DEVICE_ASSERTS, tl, triton
 
 NUM_WARPS = 4
 
@@ -71,7 +71,8 @@ def q_sample_fwd(x0, t, alphas_cumprod, noise, offset, seed, noise_offset: float
     the caller on the host, or with ``check_t`` by a device-side assertion in the kernel (no host
     sync; a bad t then fails the launch as torch's own indexing does). alphas_cumprod: ``[T]`` on
     x0's device, any float dtype (read as fp32); noise: x0's shape or None (drawn in-kernel from
-    ``seed``, an int or a one-element int64 tensor on the device); offset: ``[B, C]`` (C =
+    ``seed``, an int or a one-element int64 tensor on the device; ignored, None included, when
+    noise is given); offset: ``[B, C]`` (C =
     ``x0.shape[1]``) or None. When the target is the given noise unchanged (eps target, no offset)
     it is returned as is, not copied (when it has x0's dtype; else written in x0's dtype). Eager equivalent: :func:`q_sample_reference`.
     """
@@ -91,14 +92,15 @@ def q_sample_fwd(x0, t, alphas_cumprod, noise, offset, seed, noise_offset: float
     t_ptr, t_stride, t_value = (t, t.stride(0) if t.dim() else 0, 0) if t_from_ptr else (x0, 0, int(t))
     abar = alphas_cumprod if alphas_cumprod.stride(0) == 1 else alphas_cumprod.contiguous()
     offset = offset.contiguous() if has_offset else abar
+    seed_value, seed_ptr = seed_args(None if has_noise else seed)  # a given noise: no seed (one variant)
     _q_sample_kernel[(n_programs,)](
         x0, t_ptr, abar, noise_rows, offset,
         x_t, target if write_target else x_t,
         K, K // C, C, abar.shape[0], x0_rs, noise_rs, t_stride, t_value, n_col_blocks,
-        *seed_args(seed), float(noise_offset),
+        seed_value, seed_ptr, float(noise_offset),
         HAS_NOISE=has_noise, HAS_OFFSET=has_offset, TARGET_V=target_v, WRITE_TARGET=write_target,
-        T_FROM_PTR=t_from_ptr, CHECK_T=bool(check_t and t_from_ptr), SEED_FROM_PTR=isinstance(seed, torch.Tensor),
-        BLOCK=block, num_warps=NUM_WARPS, **({"debug": True} if check_t and t_from_ptr else {}),
+        T_FROM_PTR=t_from_ptr, CHECK_T=bool(check_t and t_from_ptr), SEED_FROM_PTR=isinstance(seed_ptr, torch.Tensor),
+        BLOCK=block, num_warps=NUM_WARPS, **(DEVICE_ASSERTS if check_t and t_from_ptr else {}),
     )
     return x_t, target
 

@@ -83,7 +83,8 @@ def reparameterize_fwd(mean, logvar, noise, seed, scale: float, shift: float) ->
 
     mean, logvar: ``[R, *rest]`` (same shape, same dtype, rows contiguous or copied); noise: the
     same shape or None (then drawn in-kernel from ``seed``: an int, or an int64 tensor of one
-    element on the kernel's device, read by the kernel, never by the host). Returns z, contiguous,
+    element on the kernel's device, read by the kernel, never by the host; with a noise tensor
+    the seed is ignored, None included). Returns z, contiguous,
     ``[R, *rest]``, in mean's dtype. Eager equivalent: :func:`reparameterize_reference`.
     """
     z = torch.empty(mean.shape, dtype=mean.dtype, device=mean.device)
@@ -96,11 +97,12 @@ def reparameterize_fwd(mean, logvar, noise, seed, scale: float, shift: float) ->
     rows = mean.shape[0] if mean.dim() > 1 else 1
     K = z.numel() // rows
     block, n_col_blocks, n_programs = row_blocks(rows, K)
+    seed_value, seed_ptr = seed_args(None if has_noise else seed)  # a given noise: no seed (one variant)
     _reparameterize_fwd_kernel[(n_programs,)](
         mean, logvar, noise, z,
         K, mean_rs, logvar_rs, noise_rs, n_col_blocks,
-        *seed_args(seed), float(scale), float(shift),
-        HAS_NOISE=has_noise, SEED_FROM_PTR=isinstance(seed, torch.Tensor), BLOCK=block,
+        seed_value, seed_ptr, float(scale), float(shift),
+        HAS_NOISE=has_noise, SEED_FROM_PTR=isinstance(seed_ptr, torch.Tensor), BLOCK=block,
         LOGVAR_MIN=LOGVAR_MIN, LOGVAR_MAX=LOGVAR_MAX, num_warps=NUM_WARPS,
     )
     return z
@@ -125,11 +127,12 @@ def reparameterize_bwd(grad, logvar, noise, seed, scale: float) -> tuple[torch.T
     rows = logvar.shape[0] if logvar.dim() > 1 else 1
     K = dmean.numel() // rows
     block, n_col_blocks, n_programs = row_blocks(rows, K)
+    seed_value, seed_ptr = seed_args(None if has_noise else seed)
     _reparameterize_bwd_kernel[(n_programs,)](
         grad, logvar, noise, dmean, dlogvar,
         K, grad_rs, logvar_rs, noise_rs, n_col_blocks,
-        *seed_args(seed), float(scale),
-        HAS_NOISE=has_noise, SEED_FROM_PTR=isinstance(seed, torch.Tensor), BLOCK=block,
+        seed_value, seed_ptr, float(scale),
+        HAS_NOISE=has_noise, SEED_FROM_PTR=isinstance(seed_ptr, torch.Tensor), BLOCK=block,
         LOGVAR_MIN=LOGVAR_MIN, LOGVAR_MAX=LOGVAR_MAX, num_warps=NUM_WARPS,
     )
     return dmean, dlogvar

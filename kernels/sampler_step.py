@@ -33,7 +33,7 @@ import torch
 
 from ._layout import as_rows, row_block, row_blocks
 from ._random import randn_row_block, seed_args
-from ._triton import tl, triton
+from ._triton import DEVICE_ASSERTS, tl, triton
 
 NUM_WARPS = 4
 METHODS = ("ddim", "ddpm")
@@ -197,7 +197,7 @@ def sampler_step_fwd(model_output, x, coefficients, index, noise, seed, guidance
         CFG=cfg, CLIP=clip_sample is not None, NOISE=noise_mode,
         COEF_FROM_PTR=from_table, INDEX_FROM_PTR=index_from_ptr, CHECK_INDEX=check,
         SEED_FROM_PTR=isinstance(seed_ptr, torch.Tensor), BLOCK=block, num_warps=NUM_WARPS,
-        **({"debug": True} if check else {}),
+        **(DEVICE_ASSERTS if check else {}),
     )
     return out
 

@@ -42,6 +42,7 @@ import math
 import torch
 import torch.nn.functional as TF
 
+from ._grid import check_grid
 from ._triton import cdiv, next_pow2, tl, triton
 
 try:
@@ -111,7 +112,7 @@ def _plan(N: int, half: int) -> tuple[int, int, int, int, int]:
     rows = min(next_pow2(N), max(1, TILE // block))
     n_col_blocks = max(1, cdiv(half, block))
     num_warps = max(1, min(4, rows * block // (32 * ELEMENTS_PER_THREAD)))
-    return rows, block, n_col_blocks, cdiv(N, rows) * n_col_blocks, num_warps
+    return rows, block, n_col_blocks, check_grid((cdiv(N, rows) * n_col_blocks,), "timestep_embedding")[0], num_warps
 
 
 def check_timesteps(timesteps, dim) -> int:

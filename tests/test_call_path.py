@@ -360,3 +360,113 @@ def test_functional_ops_reach_their_launcher_in_few_functions(monkeypatch, op):
     assert len(_ldm_fast_files(ours)) <= 4, ours
     assert [n for _, n in ours].count("kernel_ok") == 1, ours
     assert len(ours) <= {"attention": 8}.get(op, 14), ours
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA-only branches, reached on the CPU: the seed's form, the device guard (issue 25, items 4, 5)
+
+
+def test_a_drawn_seed_on_cuda_is_always_a_device_tensor(monkeypatch):
+    """Warm-up and capture must launch the same kernel variant (a variant first loaded inside a CUDA
+    graph capture fails it): on CUDA a drawn seed is a device tensor (SEED_FROM_PTR) whether or not
+    a capture is under way; a given seed stays an int; on the CPU a drawn seed is a host int."""
+    import types
+
+    from ldm_fast.ops._common import kernel_seed
+
+    cuda_like = types.SimpleNamespace(is_cuda=True, device=torch.device("cpu"))  # only these are read
+    for capturing in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)
+        seed = kernel_seed(None, cuda_like)
+        assert isinstance(seed, torch.Tensor) and seed.shape == (1,) and seed.dtype == torch.int64
+        assert kernel_seed(7, cuda_like) == 7
+    assert isinstance(kernel_seed(None, torch.zeros(1)), int)
+
+
+def test_a_given_noise_takes_no_seed(triton_backend, monkeypatch):
+    """q_sample and reparameterize with ``noise`` given draw no seed (no randint launch on a GPU, no
+    seeded kernel variant), and their launchers pass none even if one is handed to them."""
+    from ldm_fast.kernels import q_sample as qs_kernels
+    from ldm_fast.kernels import reparameterize as rp_kernels
+
+    def no_seed(*args):
+        raise AssertionError("a seed was drawn for a call that gets its noise")
+
+    for module in (ldm_fast.ops.q_sample, ldm_fast.ops.reparameterize):
+        monkeypatch.setattr(module, "kernel_seed", no_seed)
+    x0 = torch.randn(2, 4, 3, 3)
+    table = ldm_fast.make_schedule().alphas_cumprod
+    with recording(monkeypatch) as rec:
+        F.q_sample(x0, torch.tensor([3, 5]), table, noise=torch.randn_like(x0), target="v")
+        F.reparameterize(x0, x0, noise=torch.randn_like(x0))
+    assert rec.launches == ["_q_sample_kernel", "_reparameterize_fwd_kernel"]
+    assert "aten::randint" not in rec.ops and "aten::random_" not in rec.ops, rec.ops
+
+    seen = []
+
+    def record(self, *args, grid, warmup, **kwargs):
+        seen.append(kwargs["SEED_FROM_PTR"])
+
+    monkeypatch.setattr(interpreter.InterpretedFunction, "run", record)
+    device_seed = torch.tensor([5])
+    qs_kernels.q_sample_fwd(x0, 3, table, torch.randn_like(x0), None, device_seed, 0.0, False)
+    rp_kernels.reparameterize_fwd(x0, x0, torch.randn_like(x0), device_seed, 1.0, 0.0)
+    rp_kernels.reparameterize_bwd(x0, x0, torch.randn_like(x0), device_seed, 1.0)
+    qs_kernels.q_sample_fwd(x0, 3, table, None, None, device_seed, 0.0, False)  # drawing: by pointer
+    assert seen == [False, False, False, True]
+
+
+class _FakeCudaDevice:
+    """``torch.cuda.device`` for a fake machine: entering makes ``index`` the current device."""
+
+    current = 0
+    entered: list = []
+
+    def __init__(self, index):
+        self.index = index
+
+    def __enter__(self):
+        _FakeCudaDevice.entered.append(self.index)
+        self.previous, _FakeCudaDevice.current = _FakeCudaDevice.current, self.index
+
+    def __exit__(self, *exc):
+        _FakeCudaDevice.current = self.previous
+
+
+class _OnDevice:
+    """Stands for a tensor on CUDA device ``index`` (the guard reads only ``get_device()``)."""
+
+    def __init__(self, index):
+        self.index = index
+
+    def get_device(self):
+        return self.index
+
+
+def test_launch_runs_on_the_tensors_device(monkeypatch):
+    """Triton launches on the current device: ``launch`` switches to the tensors' device when it
+    differs (cuda:1 tensors while cuda:0 is current), and only then; CPU tensors never ask CUDA."""
+    from ldm_fast.ops._common import launch
+
+    monkeypatch.setattr(backend._Env, "interpret", False)  # the GPU branch of launch
+    monkeypatch.setattr(_FakeCudaDevice, "current", 0)
+    monkeypatch.setattr(_FakeCudaDevice, "entered", [])
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: _FakeCudaDevice.current)
+    monkeypatch.setattr(torch.cuda, "device", _FakeCudaDevice)
+    ran_on = []
+
+    def launcher(x, *args, **kwargs):  # records the device current while it launches
+        ran_on.append(_FakeCudaDevice.current)
+        return args, kwargs
+
+    assert launch("guard-test", launcher, _OnDevice(1), 2, k=3) == ((2,), {"k": 3})
+    assert ran_on == [1] and _FakeCudaDevice.entered == [1] and _FakeCudaDevice.current == 0
+    launch("guard-test", launcher, _OnDevice(0))  # already current: no switch
+    assert ran_on == [1, 0] and _FakeCudaDevice.entered == [1]
+
+    def no_cuda():
+        raise AssertionError("a CPU launch asked for the current CUDA device")
+
+    monkeypatch.setattr(torch.cuda, "current_device", no_cuda)
+    launch("guard-test", launcher, torch.zeros(1))  # get_device() == -1
+    assert ran_on == [1, 0, 0] and _FakeCudaDevice.entered == [1]

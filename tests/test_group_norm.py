@@ -755,3 +755,69 @@ def test_public_group_norm_with_shift_under_compile_is_one_op(monkeypatch, trito
     torch.testing.assert_close(y, y_ref)
     torch.testing.assert_close(dx, dx_ref)
     torch.testing.assert_close(ds, ds_ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# autocast (issue 25, item 10): CUDA autocast runs group_norm in fp32 (its fp32 list); so does the
+# kernel path. The CUDA branch is reached on the CPU by declaring CPU autocast an fp32-list device.
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shift", [False, True], ids=["", "shift"])
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
+def test_group_norm_follows_fp32_autocast(dtype, shift, grad, triton_backend, monkeypatch, poison):
+    monkeypatch.setattr(ldm_fast.ops.group_norm, "FP32_AUTOCAST_DEVICES", ("cpu",))
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 12, 5, 7, generator=g).to(dtype)
+    w, b = 1 + torch.randn(12, generator=g), torch.randn(12, generator=g)  # fp32 parameters, as in AMP training
+    s = torch.randn(2, 12, generator=g).to(dtype) if shift else None
+    leaves = [t for t in (x, w, b, s) if t is not None]
+    if grad:
+        for t in leaves:
+            t.requires_grad_(True)
+    with torch.autocast("cpu", dtype=dtype):
+        y = F.group_norm(x, 4, w, b, 1e-5, activation="silu", shift=s)
+    assert triton_backend("group_norm") and y.dtype == torch.float32  # as torch's under CUDA autocast
+
+    def reference(xs, ws, bs, ss, compute):  # autocast's rule: the sum in x's dtype, then the norm in fp32
+        h = xs if ss is None else xs + ss[:, :, None, None]
+        return TF.silu(TF.group_norm(h.to(compute), 4, ws.to(compute), bs.to(compute), 1e-5))
+
+    eager = reference(x, w, b, s, torch.float32)
+    exact = reference(*(t.double() if t is not None else None for t in (x, w, b, s)), torch.float64)
+    if shift:  # the kernel adds the shift in fp32, eager rounds the sum to x's dtype first
+        eager = reference(x.float(), w, b, s.float(), torch.float32)
+    assert_close_to_exact(y.detach(), exact.detach(), eager.detach())
+    if not grad:
+        return
+    dy = torch.randn(y.shape, generator=g)
+    got = torch.autograd.grad(y, leaves, dy)
+
+    def grads(compute):  # autograd through the reference at ``compute``, for the same leaves
+        fresh = {name: t.detach().to(compute).requires_grad_() for name, t in zip("xwbs", (x, w, b, s)) if t is not None}
+        out = reference(fresh["x"], fresh["w"], fresh["b"], fresh.get("s"), compute)
+        return torch.autograd.grad(out, list(fresh.values()), dy.to(compute))
+
+    for leaf, got_g, want_g, eager_g in zip(leaves, got, grads(torch.float64), grads(torch.float32)):
+        assert got_g.dtype == leaf.dtype  # x's (and shift's) gradient in its dtype, the fp32 parameters' in fp32
+        assert_close_to_exact(got_g, want_g, eager_g.to(leaf.dtype))
+
+
+def test_group_norm_keeps_the_inputs_dtype_where_autocast_does(triton_backend):
+    """CPU autocast keeps group_norm in the input's dtype (torch's CPU rule), and GroupNorm32
+    (``upcast``) casts back to x's dtype under any autocast, as the SD U-Net's class does."""
+    x = torch.randn(2, 8, 3, 3, dtype=torch.bfloat16)
+    w = torch.ones(8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert F.group_norm(x, 2, w, w).dtype == torch.bfloat16
+        assert TF.group_norm(x, 2, w, w).dtype == torch.bfloat16  # (torch's own rule on the CPU)
+    assert triton_backend("group_norm")
+
+
+def test_group_norm32_under_fp32_autocast_keeps_x_dtype(triton_backend, monkeypatch):
+    monkeypatch.setattr(ldm_fast.ops.group_norm, "FP32_AUTOCAST_DEVICES", ("cpu",))
+    m = ldm_fast.nn.GroupNorm32(4, 8)
+    x = torch.randn(2, 8, 3, 3, dtype=torch.float16)
+    with torch.autocast("cpu", dtype=torch.float16), torch.no_grad():
+        assert m(x).dtype == torch.float16
+        assert ldm_fast.nn.GroupNorm(4, 8)(x).dtype == torch.float32

@@ -557,6 +557,7 @@ class _FakeAPI(opt_mod.CUDAGraphAPI):
 
     def __init__(self, fail=False):
         self.fail, self.warmups, self.captures = fail, 0, 0
+        self.pools, self.capture_pools = 0, []
 
     def is_capturing(self):
         return False
@@ -567,8 +568,13 @@ class _FakeAPI(opt_mod.CUDAGraphAPI):
             out = fn()
         return out
 
-    def capture(self, device, fn):
+    def new_pool(self):
+        self.pools += 1
+        return ("pool", self.pools)
+
+    def capture(self, device, fn, pool=None):
         self.captures += 1
+        self.capture_pools.append(pool)
         if self.fail:
             raise RuntimeError("operation not permitted when stream is capturing")
         out = fn()
@@ -613,13 +619,33 @@ def test_cuda_graph_cache_logic_emulated():
         model(x1, scale=2.0)  # new non-tensor value: a new graph
         assert api.captures == 3 and y3.shape[0] == 1
         assert model.forward.stats["graph replay"] == 4 and model.forward.stats["graph capture"] == 3
-        # a parameter re-assigned (as .to()/.half() do): every graph dropped, captured again
-        model.conv.weight.data = model.conv.weight.data.clone()
-        assert torch.equal(model(x1), r1) and model.forward.stats["reset: parameters re-assigned"] == 1
-        assert api.captures == 4
+        stats = model.forward.stats
+        # a model-wide re-assignment (.to()/.half()/.cuda() move every pointer, the sampled first and
+        # last parameter's too): every graph dropped, captured again at the next call
+        model.to(torch.float64).to(torch.float32)
+        assert torch.equal(model(x1), r1) and stats["reset: parameters re-assigned"] == 1 and api.captures == 4
+        # a parameter registered (module.w = nn.Parameter(...), load_state_dict(assign=True), an adapter
+        # wrapping a layer): torch's registration hooks count it, the next call re-reads the model
+        model.conv.weight = nn.Parameter(model.conv.weight.detach().clone())
+        assert torch.equal(model(x1), r1) and stats["reset: parameters re-assigned"] == 2 and api.captures == 5
+        # ... and a registration elsewhere in the process costs one re-read, no reset (nothing here moved)
+        nn.Linear(2, 2)
+        assert torch.equal(model(x1), r1) and stats["reset: parameters re-assigned"] == 2 and api.captures == 5
         # in-place updates are seen by the (emulated and real) graph
         model.conv.bias.add_(1.0)
         assert torch.allclose(model(x1), r1 + 1.0)
+        # by contract not seen: ``.data =`` on a parameter that is not sampled. The storage the graphs
+        # read stays allocated (a real graph computes with the old values, never reads freed memory)
+        # until reset()
+        old_pointer = model.conv.weight.data_ptr()
+        model.conv.weight.data = model.conv.weight.detach().clone()
+        model(x1)
+        assert stats["reset: parameters re-assigned"] == 2 and api.captures == 5
+        assert any(storage.data_ptr() == old_pointer for storage in model.forward._alive)
+        model.forward.reset()
+        model(x1)
+        assert api.captures == 6 and all(storage.data_ptr() != old_pointer for storage in model.forward._alive)
+        assert len(set(api.capture_pools)) == 4  # one pool per model shared by its graphs, a new one per reset
     # autograd needed: the plain forward
     out = model(x1)
     assert out.requires_grad and model.forward.stats["plain: autograd needed (grad enabled and something requires grad)"] == 1
@@ -678,6 +704,181 @@ def test_cuda_graph_unet_emulated():
     assert type(out_a) is UNet2DConditionOutput and api.captures == 1
     assert torch.equal(out_a.sample, ref_a) and torch.equal(out_b.sample, ref_b)
     assert unet.forward.stats["graph replay"] == 2
+
+
+class _Timed(nn.Module):
+    """A forward whose ``t`` is annotated as diffusers annotates ``timestep``: a tensor or a number."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1)
+        self.cache_states = []
+
+    def forward(self, x, t: "torch.Tensor | float | int", scale=1.0):
+        self.cache_states.append(torch.is_autocast_cache_enabled())
+        t = t if torch.is_tensor(t) else torch.tensor([t], device=x.device)  # diffusers' own conversion
+        return self.conv(x) * (t.float() * scale)
+
+
+def test_cuda_graph_scalar_timesteps_are_inputs_emulated():
+    """A Python number for a parameter annotated tensor-or-number is an input (a 0-d tensor filled per
+    call): one graph for every timestep, its replays equal the plain forward at each value; other
+    numbers are keyed by value; the ints and floats get one graph each (their dtypes differ)."""
+    assert opt_cuda_graph.scalar_parameters(_Timed().forward) == ("t",)
+    assert opt_cuda_graph.scalar_parameters(dm.unet().forward) == ("timestep",)
+    api = _FakeAPI()
+    model = _graphed(_Timed(), api)
+    x = torch.randn(1, 4, 2, 2)
+    with torch.no_grad():
+        for t in (1, 500, 999):
+            assert torch.equal(model(x, t), type(model).forward(model, x, t)), t
+        assert api.captures == 1 and model.forward.stats["graph replay"] == 3
+        for t in (7, 8):  # by keyword too (the call's structure is part of the key: one more graph)
+            assert torch.equal(model(x, t=t), type(model).forward(model, x, t))
+        assert api.captures == 2
+        assert torch.equal(model(x, 0.5), type(model).forward(model, x, 0.5)) and api.captures == 3
+        model(x, 3, 2.0)  # ``scale`` is not annotated: keyed by value
+        model(x, 4, 2.0)
+        assert api.captures == 4
+    assert model.forward.scalar_inputs == ("t",)
+    assert set(api.capture_pools) == {("pool", 1)}  # the graphs share one memory pool
+
+    unet = dm.unet()
+    sample, _, context = dm.unet_inputs()
+    api = _FakeAPI()
+    _graphed(unet, api)
+    with torch.no_grad():
+        for t in (10, 500, 999):
+            want = type(unet).forward(unet, sample, t, encoder_hidden_states=context).sample
+            assert torch.equal(unet(sample, t, encoder_hidden_states=context).sample, want), t
+    assert api.captures == 1 and unet.forward.stats["graph replay"] == 3
+
+
+def test_cuda_graph_captures_without_the_autocast_weight_cache_emulated():
+    """Under autocast the warm-up and the capture run with autocast's weight-cast cache off (a cached
+    cast freed at the end of the caller's autocast region would be read by later replays); the
+    caller's cache setting is back afterwards; autocast on or off are two graphs."""
+    api = _FakeAPI()
+    model = _graphed(_Timed(), api)
+    x = torch.randn(1, 4, 2, 2)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.is_autocast_cache_enabled()
+            y = model(x, 3)
+            assert torch.is_autocast_cache_enabled()
+        assert y.dtype == torch.bfloat16 and api.captures == 1
+        assert model.cache_states and not any(model.cache_states), model.cache_states  # warm-up, capture, replay
+        model.cache_states.clear()
+        assert model(x, 3).dtype == torch.float32 and api.captures == 2
+        assert model.cache_states == [True] * len(model.cache_states)  # no autocast: nothing changed
+
+
+def test_cuda_graph_under_inference_mode_emulated():
+    """Under inference_mode the inputs are inference tensors, which have no version counter: the
+    static inputs are normal tensors, so the in-place check and the replays work."""
+    api = _FakeAPI()
+    model = _graphed(_Tiny(), api)
+    with torch.inference_mode():
+        xs = [torch.randn(2, 4, 3, 3) for _ in range(3)]
+        outs = [model(x) for x in xs]
+        refs = [type(model).forward(model, x) for x in xs]
+    assert api.captures == 1 and model.forward.stats["graph replay"] == 3
+    assert all(torch.equal(a, b) for a, b in zip(outs, refs))
+    inplace = _graphed(_Tiny(inplace=True), _FakeAPI())
+    with torch.inference_mode(), pytest.warns(RuntimeWarning, match="modifies its inputs in place"):
+        inplace(torch.randn(1, 4, 2, 2))
+
+
+def test_cuda_graph_replay_does_not_walk_the_model_emulated(monkeypatch):
+    """O(inputs) per call under no_grad: after the capture a replay never lists the parameters or
+    buffers (they raise here); with grad enabled it reads requires_grad of the parameters it knows."""
+    api = _FakeAPI()
+    model = _graphed(_Tiny(), api)
+    x = torch.randn(2, 4, 3, 3)
+    with torch.no_grad():
+        model(x)
+
+    def walked(*args, **kwargs):
+        raise AssertionError("the replay path walked the model")
+
+    monkeypatch.setattr(model, "parameters", walked)
+    monkeypatch.setattr(model, "buffers", walked)
+    with torch.no_grad():
+        model(x)
+        model(x)
+    for p in model.forward._params:
+        p.requires_grad_(False)
+    model(x)  # grad enabled, every parameter frozen: the graph
+    assert model.forward.stats["graph replay"] == 4 and api.captures == 2  # (grad mode is part of the key)
+    model.forward._params[0].requires_grad_(True)
+    assert model(x).requires_grad  # a parameter that wants a gradient: the plain forward
+
+
+def test_cuda_graph_keys_on_the_global_switches_emulated(monkeypatch):
+    """TF32 / cuDNN switches, the SDPA backends, LDM_FAST_ATTENTION (after reload_env) and global
+    forward hooks each change which kernels eager torch or ldm_fast would run: a new graph."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    api = _FakeAPI()
+    model = _graphed(_Tiny(), api)
+    x = torch.randn(2, 4, 3, 3)
+    tf32 = torch.backends.cudnn.allow_tf32
+    with torch.no_grad():
+        model(x)
+        model(x)
+        assert api.captures == 1
+        torch.backends.cudnn.allow_tf32 = not tf32
+        try:
+            model(x)
+        finally:
+            torch.backends.cudnn.allow_tf32 = tf32
+        assert api.captures == 2
+        with sdpa_kernel(SDPBackend.MATH):
+            model(x)
+        assert api.captures == 3
+        monkeypatch.setenv("LDM_FAST_ATTENTION", "sdpa")
+        ldm_fast.backend.reload_env()
+        model(x)
+        assert api.captures == 4
+        monkeypatch.delenv("LDM_FAST_ATTENTION")
+        ldm_fast.backend.reload_env()
+        handle = nn.modules.module.register_module_forward_hook(lambda *a: None)
+        try:
+            model(x)
+        finally:
+            handle.remove()
+        assert api.captures == 5
+        model(x)  # everything back: the first graph again
+        assert api.captures == 5 and model.forward.stats["graph replay"] == 7
+
+
+def test_cuda_graph_sees_a_lora_adapter_and_its_fuse_emulated():
+    """A PEFT LoRA adapter added after capture wraps the attention projections: torch's registration
+    hooks count it, the next call re-reads the model and captures again (the adapter is in the new
+    graph); fuse_lora merges in place but switches the layers' forward (Python state): by contract
+    reset() after it, then the graph equals the plain forward with the fused weights."""
+    pytest.importorskip("peft", reason="peft (diffusers' LoRA backend) is not installed")
+    from peft import LoraConfig
+
+    unet = dm.unet()
+    sample, t, context = dm.unet_inputs()
+    api = _FakeAPI()
+    _graphed(unet, api)
+    plain = unet.forward._plain
+    with torch.no_grad():
+        before = unet(sample, t, encoder_hidden_states=context).sample
+        unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                    init_lora_weights=False))
+        with_adapter = unet(sample, t, encoder_hidden_states=context).sample
+        assert api.captures == 2 and unet.forward.stats["reset: parameters re-assigned"] == 1
+        assert torch.equal(with_adapter, plain(sample, t, encoder_hidden_states=context).sample)
+        assert not torch.allclose(with_adapter, before, atol=1e-3)  # the adapter changes the output
+        unet.fuse_lora()
+        unet.forward.reset()
+        fused = unet(sample, t, encoder_hidden_states=context).sample
+        assert api.captures == 3
+        torch.testing.assert_close(fused, plain(sample, t, encoder_hidden_states=context).sample)
+        torch.testing.assert_close(fused, with_adapter, rtol=1e-4, atol=1e-5)  # merged == adapter applied
 
 
 # ---------------------------------------------------------------------------------------------

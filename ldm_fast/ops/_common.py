@@ -27,10 +27,22 @@ class ArgumentError(ValueError, RuntimeError):
 
 
 def launch(op: str, launcher, *args, **kwargs):
-    """Call a kernel launcher, counting the call (tests read the count to prove the kernel ran)."""
+    """Call a kernel launcher, counting the call (tests read the count to prove the kernel ran).
+
+    ``args[0]`` is a tensor on the kernel's device (every launcher's first argument is). Triton
+    launches on the CURRENT device and its current stream, not the tensors': a tensor on
+    ``cuda:1`` while ``cuda:0`` is current would be read by a kernel on cuda:0 (an illegal memory
+    access). So a launch whose tensors are on another CUDA device than the current one runs under
+    ``torch.cuda.device(that device)`` (and so on that device's current stream, as torch's own ops
+    on those tensors do); the common case costs one device-index compare, no context switch.
+    """
     kernel_launches[op] += 1
     if backend._Env.interpret:  # read directly: one Python call less per launch
         with _INTERPRETER_LOCK:
+            return launcher(*args, **kwargs)
+    index = args[0].get_device()  # -1 off CUDA
+    if index >= 0 and index != torch.cuda.current_device():
+        with torch.cuda.device(index):
             return launcher(*args, **kwargs)
     return launcher(*args, **kwargs)
 
@@ -93,15 +105,20 @@ def check_seed(seed) -> None:
 
 
 def kernel_seed(seed: Optional[int], like: Tensor):
-    """The seed a kernel gets: the given int; for None, one drawn from torch's default generators.
+    """The seed a kernel that draws noise gets: the given int (passed by value); for None, one drawn
+    from torch's default generators (so ``torch.manual_seed`` governs it).
 
-    While a CUDA graph is captured or a graph is compiled the seed is drawn ON THE DEVICE (a
-    one-element int64 tensor the kernel loads), so every replay draws new noise, as ``torch.randn``
-    does in a graph; otherwise it is drawn on the host (no launch, no sync).
+    On CUDA (and while a graph is compiled) a drawn seed is always drawn ON THE DEVICE, a
+    one-element int64 tensor the kernel loads (``SEED_FROM_PTR``), captured or not: every replay of
+    a CUDA graph then draws new noise, as ``torch.randn`` does in a graph, and a warm-up before a
+    capture launches the very kernel variant the capture records (a variant first loaded inside a
+    capture fails it: "operation not permitted when stream is capturing"). One tiny ``randint``
+    kernel on the device, no sync. On the CPU (the interpreter) it is drawn on the host. Call it
+    only when the kernel draws noise: a given noise tensor needs no seed.
     """
     if seed is not None:
         return seed
-    if torch.compiler.is_compiling() or (like.is_cuda and torch.cuda.is_current_stream_capturing()):
+    if like.is_cuda or torch.compiler.is_compiling():
         return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=like.device)
     return int(torch.randint(0, 2**62, ()))
 

@@ -15,6 +15,10 @@ from ._common import ArgumentError, check_float, check_same_device, launch, need
 
 ACTIVATIONS = _kernels.ACTIVATIONS
 _CHANNELS_LAST_FORMATS = (torch.channels_last, torch.channels_last_3d)
+#: Devices whose autocast runs group_norm in fp32 (on its fp32 list: inputs cast to fp32, the output
+#: fp32): CUDA. CPU autocast keeps group_norm in the input's dtype, as the kernel does already.
+FP32_AUTOCAST_DEVICES = ("cuda",)
+_is_any_autocast_enabled = torch._C._is_any_autocast_enabled
 
 
 def group_norm(
@@ -34,7 +38,9 @@ def group_norm(
 
     Statistics per (sample, group of ``C // num_groups`` channels) in fp32 (two-pass variance),
     the affine ``weight``/``bias`` (``[C]``, fp32/fp16/bf16 independently of x) applied in fp32, the
-    result in x's dtype. x may be NCHW-contiguous or channels-last; ``out_memory_format``:
+    result in x's dtype; under CUDA autocast in fp32, as torch's group_norm gives it there (autocast
+    runs it in fp32: the output, the SiLU after it and the gradient of weight/bias as torch's; x's
+    gradient in x's dtype), except with ``upcast`` (GroupNorm32 casts back to x's dtype). x may be NCHW-contiguous or channels-last; ``out_memory_format``:
     ``None`` keeps x's layout, ``torch.channels_last`` (or ``channels_last_3d``) writes the output
     channels-last whatever x's layout, ``torch.contiguous_format`` writes NCHW.
     ``activation``: ``None`` or ``"silu"``. ``upcast``: the eager path computes as the SD U-Net's
@@ -87,18 +93,25 @@ def group_norm(
     if shift is not None:
         shift = _check_shift(shift, x)
 
-    if x.numel() and backend.kernel_ok(x, weight, bias, shift):
+    out_dtype = None
+    if _is_any_autocast_enabled() and not upcast and x.dtype != torch.float32:  # one C call when off
+        device_type = x.device.type
+        if device_type in FP32_AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type):
+            out_dtype = torch.float32  # autocast's fp32 list; the eager path below gets it from torch
+
+    if x.numel() and channels <= _kernels.MAX_CHANNELS and backend.kernel_ok(x, weight, bias, shift):
         if torch.compiler.is_compiling():  # LDM_FAST_COMPILE: the kernel, or Inductor's own code
-            if backend.compile_uses_kernel(x.numel() // (x.shape[0] * num_groups)):
+            if out_dtype is None and backend.compile_uses_kernel(x.numel() // (x.shape[0] * num_groups)):
                 if channels_last_out is None:
                     channels_last_out = _kernels.is_channels_last(x)
                 return torch.ops.ldm_fast.group_norm(x, weight, bias, num_groups, eps, activation or "",
                                                      channels_last_out, shift)[0]
         elif needs_grad(x, weight, bias, shift):
-            return _GroupNormFunction.apply(x, weight, bias, num_groups, eps, activation, channels_last_out, shift)
+            return _GroupNormFunction.apply(x, weight, bias, num_groups, eps, activation, channels_last_out, shift,
+                                            out_dtype)
         else:
             return launch("group_norm", _kernels.group_norm_fwd, x, weight, bias, num_groups, eps, activation,
-                          channels_last_out, stats=False, shift=shift)[0]
+                          channels_last_out, stats=False, shift=shift, out_dtype=out_dtype)[0]
     y = _kernels.group_norm_reference(x, num_groups, weight, bias, eps, activation, upcast=upcast, shift=shift)
     return y if channels_last_out is None else _to_layout(y, channels_last_out)
 
@@ -128,9 +141,9 @@ def _to_layout(y: Tensor, channels_last: bool) -> Tensor:
 
 class _GroupNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, num_groups, eps, activation, channels_last_out, shift):
+    def forward(ctx, x, weight, bias, num_groups, eps, activation, channels_last_out, shift, out_dtype=None):
         y, mean, rstd = launch("group_norm", _kernels.group_norm_fwd, x, weight, bias, num_groups, eps, activation,
-                               channels_last_out, shift=shift)
+                               channels_last_out, shift=shift, out_dtype=out_dtype)
         ctx.save_for_backward(x, weight, bias, mean, rstd, shift)
         ctx.num_groups, ctx.activation = num_groups, activation
         return y
@@ -144,7 +157,7 @@ class _GroupNormFunction(torch.autograd.Function):
         dx, dweight, dbias = grads[:3]
         dshift = grads[3].to(shift.dtype) if shift is not None else None
         return (dx, dweight if weight is not None else None, dbias if bias is not None else None,
-                None, None, None, None, dshift)
+                None, None, None, None, dshift, None)
 
 
 # torch.compile: one op forward (y and the fp32 mean/rstd [B, G]), one backward

@@ -88,11 +88,12 @@ def _q_sample(x0, t, alphas_cumprod, noise, seed, target_v: bool, noise_offset: 
             alphas_cumprod = alphas_cumprod.to(x0.device)
         if isinstance(t, Tensor) and t.dim() and t.shape[0] != x0.shape[0]:
             t = t.view(())  # [1]: every row
-        seed = kernel_seed(seed, x0)
+        seed = kernel_seed(seed, x0) if noise is None else None  # a given noise needs no seed (no draw)
         if torch.compiler.is_compiling():
             t = t if isinstance(t, Tensor) else torch.full((1,), t, dtype=torch.int64, device=x0.device)
             x_t, tgt = torch.ops.ldm_fast.q_sample(
-                x0, t, alphas_cumprod, noise, offset, seed_as_tensor(seed, x0), noise_offset, target_v, check_t
+                x0, t, alphas_cumprod, noise, offset, None if seed is None else seed_as_tensor(seed, x0), noise_offset,
+                target_v, check_t
             )
             # A custom op may not return one of its inputs: when the target is the given noise
             # unchanged the op returns an empty tensor in its place.
@@ -123,7 +124,7 @@ def _q_sample_op(
     alphas_cumprod: Tensor,
     noise: Optional[Tensor],
     offset: Optional[Tensor],
-    seed: Tensor,
+    seed: Optional[Tensor],
     noise_offset: float,
     target_v: bool,
     check_t: bool,

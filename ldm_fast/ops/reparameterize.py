@@ -50,9 +50,10 @@ def reparameterize(
     scale, shift = finite_float("scale", scale), finite_float("shift", shift)
     if (mean.dtype == logvar.dtype and not (noise is not None and noise.requires_grad)
             and backend.kernel_ok(mean, logvar, noise)):
-        seed = kernel_seed(seed, mean)
+        seed = kernel_seed(seed, mean) if noise is None else None  # a given noise needs no seed
         if torch.compiler.is_compiling():
-            return torch.ops.ldm_fast.reparameterize(mean, logvar, noise, seed_as_tensor(seed, mean), scale, shift)
+            return torch.ops.ldm_fast.reparameterize(mean, logvar, noise, None if seed is None else seed_as_tensor(seed, mean),
+                                                     scale, shift)
         if needs_grad(mean, logvar):
             return _ReparameterizeFunction.apply(mean, logvar, noise, seed, scale, shift)
         return launch("reparameterize", _kernels.reparameterize_fwd, mean, logvar, noise, seed, scale, shift)
@@ -98,12 +99,12 @@ class _ReparameterizeFunction(torch.autograd.Function):
         return dmean, dlogvar, None, None, None, None
 
 
-# torch.compile: one op forward, one backward (seeds as one-element int64 tensors)
+# torch.compile: one op forward, one backward (seeds as one-element int64 tensors; None with a given noise)
 
 
 @torch.library.custom_op("ldm_fast::reparameterize", mutates_args=())
 def _reparameterize_op(
-    mean: Tensor, logvar: Tensor, noise: Optional[Tensor], seed: Tensor, scale: float, shift: float
+    mean: Tensor, logvar: Tensor, noise: Optional[Tensor], seed: Optional[Tensor], scale: float, shift: float
 ) -> Tensor:
     return launch("reparameterize", _kernels.reparameterize_fwd, mean, logvar, noise, seed, scale, shift)
 
@@ -115,7 +116,7 @@ def _(mean, logvar, noise, seed, scale, shift):
 
 @torch.library.custom_op("ldm_fast::reparameterize_backward", mutates_args=())
 def _reparameterize_backward_op(
-    grad: Tensor, logvar: Tensor, noise: Optional[Tensor], seed: Tensor, scale: float
+    grad: Tensor, logvar: Tensor, noise: Optional[Tensor], seed: Optional[Tensor], scale: float
 ) -> tuple[Tensor, Tensor]:
     return launch("reparameterize", _kernels.reparameterize_bwd, grad, logvar, noise, seed, scale)
 
