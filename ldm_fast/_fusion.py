@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from . import backend, functional
 from . import nn as _ldm_nn  # (a cycle: ldm_fast.nn imports intercepted; its classes are read at call time)
 
-__all__ = ["gemm_like_conv", "plain_group_norm", "plain_silu", "add_norm", "add_norm_feed_forward", "autocast_layer_norm_dtype", "global_module_hooks",
+__all__ = ["class_method", "gemm_like_conv", "plain_group_norm", "plain_silu", "add_norm", "add_norm_feed_forward", "autocast_layer_norm_dtype", "global_module_hooks",
            "intercepted", "shared_silu", "shortcut_gemm"]
 
 _module_globals = torch.nn.modules.module
@@ -51,6 +51,23 @@ def global_module_hooks() -> bool:
     g = _module_globals
     return bool(g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks
                 or g._global_backward_pre_hooks)
+
+
+@torch.compiler.assume_constant_result
+def _class_holds(cls: type, name: str, original) -> bool:
+    return cls.__dict__.get(name) is original
+
+
+def class_method(module: nn.Module, cls: type, name: str, original):
+    """The method ``name`` that ``module``'s class runs now: ``original`` (the function a fused forward
+    reproduces) while the class is still ``cls`` holding it, else the current one (a class swapped
+    after optimize, as tomesd swaps the transformer blocks', or the class attribute reassigned).
+    Under torch.compile the class attribute is read when the graph is traced (as Dynamo reads a
+    module's code: a class patched after compiling needs a recompile, with or without ldm_fast)."""
+    current = module.__class__
+    if current is cls and _class_holds(cls, name, original):
+        return original
+    return getattr(current, name)
 
 
 def plain_group_norm(norm: nn.Module) -> bool:

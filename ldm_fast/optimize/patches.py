@@ -17,7 +17,7 @@ from torch import nn
 
 from .. import backend, functional
 from .. import nn as ldm_nn
-from .._fusion import global_module_hooks, plain_group_norm, plain_silu
+from .._fusion import class_method, global_module_hooks, plain_group_norm, plain_silu
 from .._packing import PackedTimeProjections, linear_unpackable
 from ..integrations.diffusers import ChannelsLastOutputPatch, PackedProjections, ResnetForward
 from ..integrations.source import canonical
@@ -162,7 +162,7 @@ class SequentialForward:
 
     def __call__(self, input):
         seq = self.seq
-        forward = type(seq).forward
+        forward = class_method(seq, nn.Sequential, "forward", _SEQUENTIAL_FORWARD)
         if (forward is not _SEQUENTIAL_FORWARD or not isinstance(input, torch.Tensor) or torch.compiler.is_compiling()
                 or not backend.kernel_ok(input)):
             return forward(seq, input)

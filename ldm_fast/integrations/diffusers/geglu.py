@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ... import backend, functional
+from ..._fusion import class_method
 from ...optimize.patch import Context, InstallPatch
 from .supported import is_diffusers, known
 
@@ -25,14 +26,15 @@ class GEGLUForward:
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
-        self.diffusers_forward = type(module).forward
+        self.cls = type(module)
+        self.diffusers_forward = self.cls.forward
 
     def __repr__(self) -> str:
         return "<ldm_fast GEGLU.forward: the gate in one kernel>"
 
     def __call__(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         module = self.module
-        forward = type(module).forward  # (a class swapped or patched after optimize: its forward runs)
+        forward = class_method(module, self.cls, "forward", self.diffusers_forward)  # (a class swapped or patched since)
         if (forward is not self.diffusers_forward or args or kwargs or torch.compiler.is_compiling()
                 or not backend.kernel_ok(hidden_states)):
             return forward(module, hidden_states, *args, **kwargs)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ... import backend, functional
-from ..._fusion import plain_group_norm, plain_silu, shared_silu, shortcut_gemm
+from ..._fusion import class_method, plain_group_norm, plain_silu, shared_silu, shortcut_gemm
 from ...optimize.patch import Context, InstallPatch
 from .supported import is_diffusers, known
 
@@ -40,7 +40,8 @@ class ResnetForward:
 
     def __init__(self, block: nn.Module, contiguous_shortcut: str, shortcut_gemm: bool) -> None:
         self.block = block
-        self.diffusers_forward = type(block).forward
+        self.cls = type(block)
+        self.diffusers_forward = self.cls.forward
         self.contiguous_shortcut = contiguous_shortcut
         self.shortcut_gemm = shortcut_gemm
         self.time_pack = None
@@ -50,7 +51,7 @@ class ResnetForward:
 
     def __call__(self, input_tensor: torch.Tensor, temb: Optional[torch.Tensor], *args, **kwargs) -> torch.Tensor:
         block = self.block
-        forward = type(block).forward  # (a class swapped or patched after optimize: its forward runs)
+        forward = class_method(block, self.cls, "forward", self.diffusers_forward)  # (a class swapped or patched since)
         if (forward is not self.diffusers_forward or args or kwargs or torch.compiler.is_compiling()
                 or not backend.kernel_ok(input_tensor)):
             return forward(block, input_tensor, temb, *args, **kwargs)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ... import backend, functional
+from ..._fusion import class_method
 from ...ops.timestep_embedding import TIMESTEP_DTYPES
 from ...optimize.patch import Context, InstallPatch
 from .supported import is_diffusers, known, module_function
@@ -25,14 +26,15 @@ class TimestepsForward:
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
-        self.diffusers_forward = type(module).forward
+        self.cls = type(module)
+        self.diffusers_forward = self.cls.forward
 
     def __repr__(self) -> str:
         return "<ldm_fast Timesteps.forward: timestep_embedding in one kernel>"
 
     def __call__(self, timesteps: torch.Tensor) -> torch.Tensor:
         m = self.module
-        forward = type(m).forward  # (a class swapped or patched after optimize: its forward runs)
+        forward = class_method(m, self.cls, "forward", self.diffusers_forward)  # (a class swapped or patched since)
         if (forward is not self.diffusers_forward or torch.compiler.is_compiling()
                 or not backend.kernel_ok(timesteps, dtypes=TIMESTEP_DTYPES)):
             return forward(m, timesteps)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ... import backend
-from ..._fusion import add_norm, add_norm_feed_forward, intercepted
+from ..._fusion import add_norm, add_norm_feed_forward, class_method, intercepted
 from ...optimize.patch import Context, InstallPatch
 from .supported import is_diffusers, known, module_function
 
@@ -37,7 +37,8 @@ class TransformerBlockForward:
 
     def __init__(self, block: nn.Module, ff_class: Optional[type]) -> None:
         self.block = block
-        self.diffusers_forward = type(block).forward
+        self.cls = type(block)
+        self.diffusers_forward = self.cls.forward
         self.ff_class = ff_class
 
     def __repr__(self) -> str:
@@ -50,7 +51,7 @@ class TransformerBlockForward:
                  cross_attention_kwargs: Optional[dict] = None, class_labels=None,
                  added_cond_kwargs: Optional[dict] = None) -> torch.Tensor:
         block = self.block
-        forward = type(block).forward  # (a class swapped or patched after optimize, as tomesd does: its forward runs)
+        forward = class_method(block, self.cls, "forward", self.diffusers_forward)  # (tomesd swaps the class)
         if (forward is not self.diffusers_forward or hidden_states.ndim != 3 or torch.compiler.is_compiling()
                 or not backend.kernel_ok(hidden_states)
                 or (cross_attention_kwargs is not None
@@ -166,14 +167,15 @@ class TransformerOutput:
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
-        self.diffusers_method = type(module)._get_output_for_continuous_inputs
+        self.cls = type(module)
+        self.diffusers_method = self.cls._get_output_for_continuous_inputs
 
     def __repr__(self) -> str:
         return "<ldm_fast Transformer2DModel output in the input's memory format>"
 
     def __call__(self, hidden_states, residual, batch_size, height, width, inner_dim):
         module = self.module
-        method = type(module)._get_output_for_continuous_inputs
+        method = class_method(module, self.cls, "_get_output_for_continuous_inputs", self.diffusers_method)
         if method is not self.diffusers_method:  # (the class swapped or patched after optimize)
             return method(module, hidden_states, residual, batch_size, height, width, inner_dim)
         fmt = (torch.channels_last if residual.dim() == 4 and not residual.is_contiguous()
