@@ -67,7 +67,8 @@ count).
 
 Writes ``benchmarks/results/latest/host_model.json``. ``--quick``: a two-level tiny U-Net and a
 few rounds (the test's mode). ``--profile VARIANT``: cProfile of that variant's step (launches
-stubbed), top functions by self time. ``--readme JSON``: the README's tables from a written report.
+stubbed), top functions by self time. ``--blocks VARIANT``: host cost per block call (ResNet,
+transformer, attention, ...) against diffusers eager. ``--readme JSON``: the README's tables from a written report.
 """
 
 from __future__ import annotations
@@ -104,6 +105,7 @@ VARIANTS: dict[str, Optional[dict]] = {
     "optimize(channels_last=True, attention=True)": {"channels_last": True, "attention": True},
 }
 EAGER = "diffusers eager"
+REPLAY_CALL_OP = "aten add as the replay calls it"
 
 #: Per-launch host constants of the model (µs on the H100 host), with their sources.
 CONSTANTS = {
@@ -479,6 +481,10 @@ def op_cases(quick: bool = False) -> list[dict]:
     small = rand(16)
     cases.append({"op": "aten add (16 elements)", "shape": "floor", "what": "x + 1 on 16 elements",
                   "fused": None, "aten": lambda small=small: small + 1.0})
+    # the same op called as the replay calls ops (an OpOverload from Python): its extra cost per op
+    add = torch.ops.aten.add.Tensor
+    cases.append({"op": REPLAY_CALL_OP, "shape": "floor", "what": "torch.ops.aten.add.Tensor(x, 1) on 16 elements",
+                  "fused": None, "aten": lambda small=small: add(small, 1.0)})
     return cases
 
 
@@ -560,6 +566,21 @@ def _columns(head: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def replay_bias_note(steps: dict, ops: list[dict]) -> Optional[str]:
+    """How much the replay's own call path (an OpOverload called from Python) adds per op, measured
+    in the per-op rounds, and the bound it puts on ``CPU - replay`` per variant."""
+    by_op = {r["op"]: r["aten_us"]["median"] for r in ops}
+    if REPLAY_CALL_OP not in by_op or "aten add (16 elements)" not in by_op:
+        return None
+    extra = by_op[REPLAY_CALL_OP] - by_op["aten add (16 elements)"]
+    rows = steps.get("inference", {})
+    bounds = ", ".join(f"{name} {extra * r['aten_launches'] / 1e3:.1f} ms" for name, r in rows.items())
+    return (f"Replay bias: an aten op called as the replay calls it costs {extra:+.1f} us against x + 1 "
+            f"(both measured above), and ops a C++ composite calls (linear's mm) pay no Python call in the step: "
+            f"so 'CPU - replay' and the model may be low by up to about that much per aten launch "
+            f"(inference: {bounds}).")
+
+
 def calibration_check(steps: dict) -> Optional[str]:
     """The model's diffusers eager inference step beside the H100's measured host-bound eager steps."""
     row = steps.get("inference", {}).get(EAGER)
@@ -575,9 +596,10 @@ def calibration_check(steps: dict) -> Optional[str]:
             "on a GPU.")
 
 
-def notes(env: dict, config: dict, rounds: dict, steps: Optional[dict] = None) -> list[str]:
+def notes(env: dict, config: dict, rounds: dict, steps: Optional[dict] = None,
+          ops: Optional[list] = None) -> list[str]:
     c = CONSTANTS
-    check = calibration_check(steps or {})
+    checks = [n for n in (replay_bias_note(steps or {}, ops or []), calibration_check(steps or {})) if n]
     lines = [
         f"CPU: {env['cpu']}, {env['cpu_count']} cores, torch threads 1, load average at start "
         f"{env['load_average']}; {CPU_LABEL}. Per step: {rounds['steps']} interleaved rounds; per op: "
@@ -595,7 +617,7 @@ def notes(env: dict, config: dict, rounds: dict, steps: Optional[dict] = None) -
         "Per op: 'step' = the U-Net step's level-0 shape, 'floor' = the smallest shape the op takes (aten's "
         "time there is its dispatch floor: the step-floor gap bounds its CPU math).",
     ]
-    return lines + ([check] if check else [])
+    return lines + checks
 
 
 def readme_table(report: dict) -> str:
@@ -662,7 +684,7 @@ def run(quick: bool = False, out_dir: Optional[Path] = None, rounds: Optional[in
         "inputs": {"batch": 2, "latents": [4, 8, 8], "context_tokens": 77, "t": 500, "dtype": "float32"},
         "constants": CONSTANTS, "steps": steps, "ops": ops,
     }
-    report["notes"] = notes(env, config, n_rounds, steps)
+    report["notes"] = notes(env, config, n_rounds, steps, ops)
     report["h100_eager_step_ms"] = H100_EAGER_STEP_MS
     report["seconds"] = round(time.perf_counter() - started, 1)
     print(step_table(steps))
@@ -723,6 +745,58 @@ def profile(variant: str, train: bool = False, steps: int = 20, top: int = 25, q
     return "\n".join(lines)
 
 
+BLOCK_TYPES = ("ResnetBlock2D", "Transformer2DModel", "BasicTransformerBlock", "Attention", "FeedForward", "GEGLU",
+               "Timesteps")
+
+
+def blocks(variant: str, rounds: int = 40, quick: bool = False) -> str:
+    """Host cost per block call, diffusers eager against ``variant``, inference, launches stubbed:
+    each block type's calls of one step (inputs captured with a forward pre-hook on that type only,
+    removed before timing) re-run in interleaved rounds with their aten replay, as the step rows:
+    ``CPU - replay`` per call (the Python around the aten launches), and the difference per round.
+    Block calls nest (a Transformer2DModel holds a BasicTransformerBlock, which holds Attentions)."""
+    import ldm_fast
+
+    config = unet_config(quick)
+    names = (EAGER, variant)
+    lines = [f"CPU - aten replay per block call (us, median [IQR] of {rounds} interleaved rounds), inference, "
+             f"{variant} against diffusers eager, launches stubbed",
+             f"{'block':22} {'calls/step':>10} {'eager':>7} {'optimized':>9} {'difference per call':>22} "
+             f"{'ms/step':>8}"]
+    with quiet_cpu(), ldm_fast.use_backend("triton"), torch.no_grad(), launch_boundary():
+        models = {name: step_entry(config, VARIANTS[name], False) for name in names}
+        for block_type in BLOCK_TYPES:
+            entries, n = {}, {}
+            for name, entry in models.items():
+                calls: list = []
+                hooks = [m.register_forward_pre_hook(lambda mod, a, k: calls.append((mod, a, k)), with_kwargs=True)
+                         for m in entry["model"].modules() if type(m).__name__ == block_type]
+                entry["call"]()
+                for h in hooks:
+                    h.remove()
+                n[name] = len(calls)
+
+                def run(calls=calls):
+                    for mod, a, k in calls:
+                        mod(*a, **k)
+
+                run()
+                recorder = StepRecorder()
+                with recorder:
+                    run()
+                entries[f"T|{name}"] = {"call": run}
+                entries[f"R|{name}"] = {"call": replayer(recorder.replay)}
+            if not n[EAGER] or not n[variant]:
+                continue
+            s = interleaved_rounds(entries, rounds)
+            per_call = {name: [(t - r) / n[name] for t, r in zip(s[f"T|{name}"], s[f"R|{name}"])] for name in names}
+            d = summary([o - e for e, o in zip(per_call[EAGER], per_call[variant])])
+            lines.append(f"{block_type:22} {n[variant]:10d} {statistics.median(per_call[EAGER]):7.1f} "
+                         f"{statistics.median(per_call[variant]):9.1f} {d['median']:+9.1f} [{d['p25']:+.0f}, "
+                         f"{d['p75']:+.0f}]   {d['median'] * n[variant] / 1e3:+7.2f}")
+    return "\n".join(lines)
+
+
 def main(argv=None, quick: bool = False, out_dir: Optional[Path] = None) -> int:
     """Entry point of ``python -m benchmarks --host-model``. The ldm_fast kernel paths are taken on
     CPU tensors only under Triton's interpreter, so without ``TRITON_INTERPRET=1`` (a CUDA machine)
@@ -736,6 +810,9 @@ def main(argv=None, quick: bool = False, out_dir: Optional[Path] = None) -> int:
     parser.add_argument("--profile", default=None, choices=list(VARIANTS),
                         help="instead: cProfile one variant's step (launches stubbed), top functions by self time")
     parser.add_argument("--profile-train", action="store_true", help="with --profile: the training step")
+    parser.add_argument("--blocks", default=None, choices=list(VARIANTS),
+                        help="instead: host cost per block call (ResNet, transformer, attention, ...), diffusers "
+                             "eager against this variant, inference, launches stubbed")
     parser.add_argument("--readme", default=None, metavar="JSON",
                         help="instead: print the markdown tables of benchmarks/README.md from a host_model.json")
     args = parser.parse_args(argv if argv is not None else [])
@@ -755,9 +832,13 @@ def main(argv=None, quick: bool = False, out_dir: Optional[Path] = None) -> int:
         cmd += ["--no-train"] if args.no_train else []
         cmd += ["--profile", args.profile] if args.profile else []
         cmd += ["--profile-train"] if args.profile_train else []
+        cmd += ["--blocks", args.blocks] if args.blocks else []
         return subprocess.call(cmd, cwd=repo, env=env)
     if args.profile:
         print(profile(args.profile, train=args.profile_train, quick=args.quick))
+        return 0
+    if args.blocks:
+        print(blocks(args.blocks, rounds=args.rounds or (3 if args.quick else 40), quick=args.quick))
         return 0
     run(quick=args.quick, out_dir=Path(args.out) if args.out else None, rounds=args.rounds,
         op_rounds=args.op_rounds, train=not args.no_train)

@@ -101,6 +101,7 @@ def test_every_op_is_measured_at_both_shapes(report):
             assert r["fused_us"]["median"] > 0 and r["aten_us"]["median"] > 0
             assert r["fused_vs_aten"]["median"] > 0
     assert ops[("aten add (16 elements)", "floor")]["aten_us"]["median"] > 0
+    assert ops[(host_model.REPLAY_CALL_OP, "floor")]["aten_us"]["median"] > 0
 
 
 def test_launch_boundary_stubs_and_counts_launches():
@@ -134,3 +135,16 @@ def test_interleaved_rounds_rotate_and_summary():
     s = host_model.summary([5.0, 1.0, 3.0, 2.0, 4.0])
     assert (s["median"], s["p25"], s["p75"], s["min"], s["max"]) == (3.0, 2.0, 4.0, 1.0, 5.0)
     assert host_model.per_round_ratio([2.0, 4.0], [1.0, 2.0])["median"] == 2.0
+
+
+@pytest.mark.slow
+def test_blocks_and_profile_analyses_run():
+    """``--blocks`` and ``--profile`` (the where-does-it-go aids) run on the tiny U-Net and print their rows."""
+    repo = Path(__file__).resolve().parent.parent
+    for args, expect in ((["--blocks", "optimize()"], ["ResnetBlock2D", "BasicTransformerBlock", "ms/step"]),
+                         (["--profile", "optimize()"], ["ldm_fast's own functions", "calls/step"])):
+        result = subprocess.run([sys.executable, "-m", "benchmarks.host_model", "--quick", *args], cwd=repo,
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        for word in expect:
+            assert word in result.stdout, (args, word, result.stdout[-2000:])
