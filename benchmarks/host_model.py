@@ -590,10 +590,10 @@ def calibration_check(steps: dict) -> Optional[str]:
     h = H100_EAGER_STEP_MS
     return (f"Check of the MODEL's scale: diffusers eager inference {model:.1f} ms modelled against the H100's "
             f"measured eager step {h['NCHW']} ms NCHW / {h['channels_last']} ms channels_last ({h['source']}): "
-            f"{h['channels_last'] / model:.1f}-{h['NCHW'] / model:.1f}x the model. The H100 host runs Python slower "
-            "than this CPU (h100-baseline: the same launch-stubbed calls took 111-221 us there, 46-63 us here) and "
-            "cuDNN's per-convolution host work exceeds one add_; read the model's ratios, not its ms, and confirm "
-            "on a GPU.")
+            f"{h['channels_last'] / model:.1f}-{h['NCHW'] / model:.1f}x the model. The H100 host ran launch-stubbed "
+            "ldm_fast calls in 111-221 us that took 46-63 us on a 2-core CPU like this one (h100-baseline; partly "
+            "another path then: torch.library's custom-op dispatch), and cuDNN's per-convolution host work exceeds "
+            "one add_: read the model's ratios, not its ms, and confirm on a GPU.")
 
 
 def notes(env: dict, config: dict, rounds: dict, steps: Optional[dict] = None,
