@@ -16,7 +16,9 @@ Prints one table (columns explained in ``benchmarks/README.md``) and writes ``ta
 its traffic target or the audit. Options: ``--quick`` (the quick subset of each bench file),
 ``--ops a,b`` (only these bench files), ``--jobs N`` (worker processes), ``--out DIR``.
 ``--host`` and ``--e2e`` run only the host-cost instrument (:mod:`benchmarks.host`) and/or the
-end-to-end one (:mod:`benchmarks.e2e`) instead (``--e2e-compile``, ``--e2e-scenarios a,b``).
+end-to-end one (:mod:`benchmarks.e2e`) instead (``--e2e-compile``, ``--e2e-scenarios a,b``);
+``--model`` the whole-model counts (:mod:`benchmarks.model`); ``--host-model`` the host cost per
+U-Net step and per op with launches stubbed (:mod:`benchmarks.host_model`).
 """
 
 from __future__ import annotations
@@ -273,7 +275,15 @@ def main(argv=None) -> int:
     parser.add_argument("--model", action="store_true",
                         help="only the whole-model instrument (benchmarks/model.py): SD 1.5 U-Net / VAE on fake "
                              "tensors, launches and bytes by kind, eager vs optimize, H100 estimate; writes model.json")
+    parser.add_argument("--host-model", action="store_true",
+                        help="only the host cost per U-Net step and per op (benchmarks/host_model.py): CPU thread "
+                             "time with ldm_fast's Triton launches stubbed, eager vs optimize variants, inference and "
+                             "training, and a MODEL of GPU host time; writes host_model.json")
     args = parser.parse_args(argv)
+    if args.host_model:
+        from . import host_model
+
+        return host_model.main(quick=args.quick, out_dir=Path(args.out))
     if args.model:
         from . import model
 

@@ -1,0 +1,150 @@
+"""The host cost per U-Net step instrument (benchmarks/host_model.py), on the CPU.
+
+These check what the instrument records and how it labels it (every variant row, positive times,
+consistent launch counts, the model computed from the measured samples by its stated formula), not
+how fast anything is: the times are CPU times on a shared machine.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+import ldm_fast
+from benchmarks import host_model
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """``python -m benchmarks --host-model --quick`` in its own process, as users run it."""
+    out = tmp_path_factory.mktemp("host_model")
+    repo = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, "-m", "benchmarks", "--host-model", "--quick", "--out", str(out)],
+                            cwd=repo, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads((out / "host_model.json").read_text())
+    data["_stdout"] = result.stdout
+    return data
+
+
+@pytest.mark.slow
+def test_every_variant_row_is_measured_and_labelled(report):
+    env = report["environment"]
+    for key in ("date", "cpu", "cpu_count", "torch", "triton", "diffusers", "load_average"):
+        assert key in env, key
+    assert report["label"].startswith("CPU") and report["quick"] is True
+    assert set(report["steps"]) == {"inference", "training"}
+    for kind, rows in report["steps"].items():
+        assert list(rows) == list(host_model.VARIANTS), kind
+        for name, r in rows.items():
+            for key in ("cpu_ms", "aten_replay_ms", "wall_ms", "model_kernel_grid_ms", "model_direct_ms"):
+                s = r[key]
+                assert 0 < s["min"] <= s["p25"] <= s["median"] <= s["p75"] <= s["max"], (kind, name, key, s)
+                assert s["n"] == report["rounds"]["steps"]
+            assert r["aten_replay_ms"]["median"] < r["cpu_ms"]["median"], (kind, name)
+            assert r["cpu_vs_eager"]["median"] > 0
+    for line in ("MODEL", "CPU"):
+        assert line in report["_stdout"]
+    assert all(c["source"] for c in report["constants"].values())
+
+
+@pytest.mark.slow
+def test_launch_counts_are_consistent(report):
+    """Eager launches no Triton kernel; each optimize variant launches some, and its aten + Triton
+    launches are fewer than eager's aten launches (fused ops replace several aten ops each)."""
+    for kind, rows in report["steps"].items():
+        eager = rows[host_model.EAGER]
+        assert eager["triton_launches"] == 0 and eager["aten_launches"] > 0
+        for name, r in rows.items():
+            assert r["aten_dispatched"] >= r["aten_launches"] > 0, (kind, name)
+            assert r["triton_launches"] == sum(r["triton_kernels"].values())
+            if name != host_model.EAGER:
+                assert r["triton_launches"] > 0, (kind, name)
+                assert r["aten_launches"] + r["triton_launches"] < eager["aten_launches"], (kind, name)
+
+
+@pytest.mark.slow
+def test_model_follows_its_formula(report):
+    """The model is computed from the measured samples: per round CPU - replay + launches x constants."""
+    c = report["constants"]
+    for rows in report["steps"].values():
+        for name, r in rows.items():
+            fixed = r["aten_launches"] * c["aten"]["us"]
+            diffs = [t - rp for t, rp in zip(r["samples_us"], r["replay_samples_us"])]
+            grid = statistics.median(d + fixed + r["triton_launches"] * c["triton_kernel_grid"]["us"] for d in diffs)
+            direct = statistics.median(d + fixed + r["triton_launches"] * c["triton_direct"]["us"] for d in diffs)
+            assert r["model_kernel_grid_ms"]["median"] == pytest.approx(grid / 1e3, rel=1e-3, abs=1e-3)
+            assert r["model_direct_ms"]["median"] == pytest.approx(direct / 1e3, rel=1e-3, abs=1e-3)
+            lo, hi = r["model_kernel_grid_range_ms"]
+            assert lo <= hi
+            if name == host_model.EAGER:
+                assert r["model_direct_ms"]["median"] == pytest.approx(r["model_kernel_grid_ms"]["median"])
+            else:
+                assert r["model_direct_ms"]["median"] < r["model_kernel_grid_ms"]["median"]
+
+
+@pytest.mark.slow
+def test_every_op_is_measured_at_both_shapes(report):
+    ops = {(r["op"], r["shape"]): r for r in report["ops"]}
+    for op in ("group_norm+SiLU", "group_norm+shift+SiLU", "add_layer_norm", "geglu", "timestep_embedding",
+               "attention"):
+        for shape in ("step", "floor"):
+            r = ops[(op, shape)]
+            assert r["triton_launches"] == 1, (op, shape)  # the kernel path ran (stubbed), not the reference
+            assert r["fused_us"]["median"] > 0 and r["aten_us"]["median"] > 0
+            assert r["fused_vs_aten"]["median"] > 0
+    assert ops[("aten add (16 elements)", "floor")]["aten_us"]["median"] > 0
+    assert ops[(host_model.REPLAY_CALL_OP, "floor")]["aten_us"]["median"] > 0
+
+
+def test_launch_boundary_stubs_and_counts_launches():
+    """A kernel launched inside the boundary is counted by name and not run: its output keeps the
+    allocation's contents (poisoned here with NaN, so a launch that ran would overwrite it)."""
+    proj = torch.randn(2, 3, 8)
+    counts: Counter = Counter()
+    real_empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        return real_empty(*args, **kwargs).fill_(float("nan"))
+
+    with ldm_fast.use_backend("triton"), host_model.launch_boundary(counts):
+        torch.empty = poisoned_empty
+        try:
+            out = ldm_fast.functional.geglu(proj)
+        finally:
+            torch.empty = real_empty
+    assert sum(counts.values()) == 1 and next(iter(counts)).startswith("_geglu")
+    assert out.isnan().all()
+    # outside the boundary the kernel runs again
+    with ldm_fast.use_backend("triton"):
+        assert not ldm_fast.functional.geglu(proj).isnan().any()
+
+
+def test_interleaved_rounds_rotate_and_summary():
+    calls = []
+    entries = {name: {"call": (lambda name=name: calls.append(name))} for name in "abc"}
+    samples = host_model.interleaved_rounds(entries, rounds=3, warmup=0)
+    assert calls == list("abcbcacab") and all(len(v) == 3 and min(v) >= 0 for v in samples.values())
+    s = host_model.summary([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert (s["median"], s["p25"], s["p75"], s["min"], s["max"]) == (3.0, 2.0, 4.0, 1.0, 5.0)
+    assert host_model.per_round_ratio([2.0, 4.0], [1.0, 2.0])["median"] == 2.0
+
+
+@pytest.mark.slow
+def test_blocks_and_profile_analyses_run():
+    """``--blocks`` and ``--profile`` (the where-does-it-go aids) run on the tiny U-Net and print their rows."""
+    repo = Path(__file__).resolve().parent.parent
+    for args, expect in ((["--blocks", "optimize()"], ["ResnetBlock2D", "BasicTransformerBlock", "ms/step"]),
+                         (["--profile", "optimize()"], ["ldm_fast's own functions", "calls/step"])):
+        result = subprocess.run([sys.executable, "-m", "benchmarks.host_model", "--quick", *args], cwd=repo,
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        for word in expect:
+            assert word in result.stdout, (args, word, result.stdout[-2000:])
