@@ -108,6 +108,7 @@ def test_backward_is_deterministic(triton_backend):
         assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("d", [40, 512])
 def test_contiguous_bhnd_heads_by_their_stride(d, triton_backend, poison):
     """q, k, v contiguous [B, H, N, D] (head stride N*D, not D: the kernels' runtime head-stride

@@ -372,6 +372,7 @@ except ImportError:  # the CompVis module tests above run without diffusers
 needs_diffusers = pytest.mark.skipif(Attention is None, reason="diffusers is not installed: pip install -e '.[test]'")
 
 
+@pytest.mark.slow
 def test_importing_ldm_fast_does_not_import_diffusers():
     code = ("import sys, ldm_fast, ldm_fast.integrations.diffusers; "
             "assert 'diffusers' not in sys.modules, 'diffusers imported'")

@@ -18,6 +18,8 @@ import ldm_fast
 from benchmarks import audit, gpu_model, report, traffic
 from benchmarks.common import bench_ops, discover, op_cases, quick_subset
 
+pytestmark = pytest.mark.slow  # compiles every kernel for sm_80/sm_90 (benchmark tooling)
+
 REPO = Path(__file__).resolve().parent.parent
 
 # nvdisasm -c output, abridged from real sm_80/sm_90 kernels (a predicated load, the constant-table

@@ -74,6 +74,7 @@ def _run(code, env_extra=None):
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_import_without_triton_runs_eager():
     result = _run(
         """
@@ -93,6 +94,7 @@ def test_import_without_triton_runs_eager():
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
 
+@pytest.mark.slow
 def test_import_leaves_the_environment_unchanged():
     """No import-time side effects: importing ldm_fast (and its kernels) sets no variable, TRITON_INTERPRET
     included (it would change every other library's Triton kernels in the process)."""
@@ -107,6 +109,7 @@ def test_import_leaves_the_environment_unchanged():
     assert result.stdout.strip() == '[true, null]'
 
 
+@pytest.mark.slow
 def test_without_the_interpreter_a_cpu_runs_eager():
     """TRITON_INTERPRET unset and no GPU: even a forced triton backend runs the eager reference on CPU tensors."""
     result = _run(

@@ -17,6 +17,8 @@ from benchmarks import e2e, host
 from benchmarks.__main__ import main as bench_main
 from benchmarks.common import find_case
 
+pytestmark = pytest.mark.slow  # benchmark instruments
+
 GN_ONE_PASS = "group_norm[unet-1280x8x8-b1-fp16]"
 REPARAM = "reparameterize[sd-latent-b1-fp16]"
 

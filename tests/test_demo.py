@@ -12,9 +12,12 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from ldm_fast import __main__ as demo
+
+pytestmark = pytest.mark.slow  # the demo's training runs
 
 ROOT = Path(__file__).parents[1]
 

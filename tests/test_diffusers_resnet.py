@@ -261,6 +261,7 @@ def _time_blocks(model):
     return [m for m in model.modules() if type(m).__name__ == "ResnetBlock2D" and m.time_emb_proj is not None]
 
 
+@pytest.mark.slow
 def test_time_projections_packed_into_one_gemm_a_step_and_restore(monkeypatch):
     """pack_weights (the default): every block's time_emb_proj is a row block of one buffer (the same
     Parameters, state dict and values); in inference on the Triton backend one GEMM a step computes
@@ -306,6 +307,7 @@ def test_time_projections_packed_into_one_gemm_a_step_and_restore(monkeypatch):
     restore(unet)
 
 
+@pytest.mark.slow
 def test_packed_time_projections_step_aside_for_a_swapped_or_reallocated_projection():
     unet, inputs = dm.unet(), dm.unet_inputs()
     twin = dm.twin(unet)
@@ -321,6 +323,7 @@ def test_packed_time_projections_step_aside_for_a_swapped_or_reallocated_project
     dm.assert_close_rel(out, dm.run_unet(twin, inputs))
 
 
+@pytest.mark.slow
 def test_time_embedding_silu_computed_once_per_step_in_inference():
     """Every ResnetBlock2D applies the same SiLU to the one time embedding: on the kernel path
     inference dispatches it once; with autograd each block its own."""
@@ -344,6 +347,7 @@ def test_time_embedding_silu_computed_once_per_step_in_inference():
 # what optimize refuses
 
 
+@pytest.mark.slow
 def test_an_unknown_source_is_left_with_one_warning(monkeypatch):
     monkeypatch.setitem(supported.SUPPORTED, "ResnetBlock2D.forward", {})
     unet, inputs = dm.unet(), dm.unet_inputs()

@@ -52,6 +52,8 @@ diffusers = pytest.importorskip("diffusers")
 from _pipelines import (LORA_TARGETS, call, control_image, controlnet_pipeline, kohya_lora_state_dict,  # noqa: E402
                         peft_lora_state_dict, sd_pipeline, sdxl_pipeline)
 
+pytestmark = pytest.mark.slow  # whole models and pipelines, as users run them
+
 UNET_OPS = ("group_norm", "add_layer_norm", "geglu", "timestep_embedding")
 VAE_OPS = ("group_norm",)
 #: fp16 on the kernel path vs diffusers in fp16 (both on the CPU): the kernels compute in fp32 and

@@ -39,6 +39,7 @@ def _blocks(model):
     return [(name, m) for name, m in model.named_modules() if type(m).__name__ == "BasicTransformerBlock"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_unet_blocks_fuse_both_pairs_and_restore(channels_last):
     """Every BasicTransformerBlock's two residual-add + LayerNorm pairs run add_layer_norm, in an NCHW
@@ -232,6 +233,7 @@ def test_a_feed_forward_with_a_final_dropout_keeps_its_add():
 # Transformer2DModel's output layout (channels_last)
 
 
+@pytest.mark.slow
 def test_transformer_output_keeps_the_channels_last_layout_and_restore():
     unet, inputs = dm.unet(), dm.unet_inputs()
     inputs = (inputs[0].contiguous(memory_format=torch.channels_last),) + inputs[1:]

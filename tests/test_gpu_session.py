@@ -19,6 +19,8 @@ import pytest
 
 from benchmarks import e2e, gpu_session
 
+pytestmark = pytest.mark.slow  # dry runs of the GPU session script (subprocesses)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -11,6 +11,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from benchmarks import model
 
+pytestmark = pytest.mark.slow  # the whole-model instrument in a subprocess
+
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):

@@ -113,6 +113,7 @@ def test_vae_matches_diffusers(kernels, monkeypatch):
     torch.testing.assert_close(image, image_ref, **tol)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernels", [False, True], ids=["eager", "triton-interpreted"])
 def test_unet_matches_diffusers(kernels, monkeypatch):
     ref = _diffusers_unet()
@@ -134,6 +135,7 @@ def test_unet_matches_diffusers(kernels, monkeypatch):
     torch.testing.assert_close(out, expected, **tol)
 
 
+@pytest.mark.slow
 def test_unet_trains_through_the_kernels(monkeypatch):
     """Gradients through our U-Net (GroupNorm and attention backward kernels, interpreted) equal
     diffusers' on the same weights."""
@@ -374,6 +376,7 @@ def test_resblocks_share_the_time_embedding_silu_in_inference():
     assert ops.names.count("aten::silu") == 3 * len(blocks)
 
 
+@pytest.mark.slow
 def test_own_unet_time_projections_packed_by_optimize(monkeypatch):
     """optimize(pack_weights=True) packs ldm_fast's own ResBlocks' emb_layers[1] too: one GEMM a step
     for every block in inference on the Triton backend (the output within the kernels' error), the same

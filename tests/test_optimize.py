@@ -78,6 +78,7 @@ def test_unet_report_exact_on_the_default_backend_and_restore_round_trip():
     assert torch.equal(dm.run_unet(unet, inputs), ref)
 
 
+@pytest.mark.slow
 def test_unet_kernel_path_matches_and_launches():
     unet, inputs = dm.unet(), dm.unet_inputs()
     ref = dm.run_unet(unet, inputs)
@@ -90,6 +91,7 @@ def test_unet_kernel_path_matches_and_launches():
     dm.assert_close_rel(out, ref)
 
 
+@pytest.mark.slow
 def test_vae_exact_on_the_default_backend_and_kernel_path_matches():
     vae, x = dm.vae(), dm.image()
     ref = dm.run_vae(vae, x)
@@ -171,6 +173,7 @@ def test_parameter_identity_state_dict_hooks_and_optimizer():
     assert [id(p) for p in unet.parameters()] == ids and list(unet.state_dict().keys()) == keys
 
 
+@pytest.mark.slow
 def test_gradients_match_the_plain_model_on_the_kernel_path():
     ref_model = dm.unet()
     model = dm.twin(ref_model)
@@ -192,6 +195,7 @@ def test_gradients_match_the_plain_model_on_the_kernel_path():
     assert n > 100
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["deepcopy", "torch.save", "pickle"])
 def test_copies_of_an_optimized_model_run_fused_and_restore_on_their_own(how):
     unet, inputs = dm.unet(), dm.unet_inputs()
@@ -219,6 +223,7 @@ def test_copies_of_an_optimized_model_run_fused_and_restore_on_their_own(how):
     assert type(unet.conv_norm_out) is LdmGroupNorm  # the original is untouched by the copy's restore
 
 
+@pytest.mark.slow
 def test_inference_mode_on_both_backends():
     unet, inputs = dm.unet(), dm.unet_inputs()
     ref = dm.run_unet(unet, inputs)
@@ -852,6 +857,7 @@ def test_cuda_graph_keys_on_the_global_switches_emulated(monkeypatch):
         assert api.captures == 5 and model.forward.stats["graph replay"] == 7
 
 
+@pytest.mark.slow
 def test_cuda_graph_sees_a_lora_adapter_and_its_fuse_emulated():
     """A PEFT LoRA adapter added after capture wraps the attention projections: torch's registration
     hooks count it, the next call re-reads the model and captures again (the adapter is in the new

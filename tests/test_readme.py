@@ -30,6 +30,7 @@ def _example(text: str, heading: str) -> str:
     return example.group(1)
 
 
+@pytest.mark.slow
 def test_readme_usage_example_runs(monkeypatch):
     """The README's first example, as a user runs it, with only the download and the GPU replaced:
     from_pretrained returns a tiny pipeline built offline (tests/_pipelines.py), .to("cuda") keeps it
