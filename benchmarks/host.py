@@ -60,6 +60,8 @@ from .common import BENCH_DIR, DTYPES, Case, discover, gpu_time_ms
 REPO = BENCH_DIR.parent
 RESULTS = BENCH_DIR / "results"
 STUBBED_LABEL = "CPU, launches stubbed: the Python around the launches"
+#: The direct launcher's host µs per launch against the compiled kernel's launcher called alone.
+DIRECT_MAX_RATIO = 1.5
 #: The targets (stated in host µs against the bare launch, and in launches per call).
 ONE_LAUNCH_MAX_RATIO = 1.5
 GN_BWD_MAX_LAUNCHES = 3
@@ -207,12 +209,18 @@ def _run_classes() -> list:
 
 @contextlib.contextmanager
 def _patched_run(make_run: Callable[[Callable], Callable]):
+    """Every launch through ``run`` made by ``make_run(original run)`` while active; ldm_fast's direct
+    launches (kernels/_launch.py) are off meanwhile, so every launch reaches ``run``."""
+    from ldm_fast.kernels._launch import Switch
+
     saved = [(cls, cls.__dict__["run"]) for cls in _run_classes() if "run" in cls.__dict__]
+    direct, Switch.enabled = Switch.enabled, False
     for cls, original in saved:
         cls.run = make_run(original)
     try:
         yield
     finally:
+        Switch.enabled = direct
         for cls, original in saved:
             cls.run = original
 
@@ -264,6 +272,42 @@ def relaunch(launches: list[dict]) -> Callable[[], None]:
             fn[grid](*args, **kwargs)
 
     return bare
+
+
+def relaunch_direct(launches: list[dict]) -> tuple[Callable[[], None], Callable[[], None]]:
+    """Two functions re-issuing the captured launches back-to-back: through ldm_fast's direct launcher
+    (``kernels/_launch.Kernel``: the facts, the cache lookup, then the compiled kernel's launcher) and
+    through the compiled kernel's launcher alone with the arguments prepared once (the floor a direct
+    launch cannot go below). CUDA only; each launch is made once first to fill the cache."""
+    from ldm_fast.kernels._launch import Kernel, Switch
+
+    kernels = [(Kernel(l["fn"]), l["grid"], l["args"], l["kwargs"]) for l in launches]
+    saved, Switch.enabled = Switch.enabled, True
+    try:
+        for k, grid, args, kwargs in kernels:
+            k[grid](*args, **kwargs)
+    finally:
+        Switch.enabled = saved
+    stream = torch.cuda.current_stream().cuda_stream
+    prepared = []
+    for k, grid, args, kwargs in kernels:
+        (run, function, metadata, tail, _), = k._cache.values()
+        g = tuple(grid) + (1, 1)
+        prepared.append((run, (g[0], g[1], g[2], stream, function, metadata, None, None, None, *args, *tail)))
+
+    def direct():
+        saved, Switch.enabled = Switch.enabled, True
+        try:
+            for k, grid, args, kwargs in kernels:
+                k[grid](*args, **kwargs)
+        finally:
+            Switch.enabled = saved
+
+    def compiled():
+        for run, call in prepared:
+            run(*call)
+
+    return direct, compiled
 
 
 def _kernel_name(launch: dict) -> str:
@@ -457,6 +501,11 @@ def measure_case(case: Case, kind: str, device: torch.device, *, quick: bool, ad
             bare = relaunch(launches)
             floors["bare_launch"] = {**per_call_us(bare, device, **timing), "launches": len(launches),
                                      "label": "CUDA: the captured launches re-issued as kernel[grid](*args, **kwargs)"}
+            direct, compiled = relaunch_direct(launches)
+            floors["direct_launch"] = {**per_call_us(direct, device, **timing), "launches": len(launches),
+                                       "label": "CUDA: the same launches through ldm_fast's direct launcher"}
+            floors["compiled_launch"] = {**per_call_us(compiled, device, **timing), "launches": len(launches),
+                                         "label": "CUDA: the compiled kernels' launchers, arguments prepared once"}
         elif cuda:
             floors["bare_launch"] = {"skipped": "no launch captured to re-issue"}
         else:
@@ -473,6 +522,9 @@ def measure_case(case: Case, kind: str, device: torch.device, *, quick: bool, ad
     bare_us = floors.get("bare_launch", {}).get("us")
     fused_us = rec["fused"]["host"].get("us")
     rec["fused_over_bare"] = fused_us / bare_us if fused_us and bare_us else None
+    direct_us = floors.get("direct_launch", {}).get("us")
+    compiled_us = floors.get("compiled_launch", {}).get("us")
+    rec["direct_over_compiled"] = direct_us / compiled_us if direct_us and compiled_us else None
     rec["fused_over_eager"] = fused_us / rec["eager"]["host"]["us"] if fused_us else None
     host_targets = []
     if len(launches) == 1 and kind == "forward":
@@ -480,6 +532,10 @@ def measure_case(case: Case, kind: str, device: torch.device, *, quick: bool, ad
                              "value": rec["fused_over_bare"],
                              "met": None if rec["fused_over_bare"] is None
                              else rec["fused_over_bare"] <= ONE_LAUNCH_MAX_RATIO})
+    if rec["direct_over_compiled"] is not None:
+        host_targets.append({"what": f"direct launch <= {DIRECT_MAX_RATIO}x the compiled kernel's launcher",
+                             "value": rec["direct_over_compiled"],
+                             "met": rec["direct_over_compiled"] <= DIRECT_MAX_RATIO})
     if case.op == "group_norm":
         host_targets.append({"what": "GroupNorm: ldm_fast host below eager PyTorch's", "value": rec["fused_over_eager"],
                              "met": None if rec["fused_over_eager"] is None else rec["fused_over_eager"] < 1.0})
@@ -506,7 +562,8 @@ def _fmt(x: Optional[float]) -> str:
 def table(records: list[dict], cuda: bool) -> str:
     unit = "" if cuda else " (CPU)"
     headers = ["case", "launch f/e (target)", "ldm_fast us", f"stubbed us{unit}", f"eager us{unit}",
-               f"empty_like us{unit}", f"add_ us{unit}", "bare launch us", "f/bare", "GPU us f/e", "targets"]
+               f"empty_like us{unit}", f"add_ us{unit}", "bare launch us", "f/bare", "direct / compiled us",
+               "GPU us f/e", "targets"]
     rows = []
     for r in records:
         if "error" in r or "skipped" in r:
@@ -533,6 +590,8 @@ def table(records: list[dict], cuda: bool) -> str:
             _fmt(fl.get("add_", {}).get("us")),
             _fmt(bare.get("us")) if "us" in bare else "skip",
             f"{r['fused_over_bare']:.2f}x" if r.get("fused_over_bare") else "-",
+            (f"{_fmt(fl['direct_launch']['us'])}/{_fmt(fl['compiled_launch']['us'])}"
+             if "us" in fl.get("direct_launch", {}) else "skip"),
             f"{_fmt(f.get('gpu_us'))}/{_fmt(e.get('gpu_us'))}" if cuda else "skip",
             ",".join(verdicts) or "-",
         ])
@@ -652,6 +711,8 @@ def _run(cases, notes, cuda, device, quick, out_dir, write, started, max_mb) -> 
             "fused": "case.fused(inputs) under ldm_fast.use_backend('triton')",
             "stubbed": "the same with triton JITFunction.run / InterpretedFunction.run replaced by a no-op",
             "bare_launch": "the launches captured from one call, re-issued as kernel[grid](*args, **kwargs)",
+            "direct_launch": "the same launches through ldm_fast's direct launcher (kernels/_launch.py)",
+            "compiled_launch": "the same launches through the compiled kernels' launchers, arguments prepared once",
             "launches": "fused: Triton launches captured + aten ops on non-scalar tensors around them; "
                         "eager: aten ops on non-scalar tensors (TorchDispatchMode)",
             "gpu_us": "triton.testing.do_bench median (CUDA only)",

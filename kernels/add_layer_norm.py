@@ -43,6 +43,7 @@ import torch.nn.functional as TF
 
 from ._grid import check_grid
 from ._triton import cdiv, next_pow2, tl, triton
+from ._launch import kernel
 
 TILE = 4096  # elements per program at 8 warps: 16 per thread
 MAX_C = 8192  # the widest row held in registers (16 warps, 16 fp32 a thread per tensor)
@@ -60,13 +61,14 @@ def _to_storage(b, dtype: tl.constexpr, BF16_RNE: tl.constexpr):
     return b.to(dtype)
 
 
+@kernel
 @triton.jit
 def _add_layer_norm_fwd_kernel(
     x_ptr, res_ptr,  # x, residual [R, C]: row r = (b, n), b = r // N, n = r % N, strides below
     w_ptr, b_ptr, sb_ptr,  # weight, bias, s_bias [C] (each read only under its HAS_ flag)
-    s_ptr, out_ptr, mean_ptr, rstd_ptr,  # s (+ s_bias) [R, C] x's dtype, out [R, C] out's dtype; mean, rstd [R] fp32
+    s_ptr, out_ptr, mean_ptr, rstd_ptr,  # s (+ s_bias) [R, C] x's dtype, out [R, C] out's dtype; mean, rstd [R] fp32 (STORE_STATS)
     R, C, N, x_sb, x_sn, x_sc, r_sb, r_sn, r_sc, eps,  # N rows a batch; (batch, row, column) strides of x, residual
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_S_BIAS: tl.constexpr, ROWS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_S_BIAS: tl.constexpr, STORE_STATS: tl.constexpr, ROWS: tl.constexpr,
     BLOCK_C: tl.constexpr, BF16_RNE: tl.constexpr, OUT_BF16_RNE: tl.constexpr,
 ):
     i_pid = tl.program_id(0)
@@ -98,8 +100,9 @@ def _add_layer_norm_fwd_kernel(
     if HAS_BIAS:
         b_y = b_y + tl.load(b_ptr + o_col, mask=m_col, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + o_out, _to_storage(b_y, out_ptr.dtype.element_ty, OUT_BF16_RNE), mask=m)
-    tl.store(mean_ptr + o_row, b_mean, mask=m_row)
-    tl.store(rstd_ptr + o_row, b_rstd, mask=m_row)
+    if STORE_STATS:  # (for the backward; inference does not write them)
+        tl.store(mean_ptr + o_row, b_mean, mask=m_row)
+        tl.store(rstd_ptr + o_row, b_rstd, mask=m_row)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -138,46 +141,62 @@ def _check(x, residual, weight, bias, s_bias=None) -> int:
 
 
 def add_layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor, weight=None, bias=None, eps: float = 1e-5,
-                       s_bias=None, out_dtype=None):
+                       s_bias=None, out_dtype=None, *, stats: bool = True, checked: bool = False):
     """Launch the forward kernel: ``s = x + residual; out = layer_norm(s, (C,), weight, bias, eps)``,
     and with ``s_bias`` the first output ``s + s_bias`` in place of ``s``.
 
     x, residual: ``[..., C]``, one floating dtype, ``C <= MAX_C``, read in place as ``[B, N, C]`` views
-    with any strides (leading dims that do not collapse to two are copied); weight, bias: ``[C]`` or None, any float dtype
-    (loaded as fp32); s_bias: ``[C]`` or None, any float dtype (taken as :func:`layer_norm_param`
-    takes a bias: x's dtype or fp32 beside fp16/bf16 as is, else cast to x's dtype first). Returns
-    ``(s, out, mean, rstd)``: s (``s + s_bias`` with s_bias) and out ``[..., C]`` contiguous, s in
-    x's dtype, out in ``out_dtype`` (None: x's; fp32 is what autocast's layer_norm returns), mean and
-    rstd ``[R]`` fp32 (R = every leading element) of the unbiased s; one launch.
-    Eager equivalent: :func:`add_layer_norm_reference`.
+    with any strides (leading dims that do not collapse to two are copied); weight, bias: ``[C]`` or
+    None, any float dtype (loaded as fp32); s_bias: ``[C]`` or None, any float dtype (taken as
+    :func:`layer_norm_param` takes a bias: x's dtype or fp32 beside fp16/bf16 as is, else cast to
+    x's dtype first). Returns ``(s, out, mean, rstd)``: s (``s + s_bias`` with s_bias) and out
+    ``[..., C]`` contiguous, s in x's dtype, out in ``out_dtype`` (None: x's; fp32 is what autocast's
+    layer_norm returns); with ``stats`` mean and rstd ``[R]`` fp32 (R = every leading element) of the
+    unbiased s, else None for both (inference allocates only what it returns); one launch.
+    ``checked``: the caller (the op) has checked the arguments already. Eager equivalent:
+    :func:`add_layer_norm_reference`.
     """
-    C = _check(x, residual, weight, bias, s_bias)
-    if C > MAX_C:
-        raise ValueError(f"add_layer_norm: the kernel holds rows of at most {MAX_C} elements, got C = {C}")
-    s = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    out = torch.empty(x.shape, dtype=x.dtype if out_dtype is None else out_dtype, device=x.device)
+    if checked:
+        C = x.shape[-1]
+    else:
+        C = _check(x, residual, weight, bias, s_bias)
+        if C > MAX_C:
+            raise ValueError(f"add_layer_norm: the kernel holds rows of at most {MAX_C} elements, got C = {C}")
+    shape, device = x.shape, x.device
+    s = torch.empty(shape, dtype=x.dtype, device=device)
+    out = torch.empty(shape, dtype=x.dtype if out_dtype is None else out_dtype, device=device)
     R = s.numel() // C if C else 0
-    mean = torch.empty((R,), dtype=torch.float32, device=x.device)
-    rstd = torch.empty((R,), dtype=torch.float32, device=x.device)
-    if s.numel() == 0:
+    mean = rstd = None
+    if stats:
+        mean = torch.empty((R,), dtype=torch.float32, device=device)
+        rstd = torch.empty((R,), dtype=torch.float32, device=device)
+    if R == 0:
         return s, out, mean, rstd
-    N = _batch_rows(x, residual)
-    (x, x_strides), (residual, r_strides) = _strides(x, N), _strides(residual, N)
+    if x.is_contiguous() and residual.is_contiguous():  # the common case: one batch of R rows
+        N, x_strides, r_strides = R, (0, C, 1), (0, C, 1)
+    else:
+        N = _batch_rows(x)
+        (x, x_strides), (residual, r_strides) = _strides(x, N), _strides(residual, N)
     if s_bias is not None:
-        s_bias = layer_norm_param(s_bias, x.dtype)
-    weight, bias, s_bias = _unit_stride(weight), _unit_stride(bias), _unit_stride(s_bias)
+        s_bias = _unit_stride(layer_norm_param(s_bias, x.dtype))
+    if weight is not None and weight.stride(0) != 1:
+        weight = weight.contiguous()
+    if bias is not None and bias.stride(0) != 1:
+        bias = bias.contiguous()
     rows, block, num_warps, n_programs = _plan(R, C)
+    cpu = device.type == "cpu"
     _add_layer_norm_fwd_kernel[(n_programs,)](
         x, residual, weight if weight is not None else x, bias if bias is not None else x,
-        s_bias if s_bias is not None else x, s, out, mean, rstd, R, C, N, *x_strides, *r_strides, float(eps),
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_S_BIAS=s_bias is not None, ROWS=rows,
-        BLOCK_C=block, BF16_RNE=x.dtype == torch.bfloat16 and x.device.type == "cpu",
-        OUT_BF16_RNE=out.dtype == torch.bfloat16 and x.device.type == "cpu", num_warps=num_warps,
+        s_bias if s_bias is not None else x, s, out, mean if stats else s, rstd if stats else s, R, C, N, *x_strides,
+        *r_strides, float(eps), HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        HAS_S_BIAS=s_bias is not None, STORE_STATS=stats, ROWS=rows, BLOCK_C=block,
+        BF16_RNE=cpu and x.dtype == torch.bfloat16, OUT_BF16_RNE=cpu and out.dtype == torch.bfloat16,
+        num_warps=num_warps,
     )
     return s, out, mean, rstd
 
 
-def _batch_rows(x: torch.Tensor, residual: torch.Tensor) -> int:
+def _batch_rows(x: torch.Tensor) -> int:
     """N, the rows of x's last leading dimension (of size > 1): the kernel addresses row r as
     (r // N, r % N), so a ``[B, N, C]`` view with any strides is read in place (the SD 1.x transformer
     block's residual stream in an NCHW U-Net: the permuted view of proj_in's output, C-stride H*W)."""

@@ -42,6 +42,7 @@ import torch
 from . import KERNEL_DTYPES
 from ._grid import axis_launches
 from ._triton import cdiv, next_pow2, tl, triton
+from ._launch import kernel
 
 LOG2E = 1.4426950408889634
 #: Largest head dim the kernels take (the SD VAE's single head); larger ones run the reference.
@@ -95,6 +96,7 @@ def _scores(a_ptr, o_a, m_a, a_stride, b_ptr, o_b, m_b, b_stride,
     return b_acc
 
 
+@kernel
 @triton.jit(do_not_specialize=["bh_offset"])
 def _attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,  # q [B,H,NQ,D], k/v [B,H,NK,D] by strides; o [B,NQ,H,D]; lse [B,H,NQ] fp32
@@ -144,6 +146,7 @@ def _attention_fwd_kernel(
             tl.store(lse_ptr + i_bh.to(tl.int64) * NQ + o_m, b_m + tl.log2(b_l), mask=m_m)
 
 
+@kernel
 @triton.jit(do_not_specialize=["bh_offset"])
 def _attention_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,  # o, dq [B,NQ,H,D]; do by strides; lse, delta [B,H,NQ]
@@ -203,6 +206,7 @@ def _attention_bwd_dq_kernel(
              mask=m_m[:, None] & (o_d[None, :] < HEAD_DIM))
 
 
+@kernel
 @triton.jit(do_not_specialize=["bh_offset"])
 def _attention_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,  # dk, dv [B,NK,H,D]

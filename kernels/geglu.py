@@ -33,6 +33,7 @@ import torch.nn.functional as TF
 
 from ._grid import check_grid
 from ._triton import cdiv, next_pow2, tl, triton
+from ._launch import kernel
 
 APPROXIMATE = ("none", "tanh")
 NUM_WARPS = 8
@@ -74,6 +75,7 @@ def _tile(n_col_blocks, R, F, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     return o_row, o_col, (o_row < R) & (o_col < F)
 
 
+@kernel
 @triton.jit
 def _geglu_fwd_kernel(
     proj_ptr, out_ptr,  # proj [R, 2F] (row stride below, last dim contiguous); out [R, F] contiguous
@@ -88,6 +90,7 @@ def _geglu_fwd_kernel(
     tl.store(out_ptr + o_row * F + o_col, (b_hidden * b_gelu).to(out_ptr.dtype.element_ty), mask=m)
 
 
+@kernel
 @triton.jit
 def _geglu_bwd_kernel(
     grad_ptr, proj_ptr, dproj_ptr,  # grad [R, F], proj [R, 2F] (row strides below); dproj [R, 2F] contiguous

@@ -80,6 +80,7 @@ import torch.nn.functional as F
 
 from ._grid import MAX_GRID_YZ, axis_launches
 from ._triton import cdiv, next_pow2, tl, triton
+from ._launch import kernel
 
 #: Largest group (next_pow2(S) x the channel pieces, elements) the one-pass forward holds on chip
 #: in any layout and dtype (16 warps).
@@ -138,6 +139,7 @@ def _load_shift(shift_ptr, i_b, row_stride, o_c, m_c):
     return tl.load(shift_ptr + i_b * row_stride + o_c, mask=m_c, other=0.0).to(tl.float32)
 
 
+@kernel
 @triton.jit(do_not_specialize=["batches_per_program"])
 def _group_norm_fwd_one_pass_kernel(
     x_ptr, y_ptr,  # [B, C, S], layouts X_CL and Y_CL; y written
@@ -215,6 +217,7 @@ def _group_norm_fwd_one_pass_kernel(
             tl.store(rstd_ptr + i_b * G + i_g, b_rstd)
 
 
+@kernel
 @triton.jit(do_not_specialize=["n_chunks", "tiles_per_chunk", "part_plane", "b_offset"])
 def _group_norm_fwd_stats_kernel(
     x_ptr,  # [B, C, S], layout X_CL
@@ -308,6 +311,7 @@ def _merge_chunks(p_part, part_plane, n_chunks, chunk_count, N, BLOCK_N: tl.cons
     return g_mean, tl.sum(b_m2 + b_n * b_d * b_d)
 
 
+@kernel
 @triton.jit(do_not_specialize=["tiles_per_program", "n_chunks", "chunk_count", "part_plane", "b_offset"])
 def _group_norm_fwd_apply_kernel(
     x_ptr, y_ptr,  # [B, C, S], layouts X_CL and Y_CL; y written
@@ -366,6 +370,7 @@ def _group_norm_fwd_apply_kernel(
         tl.store(y_ptr + o_batch + (o_cl if Y_CL else o_nc), b_y.to(y_ptr.dtype.element_ty), mask=m)
 
 
+@kernel
 @triton.jit(do_not_specialize=["batches_per_program", "part_plane"])
 def _group_norm_bwd_one_pass_kernel(
     x_ptr, dy_ptr, dx_ptr,  # [B, C, S], layouts X_CL, DY_CL, DX_CL; dx written
@@ -428,6 +433,7 @@ def _group_norm_bwd_one_pass_kernel(
     tl.store(part_ptr + part_plane + o_part, b_sdzx, mask=m_c)
 
 
+@kernel
 @triton.jit(do_not_specialize=["n_chunks", "tiles_per_program", "part_plane", "b_offset"])
 def _group_norm_bwd_stats_kernel(
     x_ptr, dy_ptr,  # [B, C, S], layouts X_CL, DY_CL
@@ -484,6 +490,7 @@ def _group_norm_bwd_stats_kernel(
         tl.store(part_ptr + 2 * part_plane + o_part, b_sx, mask=m_c)
 
 
+@kernel
 @triton.jit(do_not_specialize=["B", "n_chunks", "part_plane"])
 def _group_norm_bwd_finalize_kernel(
     part_ptr,  # [2 (3 with HAS_SHIFT), B, n_chunks, C] fp32 from the statistics kernel
@@ -540,6 +547,7 @@ def _group_norm_bwd_finalize_kernel(
         tl.store(db_ptr + o_c, b_col1.to(db_ptr.dtype.element_ty), mask=m_c)
 
 
+@kernel
 @triton.jit(do_not_specialize=["tiles_per_program", "b_offset"])
 def _group_norm_bwd_apply_kernel(
     x_ptr, dy_ptr, dx_ptr,  # [B, C, S], layouts X_CL, DY_CL, DX_CL; dx written
@@ -587,6 +595,7 @@ def _group_norm_bwd_apply_kernel(
         tl.store(dx_ptr + o_batch + (o_cl if DX_CL else o_nc), b_dx.to(dx_ptr.dtype.element_ty), mask=m)
 
 
+@kernel
 @triton.jit(do_not_specialize=["R", "part_plane"])
 def _column_sum_kernel(
     part_ptr,  # [2, R, C] fp32, rows contiguous: plane 0 sum dz, plane 1 sum dz * xhat

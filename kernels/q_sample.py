@@ -19,10 +19,12 @@ import torch
 from ._layout import as_rows, row_block, row_blocks
 from ._random import randn_row_block, seed_args
 from ._triton import DEVICE_ASSERTS, tl, triton
+from ._launch import kernel
 
 NUM_WARPS = 4
 
 
+@kernel
 @triton.jit(do_not_specialize=["seed", "t_value"])
 def _q_sample_kernel(
     x0_ptr, t_ptr, abar_ptr, noise_ptr, offset_ptr,  # x0/noise [B, K] rows; t [B] (stride t_stride); abar [T]; offset [B, C] fp32

@@ -21,12 +21,14 @@ import torch
 from ._layout import as_rows, row_block, row_blocks
 from ._random import randn_row_block, seed_args
 from ._triton import tl, triton
+from ._launch import kernel
 
 LOGVAR_MIN = -30.0
 LOGVAR_MAX = 20.0
 NUM_WARPS = 4
 
 
+@kernel
 @triton.jit(do_not_specialize=["seed"])
 def _reparameterize_fwd_kernel(
     mean_ptr, logvar_ptr, noise_ptr, z_ptr,  # [R, K] rows, row strides below; z contiguous
@@ -50,6 +52,7 @@ def _reparameterize_fwd_kernel(
     tl.store(z_ptr + row * K + o_col, b_z.to(z_ptr.dtype.element_ty), mask=m_col)
 
 
+@kernel
 @triton.jit(do_not_specialize=["seed"])
 def _reparameterize_bwd_kernel(
     grad_ptr, logvar_ptr, noise_ptr, dmean_ptr, dlogvar_ptr,  # [R, K]; dmean, dlogvar contiguous

@@ -34,6 +34,7 @@ import torch
 from ._layout import as_rows, row_block, row_blocks
 from ._random import randn_row_block, seed_args
 from ._triton import DEVICE_ASSERTS, tl, triton
+from ._launch import kernel
 
 NUM_WARPS = 4
 METHODS = ("ddim", "ddpm")
@@ -71,6 +72,7 @@ def step_coefficients(alpha_t: float, alpha_prev: float, method: str = "ddim", e
     return StepCoefficients(inv_sqrt_a, s, math.sqrt(ap), math.sqrt(max(1.0 - ap - sigma * sigma, 0.0)), 0.0, sigma)
 
 
+@kernel
 @triton.jit(do_not_specialize=["seed", "index"])
 def _sampler_step_kernel(
     eps_ptr, x_ptr, noise_ptr, out_ptr,  # eps [R or 2R, K] rows; x, noise [R, K] rows; out [R, K] (row stride K)

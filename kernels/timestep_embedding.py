@@ -44,6 +44,7 @@ import torch.nn.functional as TF
 
 from ._grid import check_grid
 from ._triton import cdiv, next_pow2, tl, triton
+from ._launch import kernel
 
 try:
     from triton.language.extra import libdevice
@@ -59,6 +60,7 @@ MAX_BLOCK = 512
 ELEMENTS_PER_THREAD = 4  # libdevice's sinf + cosf of 8 a thread spill a few bytes on sm_80 (ptxas)
 
 
+@kernel
 @triton.jit
 def _timestep_embedding_kernel(
     t_ptr, out_ptr,  # t [N] in its own dtype (element stride t_stride, 0 for an expanded tensor); out [N, dim] fp32

@@ -25,25 +25,29 @@ One precedence rule for every switch, strongest first:
 Environment variables (read here and nowhere else; read ONCE, at import, and again only by
 :func:`reload_env` or on entering :func:`use_backend`, so no op reads the environment per call):
 
-=====================  ==========================================================================
-``LDM_FAST_BACKEND``   ``auto`` (default), ``triton`` or ``eager``.
-``LDM_FAST_COMPILE``   Inside ``torch.compile``: ``auto`` (default), ``kernel`` or ``inductor``. With
-                       ``inductor`` group_norm is traced as plain PyTorch, so Inductor generates and
-                       fuses it exactly as without ldm_fast; ``kernel`` puts the Triton kernel in the
-                       graph as one op; ``auto`` uses the kernel for groups of at least
-                       ``COMPILE_KERNEL_MIN_GROUP`` elements (the VAE's large levels, where the H100
-                       baseline measured Inductor's GroupNorm at ~2.5x the kernel's time) and
-                       Inductor below (the U-Net's levels, where Inductor fuses GroupNorm with its
-                       neighbours). reparameterize and q_sample always use their kernel op.
-``LDM_FAST_ATTENTION`` ``auto``, ``triton`` or ``sdpa``: overrides the ``impl`` argument of
-                       :func:`ldm_fast.functional.attention` (and every module and processor that
-                       calls it). Unset: each call's own ``impl`` (default ``auto``).
-``TRITON_INTERPRET``   Triton's own switch, read by Triton when a kernel is decorated (at import of
-                       ``ldm_fast.kernels.*``). ldm_fast never sets it: with ``1`` the kernels run
-                       under Triton's CPU interpreter on CPU tensors (the tests and the CPU
-                       benchmarks set it); unset, a machine without a GPU runs every op's eager
-                       reference.
-=====================  ==========================================================================
+==========================  ==========================================================================
+``LDM_FAST_BACKEND``        ``auto`` (default), ``triton`` or ``eager``.
+``LDM_FAST_COMPILE``        Inside ``torch.compile``: ``auto`` (default), ``kernel`` or ``inductor``. With
+                            ``inductor`` group_norm is traced as plain PyTorch, so Inductor generates and
+                            fuses it exactly as without ldm_fast; ``kernel`` puts the Triton kernel in the
+                            graph as one op; ``auto`` uses the kernel for groups of at least
+                            ``COMPILE_KERNEL_MIN_GROUP`` elements (the VAE's large levels, where the H100
+                            baseline measured Inductor's GroupNorm at ~2.5x the kernel's time) and
+                            Inductor below (the U-Net's levels, where Inductor fuses GroupNorm with its
+                            neighbours). reparameterize and q_sample always use their kernel op.
+``LDM_FAST_DIRECT_LAUNCH``  ``1`` (default) or ``0``: repeat launches of a kernel specialization go to the
+                            compiled kernel's launcher directly, skipping ``JITFunction.run``'s per-call
+                            binding (``kernels/_launch.py``); ``0`` sends every launch through
+                            ``kernel[grid]``.
+``LDM_FAST_ATTENTION``      ``auto``, ``triton`` or ``sdpa``: overrides the ``impl`` argument of
+                            :func:`ldm_fast.functional.attention` (and every module and processor that
+                            calls it). Unset: each call's own ``impl`` (default ``auto``).
+``TRITON_INTERPRET``        Triton's own switch, read by Triton when a kernel is decorated (at import of
+                            ``ldm_fast.kernels.*``). ldm_fast never sets it: with ``1`` the kernels run
+                            under Triton's CPU interpreter on CPU tensors (the tests and the CPU
+                            benchmarks set it); unset, a machine without a GPU runs every op's eager
+                            reference.
+==========================  ==========================================================================
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ from typing import Iterator, Optional
 import torch
 
 from .kernels import KERNEL_DTYPES
+from .kernels._launch import Switch as _DirectLaunch
 
 BACKENDS = ("auto", "triton", "eager")
 COMPILE_POLICIES = ("auto", "kernel", "inductor")
@@ -98,13 +103,15 @@ class _Env:
 
 
 def reload_env() -> None:
-    """Read ``LDM_FAST_BACKEND``, ``LDM_FAST_COMPILE``, ``LDM_FAST_ATTENTION`` and ``TRITON_INTERPRET``
+    """Read ``LDM_FAST_BACKEND``, ``LDM_FAST_COMPILE``, ``LDM_FAST_ATTENTION``, ``LDM_FAST_DIRECT_LAUNCH`` and ``TRITON_INTERPRET``
     again (ldm_fast reads them once, at import: call this after changing one in a running process).
     A bad value raises ValueError naming the variable (at import too)."""
     backend = _env_choice("LDM_FAST_BACKEND", BACKENDS, "auto")
     policy = _env_choice("LDM_FAST_COMPILE", COMPILE_POLICIES, "auto")
     attention = _env_choice("LDM_FAST_ATTENTION", ATTENTION_IMPLS, None)
+    direct = _env_choice("LDM_FAST_DIRECT_LAUNCH", ("0", "1"), "1")
     _Env.backend, _Env.compile_policy, _Env.attention = backend, policy, attention
+    _DirectLaunch.enabled = direct == "1"
     _Env.interpret = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 

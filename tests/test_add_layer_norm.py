@@ -475,3 +475,21 @@ def test_out_dtype_checked():
         lf.add_layer_norm(x, x, out_dtype="float32")
     s, out = lf.add_layer_norm(x, x, out_dtype=torch.float32)  # x's own dtype: the plain call
     assert out.dtype == torch.float32
+
+
+def test_inference_allocates_only_what_it_returns(triton_backend, monkeypatch):
+    """No gradient to record: the op asks the launcher for s and out only, not the statistics the
+    backward would read, and tells it the arguments are checked (no second check)."""
+    import ldm_fast.ops.add_layer_norm as op
+
+    calls = []
+    launcher = op._kernels.add_layer_norm_fwd
+    monkeypatch.setattr(op._kernels, "add_layer_norm_fwd", lambda *a, **k: calls.append(k) or launcher(*a, **k))
+    x, residual = torch.randn(2, 5, 24), torch.randn(2, 5, 24)
+    with torch.no_grad():
+        s, out = lf.add_layer_norm(x, residual)
+    assert triton_backend("add_layer_norm") and calls == [{"stats": False, "checked": True}]
+    assert add_layer_norm_fwd(x, residual, stats=False)[2:] == (None, None)
+    s_ref, out_ref = add_layer_norm_reference(x, residual)
+    assert torch.equal(s, s_ref)
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)

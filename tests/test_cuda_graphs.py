@@ -256,6 +256,43 @@ def test_every_op_replays_inside_a_capture(case):
                 assert torch.equal(got, expected), name
 
 
+def _kernels_direct() -> int:
+    """Launches made directly (kernels/_launch.py) by every ldm_fast kernel so far."""
+    import importlib
+
+    from ldm_fast.kernels._launch import Kernel
+
+    names = ("add_layer_norm", "attention", "geglu", "group_norm", "q_sample", "reparameterize", "sampler_step",
+             "timestep_embedding")
+    modules = [importlib.import_module(f"ldm_fast.kernels.{name}") for name in names]
+    return sum(v.direct for m in modules for v in vars(m).values() if isinstance(v, Kernel))
+
+
+@pytest.mark.parametrize("case", [c for c in _op_cases() if not c[4]] if torch.cuda.is_available() else [],
+                         ids=lambda c: c[0])
+def test_every_op_launches_directly_after_its_first_call_with_the_same_results(case):
+    """The second call of a specialization goes to the compiled kernel's launcher (counted), and
+    gives bit for bit what ``kernel[grid]`` gives (LDM_FAST_DIRECT_LAUNCH=0), also inside a capture."""
+    from ldm_fast.kernels._launch import Switch
+
+    name, op, make, fn, _ = case
+    inputs = make(torch.Generator(device="cuda").manual_seed(0))
+    with ldm_fast.use_backend("triton"):
+        saved, Switch.enabled = Switch.enabled, False
+        try:
+            via_run = [o.clone() for o in _outputs(fn(*inputs))]
+        finally:
+            Switch.enabled = saved
+        fn(*inputs)  # the first call of the specialization: kernel[grid], cached
+        before = _kernels_direct()
+        direct = _outputs(fn(*inputs))
+        assert _kernels_direct() > before, f"{name}: no direct launch"
+        graph, out = _capture(lambda: fn(*inputs))
+        graph.replay()
+    for a, b, c in zip(via_run, direct, _outputs(out)):
+        assert torch.equal(a, b) and torch.equal(a, c), name
+
+
 # ---------------------------------------------------------------------------------------------
 # CUDA autocast: group_norm and add_layer_norm give torch's dtypes, within the error rule (item 10)
 
