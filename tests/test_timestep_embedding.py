@@ -38,7 +38,7 @@ T_SMALL = [0, 1, 17, 500, 999]  # both ends of SD's 1000 training steps
 @pytest.fixture
 def runs(monkeypatch):
     """Count the kernel's launches (the whole op is one)."""
-    kernel = te._timestep_embedding_kernel
+    kernel = te._timestep_embedding_kernel.fn  # (the JIT function inside ldm_fast's Kernel: kernels/_launch.py)
     counts = Counter()
 
     def counted(*args, _run=kernel.run, **kwargs):
