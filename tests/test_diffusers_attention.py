@@ -20,6 +20,7 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0  # noqa: E402
 
+import _diffusers_models as dm  # noqa: E402
 from _numerics import check_attention as _check  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
@@ -27,32 +28,19 @@ from _numerics import check_attention as _check  # noqa: E402
 
 
 def _unet():
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        norm_num_groups=8, cross_attention_dim=32, attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    ).eval()
+    return dm.unet()
 
 
 def _unet_inputs(dtype=torch.float32):
-    g = torch.Generator().manual_seed(1)
-    sample, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 3, 32, generator=g)
-    return sample.to(dtype), torch.tensor([10, 500]), context.to(dtype)
+    return tuple(t.to(dtype) if t.is_floating_point() else t for t in dm.unet_inputs())
 
 
 def _vae():
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        norm_num_groups=8, sample_size=16,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-    ).eval()
+    return dm.vae()
 
 
 def _image(dtype=torch.float32):
-    return torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(2)).to(dtype)
+    return dm.image().to(dtype)
 
 
 def _run_model(model, inputs):
