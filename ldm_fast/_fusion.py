@@ -31,8 +31,8 @@ from torch import Tensor, nn
 from . import backend, functional
 from . import nn as _ldm_nn  # (a cycle: ldm_fast.nn imports intercepted; its classes are read at call time)
 
-__all__ = ["class_method", "gemm_like_conv", "plain_group_norm", "plain_silu", "add_norm", "add_norm_feed_forward", "autocast_layer_norm_dtype", "global_module_hooks",
-           "intercepted", "shared_silu", "shortcut_gemm"]
+__all__ = ["add_norm", "add_norm_feed_forward", "autocast_layer_norm_dtype", "class_method", "gemm_like_conv",
+           "global_module_hooks", "intercepted", "plain_group_norm", "plain_silu", "shared_silu", "shortcut_gemm"]
 
 _module_globals = torch.nn.modules.module
 

@@ -24,7 +24,6 @@ from ldm_fast.integrations.diffusers import AttnProcessor as LdmAttnProcessor
 from ldm_fast.nn import CrossAttention, SpatialSelfAttention
 from ldm_fast.nn import GroupNorm as LdmGroupNorm
 
-from _numerics import assert_close_to_exact
 from _numerics import check_attention as _check
 
 BACKENDS = ["default", "triton"]

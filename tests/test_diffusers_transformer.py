@@ -12,7 +12,6 @@ import pytest
 import torch
 from torch import nn
 
-import ldm_fast
 from ldm_fast import optimize, restore
 from ldm_fast.integrations.diffusers.transformer import TransformerBlockForward, TransformerOutput
 
