@@ -487,10 +487,11 @@ HOOKED = [
 
 
 def _hooked(model, ref) -> list:
-    """The HOOKED paths whose module is the model's own: diffusers before 0.33 hands every
+    """The HOOKED paths whose module is held at that one place: diffusers before 0.33 hands every
     ResnetBlock2D one process-wide activation module (get_activation's table), which a hook on one
-    block would put on every block of every model, the twin's included."""
-    return [p for p in HOOKED if model.get_submodule(p) is not ref.get_submodule(p)]
+    block would put on every block of every model (and leave on the next test's models)."""
+    places = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+    return [p for p in HOOKED if places[id(model.get_submodule(p))] == 1]
 
 
 def _register(model, pre=None, post=None, paths=HOOKED):
@@ -530,8 +531,10 @@ def test_hooks_record(options, monkeypatch):
     x = unet_inputs(batch=1)
     paths = _hooked(model, ref)
     expected = []
-    _register(ref, *_recorder(expected), paths=paths)
+    handles = _register(ref, *_recorder(expected), paths=paths)
     run_unet(ref, x)
+    for h in handles:
+        h.remove()
     assert {entry[0] for entry in expected} == set(paths)
     ops = ops_for(options, monkeypatch)
     for backend in ("kernel", "default"):
@@ -560,9 +563,12 @@ def test_hooks_replace(where):
     else:
         hooks = {"post": lambda path, args, out: out * 0.5 + 0.25}
     paths = _hooked(model, ref)
-    _register(model, **hooks, paths=paths)
-    _register(ref, **hooks, paths=paths)
-    expected = check_both(lambda: run_unet(model, x), lambda: run_unet(ref, x))
+    handles = _register(model, **hooks, paths=paths) + _register(ref, **hooks, paths=paths)
+    try:
+        expected = check_both(lambda: run_unet(model, x), lambda: run_unet(ref, x))
+    finally:
+        for h in handles:
+            h.remove()
     assert rel_change(expected, before) > 1e-2
 
 
