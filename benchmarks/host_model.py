@@ -38,13 +38,13 @@ launch; ``C_triton`` per Triton launch, for ``kernel[grid]`` and for a direct la
 modules, ldm_fast's host code up to the launch boundary, the non-launching aten ops such as views
 and allocations) carries over as measured on this CPU; the H100 host's CPU may be faster or slower.
 
-Launch boundary. Every Triton launch is stubbed at :func:`launch_boundary`, one function: today it
-patches Triton's ``JITFunction.run`` (and the interpreter's ``InterpretedFunction.run``) through
-:func:`benchmarks.host._patched_run`, so what ``kernel[grid](...)`` does (binding, specialization
-key, cache lookup, the launch) is not timed and is charged ``C_triton`` by the model instead; the
-kernels' outputs stay the ``torch.empty`` allocations they were. When ldm_fast launches compiled
-kernels directly (issue 24, item 2), move the stub into :func:`launch_boundary` onto that direct
-launcher's call (so the guard and cache lookup in front of it are timed) and charge its constant.
+Launch boundary. Every Triton launch is stubbed at :func:`launch_boundary`, one function: the entry
+of ldm_fast's launcher (``kernels/_launch.Kernel.launch``, what ``kernel[grid](...)`` calls), so
+what the launch does is not timed and is charged ``C_triton`` by the model instead: through
+``kernel[grid]`` Triton's binding, specialization key and cache lookup; through the direct launcher
+ldm_fast's guard (the call's facts and the cache lookup, measured here on this CPU with a fake
+compiled kernel: :func:`direct_guard_us`) plus the compiled launcher's constant. The kernels'
+outputs stay the ``torch.empty`` allocations they were.
 
 Timing. ``time.thread_time_ns`` (this thread's CPU time: time the scheduler gives other processes
 on a shared machine is not counted) of one call, in interleaved rounds: each round runs every
@@ -148,21 +148,69 @@ def log(message: str) -> None:
 @contextlib.contextmanager
 def launch_boundary(counts: Optional[Counter] = None):
     """Every ldm_fast Triton launch becomes a no-op while active; each is counted into ``counts``
-    by kernel name. THE one place the stub lives: today Triton's ``JITFunction.run`` /
-    ``InterpretedFunction.run`` (via :func:`benchmarks.host._patched_run`); with a direct launcher,
-    stub that launcher's call here instead (see the module docstring)."""
+    by kernel name. THE one place the stub lives: the entry of ldm_fast's launcher,
+    ``kernels/_launch.Kernel.launch`` (what ``kernel[grid](...)`` calls: on a GPU, ``kernel[grid]``
+    for a specialization's first launch and the compiled kernel's launcher for the others), so the
+    measured time stops where the launch starts and the MODEL adds one launch constant per launch."""
+    from ldm_fast.kernels._launch import Kernel
 
-    def make_run(original):
-        def run(self, *args, grid, warmup, **kwargs):
-            if not warmup and counts is not None:
-                fn = getattr(self, "fn", self)
-                counts[getattr(fn, "__name__", type(self).__name__)] += 1
+    def launch(self, grid, *args, **kwargs):
+        if counts is not None:
+            counts[getattr(self.fn, "__name__", type(self.fn).__name__)] += 1
+        return None
+
+    original = Kernel.__dict__["launch"]
+    Kernel.launch = launch
+    try:
+        yield
+    finally:
+        Kernel.launch = original
+
+
+def direct_guard_us(rounds: int = 5, calls: int = 2000) -> float:
+    """Host µs per launch of ldm_fast's direct launcher in front of the compiled kernel's launcher
+    (``kernels/_launch.Kernel``: the partial, the call's facts, the cache lookup, the stream query),
+    for a 20-argument launch (9 tensors, 10 ints, a float; ldm_fast's kernels take 10-30), on this
+    CPU: a fake compiled kernel whose launcher does nothing stands in for the GPU's. Median of
+    ``rounds`` loops of thread CPU time."""
+    from ldm_fast.kernels._launch import Kernel, Switch
+
+    names = [f"a{i}" for i in range(20)] + ["BLOCK"]
+
+    class Param:
+        def __init__(self, name):
+            self.name, self.is_constexpr, self.has_default, self.default = name, name == "BLOCK", False, None
+
+    class Compiled:
+        function, packed_metadata = object(), object()
+
+        def run(self, *call):
             return None
 
-        return run
+    compiled = Compiled()
 
-    with host._patched_run(make_run):
-        yield
+    class FakeJIT:
+        params = [Param(n) for n in names]
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: compiled
+
+    kernel = Kernel(FakeJIT())
+    kernel._stream = lambda device: None
+    args = tuple([torch.zeros(16) for _ in range(9)] + [1024, 320, 1024, 0, 320, 1, 0, 320, 1, 7] + [1e-5])
+    saved, Switch.enabled = Switch.enabled, True
+    try:
+        kernel[(8,)](*args, BLOCK=512, num_warps=8)  # fills the cache
+        samples = []
+        for _ in range(rounds):
+            start = time.thread_time_ns()
+            for _ in range(calls):
+                kernel[(8,)](*args, BLOCK=512, num_warps=8)
+            samples.append((time.thread_time_ns() - start) / calls / 1e3)
+    finally:
+        Switch.enabled = saved
+    assert kernel.direct == rounds * calls
+    return statistics.median(samples)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,9 +442,22 @@ def ms(s: dict) -> dict:
     return {k: (v / 1e3 if k != "n" else v) for k, v in s.items()}
 
 
+_GUARD: dict = {}  # the measured direct-launch guard, once per process
+
+
+def triton_constant(kind: str, key: str = "us") -> float:
+    """The model's µs per Triton launch of ``kind``: the constant, plus, for the direct launcher,
+    ldm_fast's guard in front of it as measured on this CPU (:func:`direct_guard_us`)."""
+    if kind != "triton_direct":
+        return CONSTANTS[kind][key]
+    if "us" not in _GUARD:
+        _GUARD["us"] = direct_guard_us()
+    return CONSTANTS[kind].get(key, CONSTANTS[kind]["us"]) + _GUARD["us"]
+
+
 def model_samples(t_us: list[float], r_us: list[float], counts: dict, triton_kind: str) -> list[float]:
     """The model per round (µs): ``T - R + aten_launches x C_aten + triton_launches x C_triton``."""
-    fixed = counts["aten_launches"] * CONSTANTS["aten"]["us"] + counts["triton_launches"] * CONSTANTS[triton_kind]["us"]
+    fixed = counts["aten_launches"] * CONSTANTS["aten"]["us"] + counts["triton_launches"] * triton_constant(triton_kind)
     return [t - r + fixed for t, r in zip(t_us, r_us)]
 
 
@@ -404,7 +465,7 @@ def model_point(t_us, r_us, counts, triton_kind: str, key: str) -> float:
     """The model at the medians of T - R, with the Triton constant's ``key`` (``low_us``/``high_us``)."""
     diff = statistics.median([t - r for t, r in zip(t_us, r_us)])
     return (diff + counts["aten_launches"] * CONSTANTS["aten"]["us"]
-            + counts["triton_launches"] * CONSTANTS[triton_kind][key])
+            + counts["triton_launches"] * triton_constant(triton_kind, key))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -612,7 +673,8 @@ def notes(env: dict, config: dict, rounds: dict, steps: Optional[dict] = None,
         f"MODEL (not a measurement) of GPU host time per step = CPU - replay + aten launches x {c['aten']['us']} us "
         f"+ Triton launches x C: kernel[grid] C = {c['triton_kernel_grid']['us']} us (range "
         f"{c['triton_kernel_grid']['low_us']}-{c['triton_kernel_grid']['high_us']}), direct launcher C = "
-        f"{c['triton_direct']['us']} us.",
+        f"{c['triton_direct']['us']} us + ldm_fast's guard in front of it, {_GUARD.get('us', float('nan')):.1f} us measured "
+        "on this CPU (a 20-argument launch, a fake compiled kernel).",
         *[f"  {k}: {v['source']}" for k, v in c.items()],
         "Per op: 'step' = the U-Net step's level-0 shape, 'floor' = the smallest shape the op takes (aten's "
         "time there is its dispatch floor: the step-floor gap bounds its CPU math).",
@@ -682,7 +744,7 @@ def run(quick: bool = False, out_dir: Optional[Path] = None, rounds: Optional[in
         "environment": env, "label": CPU_LABEL, "quick": quick, "rounds": n_rounds,
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
         "inputs": {"batch": 2, "latents": [4, 8, 8], "context_tokens": 77, "t": 500, "dtype": "float32"},
-        "constants": CONSTANTS, "steps": steps, "ops": ops,
+        "constants": CONSTANTS, "direct_guard_us": _GUARD.get("us"), "steps": steps, "ops": ops,
     }
     report["notes"] = notes(env, config, n_rounds, steps, ops)
     report["h100_eager_step_ms"] = H100_EAGER_STEP_MS

@@ -14,8 +14,9 @@ call ``JITFunction.run`` itself makes (triton 3.6 through 3.9), with no launch m
 
 The facts are finer than Triton's specialization, so equal facts imply the compiled kernel Triton
 would pick: per positional argument, a tensor's dtype and whether its address is 16-byte aligned;
-an int's equality to 1, divisibility by 16 and 32/64-bit range; a float's or None's type; a bool's
-value; every keyword (constexprs and options such as ``num_warps``) by name and value, in the call's order;
+an int or a bool by value (an int's value decides Triton's facts about it: equality to 1,
+divisibility by 16, 32/64-bit range; a size that changes only adds a cache entry); a float's or
+None's type; every keyword (constexprs and options such as ``num_warps``) by name and value, in the call's order;
 the device. A call
 with anything else (another argument type, a non-constexpr parameter passed by keyword) and every
 call while a Triton launch hook is set (profilers) go through ``kernel[grid]``, as does everything
@@ -51,23 +52,22 @@ _I32 = 2**31
 
 
 def facts(args: tuple) -> Optional[tuple]:
-    """The positional arguments' part of the facts (see the module docstring): a tensor's dtype and
-    16-byte alignment; an int's equality to 1, divisibility by 16 and 32-bit range, as bits (values
-    of 2**63 and up are 64-bit unsigned to Triton: their own fact); a float's or None's type; a bool's
-    value. None for an argument of another kind. One inline loop: this runs on every launch."""
+    """The positional arguments' part of the facts (see the module docstring), finer than Triton's
+    specialization: a tensor's dtype and 16-byte alignment; an int as itself (its value decides
+    Triton's facts about it: equality to 1, divisibility by 16, 32/64-bit range); a float's or
+    None's type; a bool's value. None for an argument of another kind. One inline loop: this runs on
+    every launch."""
     key = []
     add = key.append
     for a in args:
         cls = a.__class__
-        if cls is int:
-            add((a == 1) | (not a & 15) << 1 | (not -_I32 <= a < _I32) << 2 | (a >= 2**63) << 3)
+        if cls is int or cls is bool:
+            add(a)
         elif cls is float or a is None:
             add(cls)
         elif isinstance(a, _Tensor):
             add(a.dtype)
             add(not a.data_ptr() & 15)
-        elif cls is bool:
-            add(a)
         else:
             return None
     return tuple(key)
@@ -97,7 +97,9 @@ class Kernel:
         return partial(self.launch, grid)
 
     def launch(self, grid, *args, **kwargs):
-        if not Switch.enabled or self._params is None or _hooked():
+        runtime = knobs.runtime if knobs is not None else None
+        if (not Switch.enabled or self._params is None
+                or _calls(runtime.launch_enter_hook) or _calls(runtime.launch_exit_hook)):
             return self.fn[grid](*args, **kwargs)
         arg_facts = facts(args)
         if arg_facts is None:
@@ -142,12 +144,10 @@ class Kernel:
         return tuple(tail)
 
 
-def _hooked() -> bool:
+def _calls(hook) -> bool:
     """Whether a Triton launch hook is set (a ``HookChain`` with calls, or a hook set the older way):
     those launches go through ``kernel[grid]``, which builds the hooks' launch metadata."""
-    runtime = knobs.runtime
-    enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
-    return bool(getattr(enter, "calls", enter)) or bool(getattr(leave, "calls", leave))
+    return bool(getattr(hook, "calls", hook))
 
 
 def _device(args: tuple) -> int:

@@ -865,6 +865,7 @@ def group_norm_fwd(
     stats: bool = True,
     shift=None,
     out_dtype: Optional[torch.dtype] = None,
+    checked: bool = False,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Launch the forward: ``(y, mean, rstd)``. One launch on the one-pass path, two on the split
     path (statistics per chunk of each group; apply, which first merges its groups' chunks); no
@@ -875,7 +876,8 @@ def group_norm_fwd(
     caller checks). y: ``[B, C, *spatial]`` in x's dtype (or ``out_dtype``: fp32 is what CUDA
     autocast's group_norm returns), channels-last when ``channels_last_out`` (None: x's layout), or
     written into ``out`` (NCHW-contiguous or channels-last: its layout decides). mean, rstd: ``[B, G]`` fp32, what the backward needs; None with ``stats=False``
-    (inference: neither allocated nor written). shift: ``[B, C]`` any float dtype (channels
+    (inference: neither allocated nor written). ``checked``: the caller (the op) has checked the
+    channels and the shift. shift: ``[B, C]`` any float dtype (channels
     contiguous, rows any stride: e.g. a column slice of one wider projection), or None: y is
     the norm of ``x + shift[:, :, None, ...]`` (added in fp32 as x is read; the sum is never
     stored), and mean/rstd are that sum's.
@@ -883,9 +885,13 @@ def group_norm_fwd(
     of ``x + shift[:, :, None, ...]``).
     """
     silu = _activation_flag(activation)
-    if x.shape[1] > MAX_CHANNELS:
-        _too_many_channels(x)
-    shift = _check_shift(shift, x, rows=True)
+    if checked:  # the op checked x's channels and the shift already
+        if shift is not None and shift.stride(1) != 1:
+            shift = shift.contiguous()
+    else:
+        if x.shape[1] > MAX_CHANNELS:
+            _too_many_channels(x)
+        shift = _check_shift(shift, x, rows=True)
     shift_stride = 0 if shift is None else shift.stride(0)
     x, x_cl = _canonical(x)
     B, C = x.shape[0], x.shape[1]
@@ -901,8 +907,8 @@ def group_norm_fwd(
     rstd = torch.empty((B, G), dtype=torch.float32, device=x.device) if stats else None
     if x.numel() == 0:
         return y, mean, rstd
-    w = x if weight is None else weight.contiguous()
-    b = x if bias is None else bias.contiguous()
+    w = x if weight is None else weight if weight.stride(0) == 1 else weight.contiguous()
+    b = x if bias is None else bias if bias.stride(0) == 1 else bias.contiguous()
     flags = dict(SILU=silu, HAS_W=weight is not None, HAS_B=bias is not None, WRITE_STATS=stats,
                  HAS_SHIFT=shift is not None)
     mean_p, rstd_p = (mean, rstd) if stats else (y, y)
@@ -1010,8 +1016,8 @@ def group_norm_bwd(
     dshift = torch.empty((B, C), dtype=shift.dtype, device=x.device) if has_shift else None
     if x.numel() == 0:
         return (dx, dw.zero_(), db.zero_()) + ((dshift.zero_(),) if has_shift else ())
-    w = x if weight is None else weight.contiguous()
-    b = x if bias is None else bias.contiguous()
+    w = x if weight is None else weight if weight.stride(0) == 1 else weight.contiguous()
+    b = x if bias is None else bias if bias.stride(0) == 1 else bias.contiguous()
     flags = dict(SILU=silu, HAS_W=has_w, HAS_B=has_b)
     mean, rstd = mean.contiguous(), rstd.contiguous()
     plan = _bwd_plan(B, C, S, G, x_cl, dy_cl, dx_cl, _tuning())

@@ -73,14 +73,15 @@ def class_method(module: nn.Module, cls: type, name: str, original):
 def plain_group_norm(norm: nn.Module) -> bool:
     """``norm`` is an ldm_fast GroupNorm (what the ``group_norm`` patch makes of a torch GroupNorm)
     without an activation of its own, and nothing intercepts its call: reading its parameters
-    computes what calling it computes."""
+    computes what calling it computes (global module hooks aside: the caller checks those once)."""
     return (type(norm) in (_ldm_nn.GroupNorm, _ldm_nn.GroupNorm32) and norm.__dict__.get("activation") is None
-            and not intercepted(norm) and not global_module_hooks())
+            and not intercepted(norm))
 
 
 def plain_silu(act: nn.Module) -> bool:
-    """``act`` is an ``nn.SiLU`` and nothing intercepts its call (nor any module's)."""
-    return type(act) is nn.SiLU and not intercepted(act) and not global_module_hooks()
+    """``act`` is an ``nn.SiLU`` and nothing intercepts its call (global module hooks aside: the
+    caller checks those once)."""
+    return type(act) is nn.SiLU and not intercepted(act)
 
 
 def needs_grad_of(tensors: Sequence[Optional[Tensor]], params) -> bool:
@@ -120,7 +121,8 @@ def add_norm(x: Tensor, residual: Tensor, norm: nn.LayerNorm) -> tuple[Tensor, T
     if x.shape == residual.shape and x.dtype == residual.dtype and _plain_layer_norm(norm):
         out_dtype = autocast_layer_norm_dtype(x.device.type)
         if out_dtype is not _UNKNOWN_AUTOCAST:
-            return functional.add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps, out_dtype=out_dtype)
+            p = norm._parameters  # (not norm.weight: nn.Module.__getattr__ costs ~0.5 µs a name)
+            return functional.add_layer_norm(x, residual, p["weight"], p["bias"], norm.eps, out_dtype=out_dtype)
     hidden = x + residual
     return hidden, norm(hidden)
 
@@ -138,16 +140,20 @@ def add_norm_feed_forward(x: Tensor, residual: Tensor, norm: nn.LayerNorm, inner
     ``norm``/``out_proj`` not plain (another class, e.g. a LoRA layer, or intercepted); the caller
     then runs its own statements. The caller checks that ``inner`` is what the feed-forward computes
     before ``out_proj``."""
-    if not (x.shape == residual.shape and x.dtype == residual.dtype and type(out_proj) is nn.Linear
-            and out_proj.weight.dtype == x.dtype and not intercepted(out_proj) and _plain_layer_norm(norm)
-            and not torch.compiler.is_compiling() and backend.kernel_ok(x, residual)
-            and not torch.is_autocast_enabled(x.device.type) and not needs_grad_of((x, residual), params)):
+    if type(out_proj) is not nn.Linear:
         return None
-    s_biased, normed = functional.add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps, s_bias=out_proj.bias)
+    w = out_proj._parameters
+    if not (x.shape == residual.shape and x.dtype == residual.dtype and w["weight"].dtype == x.dtype
+            and not intercepted(out_proj) and _plain_layer_norm(norm) and not torch.compiler.is_compiling()
+            and backend.kernel_ok(x, residual) and not torch.is_autocast_enabled(x.device.type)
+            and not needs_grad_of((x, residual), params)):
+        return None
+    n = norm._parameters
+    s_biased, normed = functional.add_layer_norm(x, residual, n["weight"], n["bias"], norm.eps, s_bias=w["bias"])
     gated = inner(normed)
     C = s_biased.shape[-1]
     # s_biased is ours (fresh): accumulate in place (an out-of-place addmm would copy it first)
-    s_biased.view(-1, C).addmm_(gated.reshape(-1, gated.shape[-1]), out_proj.weight.t())
+    s_biased.view(-1, C).addmm_(gated.reshape(-1, gated.shape[-1]), w["weight"].t())
     return s_biased
 
 
@@ -177,10 +183,13 @@ def shortcut_gemm(conv: nn.Module, h: Tensor, shortcut: nn.Module, x: Tensor) ->
 
     Eager equivalent: ``shortcut(x) + conv(h)``.
     """
-    if (type(conv) is not nn.Conv2d or type(shortcut) is not nn.Conv2d or intercepted(conv) or intercepted(shortcut)
-            or torch.compiler.is_compiling() or not backend.kernel_ok(h, x) or x.dim() != 4
-            or not (h.dtype == x.dtype == conv.weight.dtype == shortcut.weight.dtype)
-            or needs_grad_of((h, x), (conv.weight, shortcut.weight)) or global_module_hooks() or not gemm_like_conv(x)):
+    if type(conv) is not nn.Conv2d or type(shortcut) is not nn.Conv2d:
+        return None
+    p1, p2 = conv._parameters, shortcut._parameters  # (not conv.weight: nn.Module.__getattr__ costs ~0.5 µs a name)
+    w1, b1, w2, b2 = p1["weight"], p1["bias"], p2["weight"], p2["bias"]
+    if (intercepted(conv) or intercepted(shortcut) or torch.compiler.is_compiling() or not backend.kernel_ok(h, x)
+            or x.dim() != 4 or not (h.dtype == x.dtype == w1.dtype == w2.dtype)
+            or needs_grad_of((h, x), (w1, w2)) or global_module_hooks() or not gemm_like_conv(x)):
         return None
     B, C, H, W = x.shape
     last = torch.channels_last
@@ -190,13 +199,12 @@ def shortcut_gemm(conv: nn.Module, h: Tensor, shortcut: nn.Module, x: Tensor) ->
         layout = torch.contiguous_format
     else:
         return None
-    b1, b2 = conv.bias, shortcut.bias
     bias = b1 if b2 is None else b2 if b1 is None else b1 + b2
-    y = F.conv2d(h, conv.weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    y = F.conv2d(h, w1, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
     if y.shape[0] != B or y.shape[2:] != x.shape[2:] or not y.is_contiguous(memory_format=layout):
-        return y + F.conv2d(x, shortcut.weight)  # conv chose another layout: the GEMM and the add apart
+        return y + F.conv2d(x, w2)  # conv chose another layout: the GEMM and the add apart
     Co = y.shape[1]
-    w = shortcut.weight.view(Co, C)
+    w = w2.view(Co, C)
     if layout is last:  # [B*H*W, C] row views: y += x @ w^T
         y.permute(0, 2, 3, 1).view(B * H * W, Co).addmm_(x.permute(0, 2, 3, 1).view(B * H * W, C), w.t())
     else:  # [B, C, H*W] views: y += w @ x

@@ -111,7 +111,7 @@ def group_norm(
                                             out_dtype)
         else:
             return launch("group_norm", _kernels.group_norm_fwd, x, weight, bias, num_groups, eps, activation,
-                          channels_last_out, stats=False, shift=shift, out_dtype=out_dtype)[0]
+                          channels_last_out, stats=False, shift=shift, out_dtype=out_dtype, checked=True)[0]
     y = _kernels.group_norm_reference(x, num_groups, weight, bias, eps, activation, upcast=upcast, shift=shift)
     return y if channels_last_out is None else _to_layout(y, channels_last_out)
 
@@ -143,7 +143,7 @@ class _GroupNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, num_groups, eps, activation, channels_last_out, shift, out_dtype=None):
         y, mean, rstd = launch("group_norm", _kernels.group_norm_fwd, x, weight, bias, num_groups, eps, activation,
-                               channels_last_out, shift=shift, out_dtype=out_dtype)
+                               channels_last_out, shift=shift, out_dtype=out_dtype, checked=True)
         ctx.save_for_backward(x, weight, bias, mean, rstd, shift)
         ctx.num_groups, ctx.activation = num_groups, activation
         return y

@@ -175,7 +175,8 @@ class SequentialForward:
         while i < n:
             m = entries[i]
             if i in pairs and plain_group_norm(m) and plain_silu(entries[i + 1]):
-                input = functional.group_norm(input, m.num_groups, m.weight, m.bias, m.eps, activation="silu",
+                p = m._parameters
+                input = functional.group_norm(input, m.num_groups, p["weight"], p["bias"], m.eps, activation="silu",
                                               upcast=type(m) is ldm_nn.GroupNorm32)
                 i += 2
             else:

@@ -16,7 +16,8 @@ with, on the Triton backend:
 Each fusion checks on every call that the modules it reads instead of calling are still the plain
 modules it was written for (a LoRA/LoCon layer, a hook, another class: that module is called, as
 diffusers calls it). Off the Triton backend (a CPU, ``LDM_FAST_BACKEND=eager``), under
-torch.compile and for the deprecated ``scale`` argument, diffusers' own forward runs.
+torch.compile, with global module hooks and for the deprecated ``scale`` argument, diffusers' own
+forward runs.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 
 from ... import backend, functional
-from ..._fusion import class_method, plain_group_norm, plain_silu, shared_silu, shortcut_gemm
+from ..._fusion import class_method, global_module_hooks, plain_group_norm, plain_silu, shared_silu, shortcut_gemm
 from ...optimize.patch import Context, InstallPatch
 from .supported import is_diffusers, known
 
@@ -53,7 +54,7 @@ class ResnetForward:
         block = self.block
         forward = class_method(block, self.cls, "forward", self.diffusers_forward)  # (a class swapped or patched since)
         if (forward is not self.diffusers_forward or args or kwargs or torch.compiler.is_compiling()
-                or not backend.kernel_ok(input_tensor)):
+                or not backend.kernel_ok(input_tensor) or global_module_hooks()):
             return forward(block, input_tensor, temb, *args, **kwargs)
         mods = block._modules
         act = mods["nonlinearity"]
@@ -63,8 +64,9 @@ class ResnetForward:
 
         norm1 = mods["norm1"]
         if silu and plain_group_norm(norm1):
-            hidden_states = functional.group_norm(hidden_states, norm1.num_groups, norm1.weight, norm1.bias,
-                                                  norm1.eps, activation="silu")
+            p = norm1._parameters  # (not norm1.weight: nn.Module.__getattr__ costs ~0.5 µs a name)
+            hidden_states = functional.group_norm(hidden_states, norm1.num_groups, p["weight"], p["bias"], norm1.eps,
+                                                  activation="silu")
         else:
             hidden_states = norm1(hidden_states)
             hidden_states = act(hidden_states)
@@ -96,8 +98,9 @@ class ResnetForward:
         if mode == "default" and temb is not None and fused2 and temb.dtype == hidden_states.dtype \
                 and temb.shape == hidden_states.shape[:2] + (1, 1):
             # the add inside the norm's pass, then the SiLU: hidden_states + temb is never written
-            hidden_states = functional.group_norm(hidden_states, norm2.num_groups, norm2.weight, norm2.bias,
-                                                  norm2.eps, activation="silu", shift=temb)
+            p = norm2._parameters
+            hidden_states = functional.group_norm(hidden_states, norm2.num_groups, p["weight"], p["bias"], norm2.eps,
+                                                  activation="silu", shift=temb)
         elif mode == "scale_shift":
             if temb is None:
                 raise ValueError(f" `temb` should not be None when `time_embedding_norm` is {mode}")
@@ -109,7 +112,8 @@ class ResnetForward:
             if mode == "default" and temb is not None:
                 hidden_states = hidden_states + temb
             if fused2:
-                hidden_states = functional.group_norm(hidden_states, norm2.num_groups, norm2.weight, norm2.bias,
+                p = norm2._parameters
+                hidden_states = functional.group_norm(hidden_states, norm2.num_groups, p["weight"], p["bias"],
                                                       norm2.eps, activation="silu")
             else:
                 hidden_states = norm2(hidden_states)
