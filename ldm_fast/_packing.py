@@ -36,8 +36,8 @@ class PackedLinears:
     call): anything that re-allocates a weight after optimize (``model.to(dtype)``, ``.to(device)``,
     a merge that assigns ``.data``) or swaps the module (a LoRA layer) makes the user's own
     statements run. :meth:`unpack` (restore) gives every weight still in the buffer its own storage
-    back. Copies (``copy.deepcopy``, pickle, ``torch.save``/``torch.load``) keep the packing where the
-    copied weights still share the copied buffer. Values: the same products; cuBLAS may pick another
+    back. Copies (``copy.deepcopy``, pickle, ``torch.save``/``torch.load``) are packed too
+    (:meth:`__setstate__`). Values: the same products; cuBLAS may pick another
     kernel for the wider GEMM, so low-precision results can differ from the separate GEMMs' in the
     last bit.
 
@@ -80,7 +80,18 @@ class PackedLinears:
         return state
 
     def __setstate__(self, state: dict) -> None:
+        """A copy (``copy.deepcopy``, pickle) gives each weight its own storage again: put the copied
+        values back into the copied buffer and the weights back on its views (``torch.save``/
+        ``torch.load`` keep the sharing; then nothing moves). The modules are complete here: their
+        state is restored before this object's."""
         self.__dict__.update(state)
+        with torch.no_grad():
+            for i, m in enumerate(self.modules):
+                rows = slice(self.offsets[i], self.offsets[i + 1])
+                for p, buffer in ((m.weight, self.weight), (m.bias, self.bias)):
+                    if p is not None and buffer is not None and storage_key(p) != storage_key(buffer[rows]):
+                        buffer[rows].copy_(p.detach())
+                        p.data = buffer[rows]
         self._set_keys()
 
     def intact(self, i: int) -> bool:

@@ -311,3 +311,26 @@ def test_packed_projections_left_when_shared_or_not_linear():
     assert report.paths("pack_weights") == ["plain"]
     assert sorted(report.paths("attention")) == ["lora", "plain", "tied"]
     assert model["head"].weight is tied.to_v.weight
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_packed_projections_of_a_copy_follow_its_in_place_updates(how, monkeypatch):
+    """A copy of an optimized model is packed too: its projection weights are views of its own
+    buffer (k/v rows included), so an in-place update of the copy's weights (an EMA's copy_to) is
+    what its packed GEMMs read."""
+    import pickle
+
+    unet, inputs = _unet(), _unet_inputs()
+    optimize(unet, group_norm=False, attention=True)
+    copied = copy.deepcopy(unet) if how == "deepcopy" else pickle.loads(pickle.dumps(unet))
+    plain = copy.deepcopy(unet)
+    restore(plain)
+    for model in (copied, plain):
+        for name, p in model.named_parameters():
+            if ".to_k." in name or ".to_v." in name:
+                p.data.mul_(1.5)
+    gemms = _PackedGemms(monkeypatch, copied)
+    with ldm_fast.use_backend("triton"):
+        out = _run_model(copied, inputs)
+    assert gemms.packed == 8
+    torch.testing.assert_close(out, _run_model(plain, inputs), rtol=1e-5, atol=1e-5)

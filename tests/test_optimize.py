@@ -213,6 +213,8 @@ def test_copies_of_an_optimized_model_run_fused_and_restore_on_their_own(how):
     assert isinstance(copied.forward, opt_mod.CUDAGraphForward) and copied.forward.model is copied
     block = copied.down_blocks[0].resnets[0]
     assert block.forward.block is block
+    pack = block.forward.time_pack  # the copy's weights are views of the copy's packed buffer again
+    assert all(pack.intact(i) for i in range(len(pack.modules))) and pack.modules[0] is block.time_emb_proj
     with dm.kernels_forced() as launched:
         out = dm.run_unet(copied, inputs)
     assert launched["group_norm"] == 21

@@ -234,8 +234,21 @@ class PackedProjections(PackedLinears):
         self.with_q = with_q
         self.names = ("to_q", "to_k", "to_v") if with_q else ("to_k", "to_v")
         self.width = modules[-1].out_features
+        self._kv_views()
+
+    def _kv_views(self) -> None:
+        """k and v's rows of the buffer, as views (they see every in-place update of the weights)."""
         self.kv_weight = self.weight[-2 * self.width:]
         self.kv_bias = None if self.bias is None else self.bias[-2 * self.width:]
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        del state["kv_weight"], state["kv_bias"]  # (a copy would not keep them views of the buffer)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._kv_views()
 
     def __repr__(self) -> str:
         return f"<ldm_fast packed {'q/k/v' if self.with_q else 'k/v'} projections: {tuple(self.weight.shape)}>"
