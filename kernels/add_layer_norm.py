@@ -162,9 +162,10 @@ def add_layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor, weight=None, bia
         C = _check(x, residual, weight, bias, s_bias)
         if C > MAX_C:
             raise ValueError(f"add_layer_norm: the kernel holds rows of at most {MAX_C} elements, got C = {C}")
-    shape, device = x.shape, x.device
-    s = torch.empty(shape, dtype=x.dtype, device=device)
-    out = torch.empty(shape, dtype=x.dtype if out_dtype is None else out_dtype, device=device)
+    device = x.device
+    # (empty_like: half the host time of torch.empty(shape, dtype=, device=))
+    s = torch.empty_like(x, memory_format=torch.contiguous_format)
+    out = torch.empty_like(x, dtype=out_dtype, memory_format=torch.contiguous_format)
     R = s.numel() // C if C else 0
     mean = rstd = None
     if stats:

@@ -158,14 +158,14 @@ def _check(proj, approximate: str) -> int:
     return proj.shape[-1] // 2
 
 
-def geglu_fwd(proj: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+def geglu_fwd(proj: torch.Tensor, approximate: str = "none", *, checked: bool = False) -> torch.Tensor:
     """Launch the forward kernel: ``out = proj[..., :F] * gelu(proj[..., F:])``.
 
     proj: ``[..., 2F]`` floating point, last dim contiguous (rows may be strided: read in place).
-    Returns out ``[..., F]``, contiguous, in proj's dtype; one launch. Eager equivalent:
-    :func:`geglu_reference`.
+    Returns out ``[..., F]``, contiguous, in proj's dtype; one launch. ``checked``: the caller (the
+    op) has checked the arguments already. Eager equivalent: :func:`geglu_reference`.
     """
-    F = _check(proj, approximate)
+    F = proj.shape[-1] // 2 if checked else _check(proj, approximate)
     out = torch.empty(proj.shape[:-1] + (F,), dtype=proj.dtype, device=proj.device)
     if out.numel() == 0:
         return out

@@ -31,8 +31,8 @@ from torch import Tensor, nn
 from . import backend, functional
 from . import nn as _ldm_nn  # (a cycle: ldm_fast.nn imports intercepted; its classes are read at call time)
 
-__all__ = ["add_norm", "add_norm_feed_forward", "autocast_layer_norm_dtype", "class_method", "gemm_like_conv",
-           "global_module_hooks", "intercepted", "plain_group_norm", "plain_silu", "shared_silu", "shortcut_gemm"]
+__all__ = ["add_norm", "add_norm_feed_forward", "autocast_layer_norm_dtype", "class_method", "conv2d", "gemm_like_conv",
+           "global_module_hooks", "inert_dropout", "intercepted", "plain_group_norm", "plain_silu", "shared_silu", "shortcut_gemm"]
 
 _module_globals = torch.nn.modules.module
 
@@ -90,6 +90,20 @@ def needs_grad_of(tensors: Sequence[Optional[Tensor]], params) -> bool:
                                         or any(p.requires_grad for p in params))
 
 
+def needs_grad_of_modules(tensors: Sequence[Optional[Tensor]], modules: Sequence[nn.Module]) -> bool:
+    """Whether autograd records a call on ``tensors`` or on any Parameter of ``modules`` (walked only
+    while gradients are enabled: in inference this is one C call)."""
+    return torch.is_grad_enabled() and (any(t is not None and t.requires_grad for t in tensors)
+                                        or any(p.requires_grad for m in modules for p in m.parameters()))
+
+
+def inert_dropout(module: nn.Module) -> bool:
+    """``module`` is an ``nn.Dropout`` in eval mode that nothing intercepts: calling it returns its
+    input, the same tensor object (``F.dropout(x, p, training=False)`` is ``x``), so a fused forward
+    may skip the call (global module hooks aside: the caller checks those once)."""
+    return type(module) is nn.Dropout and not module.training and not intercepted(module)
+
+
 # --- the transformer block's residual stream ----------------------------------------------------
 
 _UNKNOWN_AUTOCAST = object()
@@ -128,7 +142,7 @@ def add_norm(x: Tensor, residual: Tensor, norm: nn.LayerNorm) -> tuple[Tensor, T
 
 
 def add_norm_feed_forward(x: Tensor, residual: Tensor, norm: nn.LayerNorm, inner, out_proj: nn.Linear,
-                          params) -> Optional[Tensor]:
+                          modules: Sequence[nn.Module]) -> Optional[Tensor]:
     """``out_proj(inner(norm(s))) + s`` with ``s = x + residual`` (``[..., C]``; ``inner`` the
     feed-forward up to its output Linear ``out_proj``; ``params`` the feed-forward's and the norm's
     Parameters) with the residual in the output GEMM: the norm's
@@ -146,7 +160,7 @@ def add_norm_feed_forward(x: Tensor, residual: Tensor, norm: nn.LayerNorm, inner
     if not (x.shape == residual.shape and x.dtype == residual.dtype and w["weight"].dtype == x.dtype
             and not intercepted(out_proj) and _plain_layer_norm(norm) and not torch.compiler.is_compiling()
             and backend.kernel_ok(x, residual) and not torch.is_autocast_enabled(x.device.type)
-            and not needs_grad_of((x, residual), params)):
+            and not needs_grad_of_modules((x, residual), modules)):
         return None
     n = norm._parameters
     s_biased, normed = functional.add_layer_norm(x, residual, n["weight"], n["bias"], norm.eps, s_bias=w["bias"])
@@ -155,6 +169,20 @@ def add_norm_feed_forward(x: Tensor, residual: Tensor, norm: nn.LayerNorm, inner
     # s_biased is ours (fresh): accumulate in place (an out-of-place addmm would copy it first)
     s_biased.view(-1, C).addmm_(gated.reshape(-1, gated.shape[-1]), w["weight"].t())
     return s_biased
+
+
+# --- plain modules called without the module call --------------------------------------------
+
+
+def conv2d(conv: nn.Module, x: Tensor) -> Tensor:
+    """``conv(x)``: for a plain ``nn.Conv2d`` (zero padding mode, nothing intercepting its call;
+    global module hooks aside: the caller checks those once) its forward's one statement,
+    ``F.conv2d`` on its parameters, without the module call (~3 µs of host time a call); any other
+    module is called. The same convolution, bit for bit."""
+    if type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and not intercepted(conv):
+        p = conv._parameters  # (not conv.weight: nn.Module.__getattr__ costs ~0.5 µs a name)
+        return F.conv2d(x, p["weight"], p["bias"], conv.stride, conv.padding, conv.dilation, conv.groups)
+    return conv(x)
 
 
 # --- the ResNet block's 1x1 shortcut as a GEMM ---------------------------------------------------

@@ -121,8 +121,7 @@ class BasicTransformerBlock(nn.Module):
         net = ff.net
         fused = None
         if not intercepted(ff) and not intercepted(net):
-            fused = add_norm_feed_forward(attn, x, self.norm3, lambda n: net[1](net[0](n)), net[2],
-                                          (*ff.parameters(), *self.norm3.parameters()))
+            fused = add_norm_feed_forward(attn, x, self.norm3, lambda n: net[1](net[0](n)), net[2], (ff, self.norm3))
         if fused is not None:  # inference on the Triton backend: the residual in the output GEMM
             return fused
         x, normed = add_norm(attn, x, self.norm3)

@@ -50,35 +50,39 @@ def add_layer_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor] = None,
     with s_bias ``return s + s_bias, out`` (s_bias in x's dtype; another dtype is cast as
     ``F.layer_norm`` would cast a bias and the sum cast back to x's dtype).
     """
+    # the checks inline, the common case first: each helper call is host time (issue #24)
     if not (isinstance(x, Tensor) and x.is_floating_point()):
         check_float("x", x)
     if not (isinstance(residual, Tensor) and residual.is_floating_point()):
         check_float("residual", residual)
-    if x.dim() < 1:
+    shape = x.shape
+    if not shape:
         raise ValueError("add_layer_norm: x must be [..., C], got a 0-dim tensor")
-    if residual.shape != x.shape:
-        raise ArgumentError(f"add_layer_norm: residual must have the shape of x {tuple(x.shape)}, "
+    if residual.shape != shape:
+        raise ArgumentError(f"add_layer_norm: residual must have the shape of x {tuple(shape)}, "
                             f"got {tuple(residual.shape)}")
     if residual.dtype != x.dtype:
         raise TypeError(f"add_layer_norm: residual must have the dtype of x ({x.dtype}), got {residual.dtype}")
-    C = x.shape[-1]
-    for name, p in (("weight", weight), ("bias", bias), ("s_bias", s_bias)):
-        if p is not None:
-            if not (isinstance(p, Tensor) and p.is_floating_point()):
-                check_float(name, p)
-            if p.shape != (C,):
-                raise ArgumentError(f"add_layer_norm: {name} must have shape ({C},) (x's last dim), got {tuple(p.shape)}")
-    if not (type(eps) is float and math.isfinite(eps)):
+    C = shape[-1]
+    if weight is not None:
+        _check_vector("weight", weight, C)
+    if bias is not None:
+        _check_vector("bias", bias, C)
+    if s_bias is not None:
+        _check_vector("s_bias", s_bias, C)
+    if type(eps) is not float or not 0.0 <= eps < math.inf:
         eps = finite_float("eps", eps)
-    if eps < 0:
-        raise ValueError(f"add_layer_norm: eps must be >= 0, got {eps}")
-    if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
-        raise TypeError(f"add_layer_norm: out_dtype must be a floating torch.dtype or None, got {out_dtype!r}")
-    if out_dtype == x.dtype:
-        out_dtype = None
-    if (x.numel() and 0 < C <= MAX_C and not torch.compiler.is_compiling() and backend.kernel_ok(x, residual)
-            and (weight is None or weight.device == x.device) and (bias is None or bias.device == x.device)
-            and (s_bias is None or s_bias.device == x.device)):
+        if eps < 0:
+            raise ValueError(f"add_layer_norm: eps must be >= 0, got {eps}")
+    if out_dtype is not None:
+        if not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
+            raise TypeError(f"add_layer_norm: out_dtype must be a floating torch.dtype or None, got {out_dtype!r}")
+        if out_dtype == x.dtype:
+            out_dtype = None
+    # kernel_ok: the backend, the dtypes, and every tensor on one device (else the reference, whose
+    # torch ops raise torch's device error)
+    if (0 < C <= MAX_C and x.numel() and not torch.compiler.is_compiling()
+            and backend.kernel_ok(x, residual, weight, bias, s_bias)):
         if not needs_grad(x, residual, weight, bias, s_bias):
             s, out, _, _ = launch("add_layer_norm", _kernels.add_layer_norm_fwd, x, residual, weight, bias, eps, s_bias,
                                   out_dtype, stats=False, checked=True)
@@ -87,6 +91,13 @@ def add_layer_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor] = None,
             return _AddLayerNormFunction.apply(x, residual, weight, bias, eps, out_dtype)
         # with s_bias and a gradient wanted: the reference below (the s_bias kernel is forward only)
     return _kernels.add_layer_norm_reference(x, residual, weight, bias, eps, s_bias, out_dtype)
+
+
+def _check_vector(name: str, p, C: int) -> None:
+    if not (isinstance(p, Tensor) and p.is_floating_point()):
+        check_float(name, p)
+    if p.shape != (C,):
+        raise ArgumentError(f"add_layer_norm: {name} must have shape ({C},) (x's last dim), got {tuple(p.shape)}")
 
 
 class _AddLayerNormFunction(torch.autograd.Function):

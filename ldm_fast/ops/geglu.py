@@ -39,7 +39,7 @@ def geglu(proj: Tensor, approximate: str = "none") -> Tensor:
             and backend.kernel_ok(proj)):
         if needs_grad(proj):
             return _GEGLUFunction.apply(proj, approximate)
-        return launch("geglu", _kernels.geglu_fwd, proj, approximate)
+        return launch("geglu", _kernels.geglu_fwd, proj, approximate, checked=True)
     return _kernels.geglu_reference(proj, approximate)
 
 
@@ -48,7 +48,7 @@ class _GEGLUFunction(torch.autograd.Function):
     def forward(ctx, proj, approximate):
         ctx.save_for_backward(proj)
         ctx.approximate = approximate
-        return launch("geglu", _kernels.geglu_fwd, proj, approximate)
+        return launch("geglu", _kernels.geglu_fwd, proj, approximate, checked=True)
 
     @staticmethod
     @once_differentiable

@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from ... import backend, functional
-from ..._fusion import class_method, global_module_hooks, plain_group_norm, plain_silu, shared_silu, shortcut_gemm
+from ..._fusion import (class_method, conv2d, global_module_hooks, inert_dropout, plain_group_norm, plain_silu, shared_silu,
+                        shortcut_gemm)
 from ...optimize.patch import Context, InstallPatch
 from .supported import is_diffusers, known
 
@@ -83,7 +84,7 @@ class ResnetForward:
             input_tensor = downsample(input_tensor)
             hidden_states = downsample(hidden_states)
 
-        hidden_states = mods["conv1"](hidden_states)
+        hidden_states = conv2d(mods["conv1"], hidden_states)
 
         time_emb_proj = mods.get("time_emb_proj")
         if time_emb_proj is not None:
@@ -119,13 +120,15 @@ class ResnetForward:
                 hidden_states = norm2(hidden_states)
                 hidden_states = act(hidden_states)
 
-        hidden_states = mods["dropout"](hidden_states)
+        dropout = mods["dropout"]
+        if not inert_dropout(dropout):  # (an eval-mode Dropout returns its input: no call)
+            hidden_states = dropout(hidden_states)
         conv2, conv_shortcut = mods["conv2"], mods.get("conv_shortcut")
         output_tensor = None
         if self.shortcut_gemm and conv_shortcut is not None:  # the shortcut as a GEMM onto conv2's output
             output_tensor = shortcut_gemm(conv2, hidden_states, conv_shortcut, input_tensor)
         if output_tensor is None:  # diffusers' statements
-            hidden_states = conv2(hidden_states)
+            hidden_states = conv2d(conv2, hidden_states)
             if conv_shortcut is not None:
                 if self.contiguous_shortcut == "always" or (self.contiguous_shortcut == "training" and block.training):
                     input_tensor = input_tensor.contiguous()

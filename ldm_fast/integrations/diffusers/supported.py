@@ -62,6 +62,12 @@ SUPPORTED: Dict[str, Dict[str, Source]] = {
     "AttnProcessor.__call__": {
         "12cd9ae937022b8f43e549545976cf779a1eb2fcb36afd2b61d8e63cfbcc7cb8": Source("0.30.0-0.42.1"),
     },
+    "Attention.forward": {
+        # the two differ only in the kwargs they pass over quietly; without cross_attention_kwargs both
+        # are the processor's call (the add_layer_norm patch makes that call itself then)
+        "e1ee558203616fd3e3c2f15522bba23bea3cdae3d3aac892fccda188b0bf0d7e": Source("0.30.0-0.31.0"),
+        "77d373973e141707c3b1b6a8b783533bb29ab191892894128dce3b5867896160": Source("0.32.0-0.42.1"),
+    },
 }
 
 
@@ -79,6 +85,7 @@ LOCATIONS: Dict[str, Tuple[str, Optional[str], str]] = {
         "models/transformers/transformer_2d.py", "Transformer2DModel", "_get_output_for_continuous_inputs"),
     "AttnProcessor2_0.__call__": ("models/attention_processor.py", "AttnProcessor2_0", "__call__"),
     "AttnProcessor.__call__": ("models/attention_processor.py", "AttnProcessor", "__call__"),
+    "Attention.forward": ("models/attention_processor.py", "Attention", "forward"),
 }
 PATCH_SOURCES: Dict[str, Tuple[str, ...]] = {
     "resnet": ("ResnetBlock2D.forward",),

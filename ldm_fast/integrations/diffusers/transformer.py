@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ... import backend
-from ..._fusion import add_norm, add_norm_feed_forward, class_method, intercepted
+from ..._fusion import add_norm, add_norm_feed_forward, class_method, global_module_hooks, inert_dropout, intercepted
 from ...optimize.patch import Context, InstallPatch
 from .supported import is_diffusers, known, module_function
 
@@ -35,11 +35,27 @@ class TransformerBlockForward:
     module docstring; installed as the block's instance ``forward`` by the ``add_layer_norm`` patch.
     ``ff_class`` is the ``FeedForward`` class whose forward was checked (None: no epilogue)."""
 
-    def __init__(self, block: nn.Module, ff_class: Optional[type]) -> None:
+    def __init__(self, block: nn.Module, ff_class: Optional[type], attention_forwards: dict) -> None:
         self.block = block
         self.cls = type(block)
         self.diffusers_forward = self.cls.forward
         self.ff_class = ff_class
+        self.attention_forwards = attention_forwards  # {Attention class: its forward, a known source}
+
+    def attend(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states, attention_mask,
+               cross_attention_kwargs: dict) -> torch.Tensor:
+        """``attn(hidden_states, encoder_hidden_states=..., attention_mask=..., **cross_attention_kwargs)``.
+        Without kwargs diffusers' ``Attention.forward`` (0.30-0.42) is the processor's call and nothing
+        else (the rest of it filters the kwargs by ``inspect.signature`` of the processor, ~50 µs of host
+        time a call): that call is made directly while ``attn`` is of a class whose forward is that
+        known source and nothing intercepts its call (the caller checked global module hooks)."""
+        cls = attn.__class__
+        if (not cross_attention_kwargs and self.attention_forwards.get(cls) is cls.forward
+                and not intercepted(attn)):
+            return attn.processor(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                                  attention_mask=attention_mask)
+        return attn(hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask,
+                    **cross_attention_kwargs)
 
     def __repr__(self) -> str:
         return ("<ldm_fast BasicTransformerBlock.forward: residual add + LayerNorm in one kernel, feed-forward "
@@ -53,7 +69,7 @@ class TransformerBlockForward:
         block = self.block
         forward = class_method(block, self.cls, "forward", self.diffusers_forward)  # (tomesd swaps the class)
         if (forward is not self.diffusers_forward or hidden_states.ndim != 3 or torch.compiler.is_compiling()
-                or not backend.kernel_ok(hidden_states)
+                or not backend.kernel_ok(hidden_states) or global_module_hooks()
                 or (cross_attention_kwargs is not None
                     and ("gligen" in cross_attention_kwargs or cross_attention_kwargs.get("scale") is not None))):
             return forward(block, hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask,
@@ -62,21 +78,14 @@ class TransformerBlockForward:
         mods = block._modules
 
         norm_hidden_states = mods["norm1"](hidden_states)
-        attn_output = mods["attn1"](
-            norm_hidden_states,
-            encoder_hidden_states=encoder_hidden_states if block.only_cross_attention else None,
-            attention_mask=attention_mask,
-            **cross_attention_kwargs,
-        )
+        attn_output = self.attend(mods["attn1"], norm_hidden_states,
+                                  encoder_hidden_states if block.only_cross_attention else None, attention_mask,
+                                  cross_attention_kwargs)
         attn2 = mods.get("attn2")
         if attn2 is not None:
             hidden_states, norm_hidden_states = add_norm(attn_output, hidden_states, mods["norm2"])
-            attn_output = attn2(
-                norm_hidden_states,
-                encoder_hidden_states=encoder_hidden_states,
-                attention_mask=encoder_attention_mask,
-                **cross_attention_kwargs,
-            )
+            attn_output = self.attend(attn2, norm_hidden_states, encoder_hidden_states, encoder_attention_mask,
+                                      cross_attention_kwargs)
         ff, norm3 = mods["ff"], mods["norm3"]
         fused = None
         if block._chunk_size is None and type(ff) is self.ff_class and not intercepted(ff):
@@ -84,8 +93,8 @@ class TransformerBlockForward:
             held = net._modules
             if type(net) is nn.ModuleList and len(held) == 3 and not intercepted(net):
                 first, dropout, out_proj = held.values()
-                fused = add_norm_feed_forward(attn_output, hidden_states, norm3, lambda n: dropout(first(n)), out_proj,
-                                              (*ff.parameters(), *norm3.parameters()))
+                inner = first if inert_dropout(dropout) else lambda n: dropout(first(n))
+                fused = add_norm_feed_forward(attn_output, hidden_states, norm3, inner, out_proj, (ff, norm3))
         if fused is not None:  # the residual in the feed-forward's output GEMM
             return fused
         hidden_states, norm_hidden_states = add_norm(attn_output, hidden_states, norm3)
@@ -147,7 +156,15 @@ class AddLayerNormPatch(InstallPatch):
         if isinstance(ff_class, str):
             ctx.left(self, block.ff, f"the feed-forward's residual stays a separate add: {ff_class}")
             ff_class = None
-        return TransformerBlockForward(block, ff_class)
+        attention_forwards = {}
+        for name in ("attn1", "attn2"):
+            attn = getattr(block, name, None)
+            if attn is None or not is_diffusers(attn, "Attention"):
+                continue
+            cls = type(attn)
+            if isinstance(known(cls, [("Attention.forward", cls.forward)]), tuple):
+                attention_forwards[cls] = cls.forward
+        return TransformerBlockForward(block, ff_class, attention_forwards)
 
     def summary(self, count: int) -> str:
         return (f"{count} diffusers BasicTransformerBlocks add each residual into the next LayerNorm in one kernel "
