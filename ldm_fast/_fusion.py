@@ -32,7 +32,7 @@ from . import backend, functional
 from . import nn as _ldm_nn  # (a cycle: ldm_fast.nn imports intercepted; its classes are read at call time)
 
 __all__ = ["add_norm", "add_norm_feed_forward", "autocast_layer_norm_dtype", "class_method", "conv2d", "gemm_like_conv",
-           "global_module_hooks", "inert_dropout", "intercepted", "plain_group_norm", "plain_silu", "shared_silu", "shortcut_gemm"]
+           "global_module_hooks", "inert_dropout", "intercepted", "linear", "plain_group_norm", "plain_silu", "shared_silu", "shortcut_gemm"]
 
 _module_globals = torch.nn.modules.module
 
@@ -183,6 +183,16 @@ def conv2d(conv: nn.Module, x: Tensor) -> Tensor:
         p = conv._parameters  # (not conv.weight: nn.Module.__getattr__ costs ~0.5 µs a name)
         return F.conv2d(x, p["weight"], p["bias"], conv.stride, conv.padding, conv.dilation, conv.groups)
     return conv(x)
+
+
+def linear(module: nn.Module, x: Tensor) -> Tensor:
+    """``module(x)``: for a plain ``nn.Linear`` (nothing intercepting its call; global module hooks
+    aside: the caller checks those once) its forward's one statement, ``F.linear`` on its
+    parameters, without the module call; any other module (a LoRA layer) is called. Bit for bit."""
+    if type(module) is nn.Linear and not intercepted(module):
+        p = module._parameters
+        return F.linear(x, p["weight"], p["bias"])
+    return module(x)
 
 
 # --- the ResNet block's 1x1 shortcut as a GEMM ---------------------------------------------------

@@ -180,7 +180,8 @@ class _LoCon(nn.Module):
         return self.base(x) + self.up(self.down(x))
 
 
-@pytest.mark.parametrize("where", ["conv2", "conv_shortcut", "conv1", "time_emb_proj", "norm2", "nonlinearity"])
+@pytest.mark.parametrize("where", ["conv2", "conv_shortcut", "conv1", "time_emb_proj", "norm2", "nonlinearity",
+                                   "dropout"])
 def test_a_module_swapped_in_after_optimize_is_called(where):
     """An adapter (or any module) put in place of a submodule after optimize: that module is called
     as diffusers calls it (the fusions that read it step aside on that call)."""
@@ -209,7 +210,8 @@ def test_a_module_swapped_in_after_optimize_is_called(where):
     dm.assert_close_rel(out, ref)
 
 
-@pytest.mark.parametrize("where", ["norm1", "norm2", "nonlinearity", "conv2", "conv_shortcut", "time_emb_proj"])
+@pytest.mark.parametrize("where", ["norm1", "norm2", "nonlinearity", "conv1", "conv2", "conv_shortcut", "time_emb_proj",
+                                   "dropout"])
 def test_hooks_added_after_optimize_see_what_they_see_without_ldm_fast(where):
     block = _block(in_channels=12, out_channels=20)
     x, temb = _inputs(12)

@@ -124,7 +124,8 @@ class _LoRALinear(nn.Module):
         return self.base_layer(x) + self.lora_B(self.lora_A(x))
 
 
-@pytest.mark.parametrize("where", ["ff.net.2", "ff.net.0.proj", "norm2", "norm3", "attn1.to_out.0"])
+@pytest.mark.parametrize("where", ["ff.net.2", "ff.net.0.proj", "norm2", "norm3", "attn1.to_out.0", "attn1.to_q",
+                                   "attn2.to_k", "attn2.to_v", "attn2.to_out.0"])
 def test_a_module_swapped_in_after_optimize_is_called(where):
     """A LoRA layer (or another module) put in place of a submodule after optimize is called, as
     diffusers calls it (kohya-style SD LoRAs include ff.net.2)."""
@@ -150,7 +151,8 @@ def test_a_module_swapped_in_after_optimize_is_called(where):
     dm.assert_close_rel(out, ref)
 
 
-@pytest.mark.parametrize("where", ["norm2", "norm3", "ff", "ff.net.2"])
+@pytest.mark.parametrize("where", ["norm2", "norm3", "ff", "ff.net.2", "attn1", "attn2", "attn1.to_q", "attn2.to_v",
+                                   "attn2.to_out.0"])
 def test_hooks_added_after_optimize_see_what_they_see_without_ldm_fast(where):
     block = _block()
     x, ctx = _inputs()
@@ -169,6 +171,119 @@ def test_hooks_added_after_optimize_see_what_they_see_without_ldm_fast(where):
     for a, b in zip(seen["block"], seen["twin"]):
         dm.assert_close_rel(a, b)
     dm.assert_close_rel(out, ref)
+
+
+def _attention(**kwargs):
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(0)
+    return Attention(16, cross_attention_dim=kwargs.pop("cross_attention_dim", None), heads=2, dim_head=8,
+                     **kwargs).eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cross", [False, True])
+def test_sdpa_statements_are_attn_processor_2_0_bit_for_bit(dtype, cross):
+    """The transformer block's attention call without AttnProcessor2_0's host cost computes what
+    AttnProcessor2_0 computes, bit for bit, forward and backward (and the eval-mode dropout and the
+    division by 1.0 it skips change nothing)."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from ldm_fast.integrations.diffusers.attention import sdpa_statements
+
+    attn = _attention(cross_attention_dim=12 if cross else None).to(dtype)
+    x, ctx = (t.to(dtype) for t in _inputs())
+    ctx = ctx if cross else None
+    out = sdpa_statements(attn, x, ctx)
+    ref = AttnProcessor2_0()(attn, x, ctx)
+    assert out.dtype == ref.dtype and torch.equal(out, ref)
+    xg = x.clone().requires_grad_(True)
+    sdpa_statements(attn, xg, ctx).square().sum().backward()
+    grads = [xg.grad] + [p.grad.clone() for p in attn.parameters()]
+    attn.zero_grad(set_to_none=True)
+    xr = x.clone().requires_grad_(True)
+    AttnProcessor2_0()(attn, xr, ctx).square().sum().backward()
+    for a, b in zip(grads, [xr.grad] + [p.grad for p in attn.parameters()]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kwargs, cross", [
+    ({"qk_norm": "layer_norm"}, False), ({"residual_connection": True}, False), ({"norm_num_groups": 4}, False),
+    ({"cross_attention_norm": "layer_norm", "cross_attention_dim": 12}, True), ({"out_dim": 8}, False),
+])
+def test_sdpa_statements_leave_what_is_not_the_plain_case(kwargs, cross):
+    """Outside the plain case (q/k norms, a residual connection, a group norm, a cross-attention norm)
+    sdpa_statements declines (None: the caller calls the processor); an output width other than the
+    input's still computes AttnProcessor2_0's values."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from ldm_fast.integrations.diffusers.attention import sdpa_statements
+
+    attn = _attention(**kwargs)
+    x, ctx = _inputs()
+    ctx = ctx if cross else None
+    out = sdpa_statements(attn, x, ctx)
+    if "out_dim" in kwargs:
+        assert torch.equal(out, AttnProcessor2_0()(attn, x, ctx))
+    else:
+        assert out is None
+
+
+def test_the_block_calls_the_attention_as_diffusers_does_otherwise():
+    """The block's direct attention call steps aside for what Attention.forward does beyond calling its
+    processor: cross_attention_kwargs reach a processor that takes them (and only those), a processor
+    set after optimize is called, an Attention class patched after optimize runs its forward, a
+    train-mode dropout with p > 0 is called (a seeded draw: the same mask as diffusers')."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    seen = []
+
+    class Recording(AttnProcessor2_0):
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                     marker=None):
+            seen.append(marker)
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+    block = _block()
+    x, ctx = _inputs()
+    twin = dm.twin(block)
+    optimize(block)
+    for model in (block, twin):
+        model.attn1.set_processor(Recording())
+    with torch.no_grad():
+        ref = twin(x, encoder_hidden_states=ctx, cross_attention_kwargs={"marker": 7})
+        with dm.kernels_forced() as launched:
+            out = block(x, encoder_hidden_states=ctx, cross_attention_kwargs={"marker": 7})
+    assert launched["add_layer_norm"] >= 1 and seen == [7, 7]
+    dm.assert_close_rel(out, ref)
+
+    cls = type(block.attn2)
+    calls = []
+    original = cls.forward
+
+    def patched(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    cls.forward = patched
+    try:
+        with torch.no_grad(), dm.kernels_forced():
+            block(x, encoder_hidden_states=ctx)
+    finally:
+        cls.forward = original
+    assert calls == [1, 1]  # attn1 and attn2
+
+    for model in (block, twin):
+        model.attn2.to_out[1].p = 0.5
+        model.train()
+    with torch.no_grad():
+        torch.manual_seed(5)
+        ref = twin(x, encoder_hidden_states=ctx)
+        with dm.kernels_forced():
+            torch.manual_seed(5)
+            out = block(x, encoder_hidden_states=ctx)
+    dm.assert_close_rel(out, ref)
+    assert (out != 0).any()
 
 
 def test_in_place_weight_updates_without_a_version_bump_and_inference_mode():

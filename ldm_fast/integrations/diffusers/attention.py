@@ -37,11 +37,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ... import backend, functional
+from ..._fusion import inert_dropout, linear
 from ..._packing import PackedLinears, linear_unpackable
 from ...optimize.patch import Context, InstallPatch
 from .supported import is_diffusers, known
 
-__all__ = ["AttnProcessor", "AttentionPatch", "PACK_ATTR", "PackedProjections"]
+__all__ = ["AttnProcessor", "AttentionPatch", "PACK_ATTR", "PackedProjections", "sdpa_statements"]
 
 _SCALE_DEPRECATION = (
     "The `scale` argument is deprecated and will be ignored. Please remove it, as passing it will raise an error "
@@ -68,6 +69,55 @@ def _rowwise_norm(norm: Optional[torch.nn.Module], head_dim: int) -> bool:
         return getattr(norm, "dim", None) in (-1, 3)
     weight = getattr(norm, "weight", None)
     return weight is None or tuple(weight.shape) == (head_dim,)
+
+
+#: Attention attributes that take AttnProcessor2_0 off the plain case when set.
+_NOT_PLAIN = ("spatial_norm", "group_norm", "norm_q", "norm_k")
+
+
+def sdpa_statements(attn: nn.Module, hidden_states: torch.Tensor,
+                    encoder_hidden_states: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """What diffusers' ``AttnProcessor2_0.__call__`` (0.30-0.42) computes for ``attn`` without an
+    attention mask, temb or extra arguments, in the plain case: a ``[B, N, C]`` input, no
+    spatial_norm, group_norm, norm_cross, norm_q, norm_k or residual connection, and
+    ``to_out = [Linear, Dropout]``. Its statements without their host cost: ``to_q``/``to_k``/``to_v``
+    and ``to_out[0]`` as ``F.linear`` where they are plain Linears (any other module, a LoRA layer, is
+    called), an eval-mode Dropout skipped (it returns its input), no ``.to()`` to the dtype the
+    output has, no division by a ``rescale_output_factor`` of 1 (``x / 1.0`` is ``x``: a launch
+    fewer). The same values, bit for bit. None outside the plain case (the caller calls the
+    processor). The caller checks the processor is an ``AttnProcessor2_0`` of that known source,
+    nothing intercepts ``attn`` and no global module hooks are set."""
+    d, mods = attn.__dict__, attn._modules
+    if hidden_states.ndim != 3 or d.get("residual_connection"):
+        return None
+    for name in _NOT_PLAIN:  # each a plain attribute when None, a submodule when set
+        if d.get(name) is not None or mods.get(name) is not None:
+            return None
+    if encoder_hidden_states is not None and (d.get("norm_cross") or mods.get("norm_cross") is not None):
+        return None
+    to_out = mods.get("to_out")
+    if type(to_out) is not nn.ModuleList or len(to_out) != 2:
+        return None
+    out_proj, dropout = to_out._modules.values()
+    heads = attn.heads
+    batch_size = hidden_states.shape[0]
+    query = linear(mods.get("to_q"), hidden_states)
+    context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+    key = linear(mods.get("to_k"), context)
+    value = linear(mods.get("to_v"), context)
+    head_dim = key.shape[-1] // heads
+    query = query.view(batch_size, -1, heads, head_dim).transpose(1, 2)
+    key = key.view(batch_size, -1, heads, head_dim).transpose(1, 2)
+    value = value.view(batch_size, -1, heads, head_dim).transpose(1, 2)
+    hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False)
+    hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, heads * head_dim)
+    if hidden_states.dtype != query.dtype:
+        hidden_states = hidden_states.to(query.dtype)
+    hidden_states = linear(out_proj, hidden_states)
+    if not inert_dropout(dropout):
+        hidden_states = dropout(hidden_states)
+    factor = attn.rescale_output_factor
+    return hidden_states if factor == 1.0 else hidden_states / factor
 
 
 class AttnProcessor:

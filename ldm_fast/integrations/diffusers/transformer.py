@@ -27,6 +27,7 @@ from torch import nn
 from ... import backend
 from ..._fusion import add_norm, add_norm_feed_forward, class_method, global_module_hooks, inert_dropout, intercepted
 from ...optimize.patch import Context, InstallPatch
+from .attention import sdpa_statements
 from .supported import is_diffusers, known, module_function
 
 
@@ -35,12 +36,14 @@ class TransformerBlockForward:
     module docstring; installed as the block's instance ``forward`` by the ``add_layer_norm`` patch.
     ``ff_class`` is the ``FeedForward`` class whose forward was checked (None: no epilogue)."""
 
-    def __init__(self, block: nn.Module, ff_class: Optional[type], attention_forwards: dict) -> None:
+    def __init__(self, block: nn.Module, ff_class: Optional[type], attention_forwards: dict,
+                 sdpa_processors: dict) -> None:
         self.block = block
         self.cls = type(block)
         self.diffusers_forward = self.cls.forward
         self.ff_class = ff_class
         self.attention_forwards = attention_forwards  # {Attention class: its forward, a known source}
+        self.sdpa_processors = sdpa_processors  # {AttnProcessor2_0 class: its __call__, a known source}
 
     def attend(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states, attention_mask,
                cross_attention_kwargs: dict) -> torch.Tensor:
@@ -48,12 +51,20 @@ class TransformerBlockForward:
         Without kwargs diffusers' ``Attention.forward`` (0.30-0.42) is the processor's call and nothing
         else (the rest of it filters the kwargs by ``inspect.signature`` of the processor, ~50 µs of host
         time a call): that call is made directly while ``attn`` is of a class whose forward is that
-        known source and nothing intercepts its call (the caller checked global module hooks)."""
+        known source and nothing intercepts its call (the caller checked global module hooks). And
+        where that processor is diffusers' ``AttnProcessor2_0`` (its known source) and there is no
+        mask, its statements run without their host cost (:func:`.attention.sdpa_statements`)."""
         cls = attn.__class__
         if (not cross_attention_kwargs and self.attention_forwards.get(cls) is cls.forward
                 and not intercepted(attn)):
-            return attn.processor(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
-                                  attention_mask=attention_mask)
+            processor = attn.processor
+            kind = processor.__class__
+            if attention_mask is None and self.sdpa_processors.get(kind) is kind.__call__:
+                out = sdpa_statements(attn, hidden_states, encoder_hidden_states)
+                if out is not None:
+                    return out
+            return processor(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                             attention_mask=attention_mask)
         return attn(hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask,
                     **cross_attention_kwargs)
 
@@ -156,7 +167,7 @@ class AddLayerNormPatch(InstallPatch):
         if isinstance(ff_class, str):
             ctx.left(self, block.ff, f"the feed-forward's residual stays a separate add: {ff_class}")
             ff_class = None
-        attention_forwards = {}
+        attention_forwards, sdpa_processors = {}, {}
         for name in ("attn1", "attn2"):
             attn = getattr(block, name, None)
             if attn is None or not is_diffusers(attn, "Attention"):
@@ -164,7 +175,10 @@ class AddLayerNormPatch(InstallPatch):
             cls = type(attn)
             if isinstance(known(cls, [("Attention.forward", cls.forward)]), tuple):
                 attention_forwards[cls] = cls.forward
-        return TransformerBlockForward(block, ff_class, attention_forwards)
+            sdpa = module_function(cls, "AttnProcessor2_0")
+            if isinstance(sdpa, type) and isinstance(known(sdpa, [("AttnProcessor2_0.__call__", sdpa.__call__)]), tuple):
+                sdpa_processors[sdpa] = sdpa.__call__
+        return TransformerBlockForward(block, ff_class, attention_forwards, sdpa_processors)
 
     def summary(self, count: int) -> str:
         return (f"{count} diffusers BasicTransformerBlocks add each residual into the next LayerNorm in one kernel "
