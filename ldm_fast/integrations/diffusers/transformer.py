@@ -6,11 +6,14 @@ layout (part of the ``channels_last`` patch).
 feeds a LayerNorm (``attn1``'s output into ``norm2``, ``attn2``'s into ``norm3``) and that norm as
 one :func:`ldm_fast.functional.add_layer_norm` kernel (under CUDA autocast with the fp32 output
 autocast gives), and in inference the feed-forward's residual in its output GEMM
-(:func:`ldm_fast._fusion.add_norm_feed_forward`). Per call, each norm and the feed-forward's output
-Linear are read instead of called only while they are the plain modules (a LoRA layer on
-``ff.net.2``, a hook on ``norm2``: that module is called). Off the Triton backend, under
-torch.compile, for 4-d inputs, GLIGEN kwargs and the deprecated ``scale`` kwarg, diffusers' own
-forward runs.
+(:func:`ldm_fast._fusion.add_norm_feed_forward`), and each attention called for less host time
+(:meth:`TransformerBlockForward.attend`: no per-call ``inspect.signature``, and diffusers'
+``AttnProcessor2_0`` in the plain case as :func:`.attention.sdpa_statements`). Per call, each norm,
+attention, projection and the feed-forward's output Linear are read instead of called only while
+they are the plain modules (a LoRA layer on ``ff.net.2`` or ``to_q``, a hook on ``norm2`` or
+``attn1``: that module is called). Off the Triton backend, under torch.compile, with global module
+hooks, for 4-d inputs, GLIGEN kwargs and the deprecated ``scale`` kwarg, diffusers' own forward
+runs.
 
 :class:`TransformerOutput` is ``Transformer2DModel._get_output_for_continuous_inputs`` with the
 ``[B, H*W, C] -> [B, C, H, W]`` permute kept in the block input's memory format (no copy to NCHW for
