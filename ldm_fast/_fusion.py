@@ -31,8 +31,9 @@ from torch import Tensor, nn
 from . import backend, functional
 from . import nn as _ldm_nn  # (a cycle: ldm_fast.nn imports intercepted; its classes are read at call time)
 
-__all__ = ["add_norm", "add_norm_feed_forward", "autocast_layer_norm_dtype", "class_method", "conv2d", "gemm_like_conv",
-           "global_module_hooks", "inert_dropout", "intercepted", "linear", "plain_group_norm", "plain_silu", "shared_silu", "shortcut_gemm"]
+__all__ = ["add_norm", "add_norm_feed_forward", "autocast_layer_norm_dtype", "class_method", "conv2d",
+           "gemm_like_conv", "global_module_hooks", "inert_dropout", "intercepted", "linear", "plain_group_norm",
+           "plain_silu", "shared_silu", "shortcut_gemm"]
 
 _module_globals = torch.nn.modules.module
 
@@ -85,16 +86,11 @@ def plain_silu(act: nn.Module) -> bool:
 
 
 def needs_grad_of(tensors: Sequence[Optional[Tensor]], params) -> bool:
-    """Whether autograd records a call on ``tensors`` or on the Parameters ``params``."""
+    """Whether autograd records a call on ``tensors`` or on the Parameters ``params`` (an iterable,
+    read only while gradients are enabled: a generator over modules' parameters costs nothing in
+    inference)."""
     return torch.is_grad_enabled() and (any(t is not None and t.requires_grad for t in tensors)
                                         or any(p.requires_grad for p in params))
-
-
-def needs_grad_of_modules(tensors: Sequence[Optional[Tensor]], modules: Sequence[nn.Module]) -> bool:
-    """Whether autograd records a call on ``tensors`` or on any Parameter of ``modules`` (walked only
-    while gradients are enabled: in inference this is one C call)."""
-    return torch.is_grad_enabled() and (any(t is not None and t.requires_grad for t in tensors)
-                                        or any(p.requires_grad for m in modules for p in m.parameters()))
 
 
 def inert_dropout(module: nn.Module) -> bool:
@@ -144,8 +140,8 @@ def add_norm(x: Tensor, residual: Tensor, norm: nn.LayerNorm) -> tuple[Tensor, T
 def add_norm_feed_forward(x: Tensor, residual: Tensor, norm: nn.LayerNorm, inner, out_proj: nn.Linear,
                           modules: Sequence[nn.Module]) -> Optional[Tensor]:
     """``out_proj(inner(norm(s))) + s`` with ``s = x + residual`` (``[..., C]``; ``inner`` the
-    feed-forward up to its output Linear ``out_proj``; ``params`` the feed-forward's and the norm's
-    Parameters) with the residual in the output GEMM: the norm's
+    feed-forward up to its output Linear ``out_proj``; ``modules`` the feed-forward and the norm,
+    whose Parameters decide whether a gradient is recorded) with the residual in the output GEMM: the norm's
     :func:`ldm_fast.functional.add_layer_norm` writes ``s + out_proj.bias`` beside ``norm(s)`` and
     ``addmm_`` accumulates ``inner(...) W^T`` onto that tensor in place: no add launch, no
     feed-forward output tensor. Low-precision rounding: ``(s + b) + g W^T`` instead of
@@ -160,7 +156,7 @@ def add_norm_feed_forward(x: Tensor, residual: Tensor, norm: nn.LayerNorm, inner
     if not (x.shape == residual.shape and x.dtype == residual.dtype and w["weight"].dtype == x.dtype
             and not intercepted(out_proj) and _plain_layer_norm(norm) and not torch.compiler.is_compiling()
             and backend.kernel_ok(x, residual) and not torch.is_autocast_enabled(x.device.type)
-            and not needs_grad_of_modules((x, residual), modules)):
+            and not needs_grad_of((x, residual), (p for m in modules for p in m.parameters()))):
         return None
     n = norm._parameters
     s_biased, normed = functional.add_layer_norm(x, residual, n["weight"], n["bias"], norm.eps, s_bias=w["bias"])
