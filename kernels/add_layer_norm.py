@@ -162,15 +162,14 @@ def add_layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor, weight=None, bia
         C = _check(x, residual, weight, bias, s_bias)
         if C > MAX_C:
             raise ValueError(f"add_layer_norm: the kernel holds rows of at most {MAX_C} elements, got C = {C}")
-    device = x.device
     # (empty_like: half the host time of torch.empty(shape, dtype=, device=))
     s = torch.empty_like(x, memory_format=torch.contiguous_format)
     out = torch.empty_like(x, dtype=out_dtype, memory_format=torch.contiguous_format)
     R = s.numel() // C if C else 0
     mean = rstd = None
     if stats:
-        mean = torch.empty((R,), dtype=torch.float32, device=device)
-        rstd = torch.empty((R,), dtype=torch.float32, device=device)
+        mean = torch.empty((R,), dtype=torch.float32, device=x.device)
+        rstd = torch.empty((R,), dtype=torch.float32, device=x.device)
     if R == 0:
         return s, out, mean, rstd
     if x.is_contiguous() and residual.is_contiguous():  # the common case: one batch of R rows
@@ -185,11 +184,11 @@ def add_layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor, weight=None, bia
     if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()
     rows, block, num_warps, n_programs = _plan(R, C)
-    cpu = device.type == "cpu"
+    cpu = x.is_cpu  # (not x.device.type: a string made per call)
     _add_layer_norm_fwd_kernel[(n_programs,)](
         x, residual, weight if weight is not None else x, bias if bias is not None else x,
         s_bias if s_bias is not None else x, s, out, mean if stats else s, rstd if stats else s, R, C, N, *x_strides,
-        *r_strides, float(eps), HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        *r_strides, eps if type(eps) is float else float(eps), HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         HAS_S_BIAS=s_bias is not None, STORE_STATS=stats, ROWS=rows, BLOCK_C=block,
         BF16_RNE=cpu and x.dtype == torch.bfloat16, OUT_BF16_RNE=cpu and out.dtype == torch.bfloat16,
         num_warps=num_warps,

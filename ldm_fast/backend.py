@@ -179,21 +179,21 @@ def kernel_ok(*tensors: Optional[torch.Tensor], dtypes: tuple = KERNEL_DTYPES) -
     name = stack[-1] if stack else _Env.backend
     if name == "eager" or not _TRITON_AVAILABLE:
         return False
-    device = None
+    first = device = None
     for t in tensors:
         if t is None:
             continue
         if t.dtype not in dtypes:
             return False
-        if device is None:
-            device = t.device
+        if first is None:
+            first, device = t, t.device
         elif t.device != device:
             return False
-    if device is None:
+    if first is None:
         return False
-    if device.type == "cuda":
+    if first.is_cuda:  # (not device.type: a string made per call)
         return not _Env.interpret
-    return device.type == "cpu" and name == "triton" and _Env.interpret
+    return first.is_cpu and name == "triton" and _Env.interpret
 
 
 def select(*tensors: Optional[torch.Tensor]) -> str:

@@ -446,12 +446,13 @@ class _OnDevice:
 def test_launch_runs_on_the_tensors_device(monkeypatch):
     """Triton launches on the current device: ``launch`` switches to the tensors' device when it
     differs (cuda:1 tensors while cuda:0 is current), and only then; CPU tensors never ask CUDA."""
+    from ldm_fast.ops import _common
     from ldm_fast.ops._common import launch
 
     monkeypatch.setattr(backend._Env, "interpret", False)  # the GPU branch of launch
     monkeypatch.setattr(_FakeCudaDevice, "current", 0)
     monkeypatch.setattr(_FakeCudaDevice, "entered", [])
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: _FakeCudaDevice.current)
+    monkeypatch.setattr(_common, "_cuda_current_device", lambda: _FakeCudaDevice.current)
     monkeypatch.setattr(torch.cuda, "device", _FakeCudaDevice)
     ran_on = []
 
@@ -467,6 +468,6 @@ def test_launch_runs_on_the_tensors_device(monkeypatch):
     def no_cuda():
         raise AssertionError("a CPU launch asked for the current CUDA device")
 
-    monkeypatch.setattr(torch.cuda, "current_device", no_cuda)
+    monkeypatch.setattr(_common, "_cuda_current_device", no_cuda)
     launch("guard-test", launcher, torch.zeros(1))  # get_device() == -1
     assert ran_on == [1, 0, 0] and _FakeCudaDevice.entered == [1]

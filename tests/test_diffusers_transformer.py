@@ -153,11 +153,12 @@ def test_a_module_swapped_in_after_optimize_is_called(where):
 
 @pytest.mark.parametrize("where", ["norm2", "norm3", "ff", "ff.net.2", "attn1", "attn2", "attn1.to_q", "attn2.to_v",
                                    "attn2.to_out.0"])
-def test_hooks_added_after_optimize_see_what_they_see_without_ldm_fast(where):
+@pytest.mark.parametrize("attention", [False, True])
+def test_hooks_added_after_optimize_see_what_they_see_without_ldm_fast(where, attention):
     block = _block()
     x, ctx = _inputs()
     twin = dm.twin(block)
-    optimize(block)
+    optimize(block, attention=attention)
     seen = {"block": [], "twin": []}
     for name, model in (("block", block), ("twin", twin)):
         module = model.get_submodule(where)
@@ -183,22 +184,22 @@ def _attention(**kwargs):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("cross", [False, True])
-def test_sdpa_statements_are_attn_processor_2_0_bit_for_bit(dtype, cross):
+def test_plain_statements_are_attn_processor_2_0_bit_for_bit(dtype, cross):
     """The transformer block's attention call without AttnProcessor2_0's host cost computes what
     AttnProcessor2_0 computes, bit for bit, forward and backward (and the eval-mode dropout and the
     division by 1.0 it skips change nothing)."""
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    from ldm_fast.integrations.diffusers.attention import sdpa_statements
+    from ldm_fast.integrations.diffusers.attention import plain_statements
 
     attn = _attention(cross_attention_dim=12 if cross else None).to(dtype)
     x, ctx = (t.to(dtype) for t in _inputs())
     ctx = ctx if cross else None
-    out = sdpa_statements(attn, x, ctx)
+    out = plain_statements(attn, x, ctx)
     ref = AttnProcessor2_0()(attn, x, ctx)
     assert out.dtype == ref.dtype and torch.equal(out, ref)
     xg = x.clone().requires_grad_(True)
-    sdpa_statements(attn, xg, ctx).square().sum().backward()
+    plain_statements(attn, xg, ctx).square().sum().backward()
     grads = [xg.grad] + [p.grad.clone() for p in attn.parameters()]
     attn.zero_grad(set_to_none=True)
     xr = x.clone().requires_grad_(True)
@@ -207,22 +208,58 @@ def test_sdpa_statements_are_attn_processor_2_0_bit_for_bit(dtype, cross):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("impl", ["sdpa", "triton"])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("cross", [False, True])
+def test_plain_statements_are_ldm_fast_attn_processor_bit_for_bit(impl, packed, cross):
+    """For ldm_fast's own AttnProcessor (``optimize(attention=True)``) the plain-case statements compute
+    what the processor computes, bit for bit, with its impl (the Triton kernel forced, interpreted;
+    SDPA) and with the packed q/k/v projections (inference) or without; under autograd too (the
+    packed GEMM steps aside there, as in the processor)."""
+    from ldm_fast.integrations.diffusers.attention import AttnProcessor, plain_statements
+
+    attn = _attention(cross_attention_dim=12 if cross else None)
+    processor = AttnProcessor(impl=impl)
+    attn.set_processor(processor)
+    if packed:
+        report = optimize(attn, attention=True)
+        assert report.paths("pack_weights"), report
+        processor = attn.processor
+        assert type(processor) is AttnProcessor
+    x, ctx = _inputs()
+    ctx = ctx if cross else None
+    with torch.no_grad(), dm.kernels_forced() as launched:
+        out = plain_statements(attn, x, ctx, processor)
+        ref = processor(attn, x, ctx)
+    assert torch.equal(out, ref)
+    assert launched.get("attention", 0) == (2 if impl == "triton" else 0)
+    with dm.kernels_forced():
+        xg = x.clone().requires_grad_(True)
+        plain_statements(attn, xg, ctx, processor).square().sum().backward()
+        grads = [xg.grad] + [p.grad.clone() for p in attn.parameters()]
+        attn.zero_grad(set_to_none=True)
+        xr = x.clone().requires_grad_(True)
+        processor(attn, xr, ctx).square().sum().backward()
+    for a, b in zip(grads, [xr.grad] + [p.grad for p in attn.parameters()]):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("kwargs, cross", [
     ({"qk_norm": "layer_norm"}, False), ({"residual_connection": True}, False), ({"norm_num_groups": 4}, False),
     ({"cross_attention_norm": "layer_norm", "cross_attention_dim": 12}, True), ({"out_dim": 8}, False),
 ])
-def test_sdpa_statements_leave_what_is_not_the_plain_case(kwargs, cross):
+def test_plain_statements_leave_what_is_not_the_plain_case(kwargs, cross):
     """Outside the plain case (q/k norms, a residual connection, a group norm, a cross-attention norm)
-    sdpa_statements declines (None: the caller calls the processor); an output width other than the
+    plain_statements declines (None: the caller calls the processor); an output width other than the
     input's still computes AttnProcessor2_0's values."""
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    from ldm_fast.integrations.diffusers.attention import sdpa_statements
+    from ldm_fast.integrations.diffusers.attention import plain_statements
 
     attn = _attention(**kwargs)
     x, ctx = _inputs()
     ctx = ctx if cross else None
-    out = sdpa_statements(attn, x, ctx)
+    out = plain_statements(attn, x, ctx)
     if "out_dim" in kwargs:
         assert torch.equal(out, AttnProcessor2_0()(attn, x, ctx))
     else:

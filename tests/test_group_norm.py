@@ -473,6 +473,56 @@ def test_shift_read_in_place_from_a_column_slice(path, layout, force_split, pois
     assert torch.equal(y, y0) and torch.equal(mean, mean0) and torch.equal(rstd, rstd0)
 
 
+@pytest.mark.parametrize("layout, out_layout", [("nchw", None), ("channels-last", None), ("nchw", True),
+                                                ("channels-last", False), ("video", None)])
+@pytest.mark.parametrize("stats", [False, True])
+def test_a_planned_signature_launches_what_the_full_path_launches(layout, out_layout, stats, poison, monkeypatch):
+    """A repeat of an op call's signature (``checked``) goes straight to the one-pass launch planned by
+    its first call (``_ONE_PASS_CALLS``): the same y, mean and rstd, bit for bit, as the full path,
+    with new values of everything the plan does not hold (x, weight, bias, eps, a shift read from a
+    column slice, a weight with a stride); another signature (a dtype, the options, which tensors are
+    given, the tuning constants) plans anew; an unplanned layout (a transposed x) is never planned."""
+    monkeypatch.setattr(gn, "_ONE_PASS_CALLS", {})
+    shape = (2, 12, 3, 4, 2) if layout == "video" else (2, 12, 7, 5)
+    g = torch.Generator().manual_seed(5)
+
+    def call(checked, seed_shift=0.0, eps=1e-5, **kwargs):
+        x = torch.randn(shape, generator=g) + seed_shift
+        if layout == "channels-last":
+            x = _channels_last(x)
+        wide = torch.randn(2, 30, generator=g)
+        weight = torch.randn(24, generator=g)[::2]  # stride 2: the launch makes it contiguous
+        bias = torch.randn(12, generator=g)
+        args = (x, weight, bias, 4, eps, "silu", out_layout)
+        return gn.group_norm_fwd(*args, stats=stats, shift=wide[:, 7:19], checked=checked, **kwargs), args, wide
+
+    (y, mean, rstd), args, wide = call(True)  # plans
+    assert len(gn._ONE_PASS_CALLS) == 1
+    for seed_shift, eps in ((0.0, 1e-5), (3.0, 1e-3)):  # planned: new values, the same computation
+        state = g.get_state()
+        planned, _, _ = call(True, seed_shift, eps)
+        g.set_state(state)
+        full, _, _ = call(False, seed_shift, eps)
+        assert len(gn._ONE_PASS_CALLS) == 1
+        assert planned[0].stride() == full[0].stride() and torch.equal(planned[0], full[0])
+        assert (planned[1] is None) == (not stats)
+        if stats:
+            assert torch.equal(planned[1], full[1]) and torch.equal(planned[2], full[2])
+    x, weight, bias = args[:3]
+    gn.group_norm_fwd(x.half(), weight, bias, 4, 1e-5, "silu", out_layout, stats=stats, checked=True)
+    gn.group_norm_fwd(x, None, bias, 4, 1e-5, "silu", out_layout, stats=stats, checked=True)
+    gn.group_norm_fwd(x, weight, bias, 4, 1e-5, None, out_layout, stats=stats, checked=True)
+    assert len(gn._ONE_PASS_CALLS) == 4
+    monkeypatch.setattr(gn, "ONE_PASS_MIN_PROGRAMS", 1)
+    gn.group_norm_fwd(x, weight, bias, 4, 1e-5, None, out_layout, stats=stats, checked=True)
+    assert len(gn._ONE_PASS_CALLS) == 5
+    odd = torch.randn(shape[:2] + shape[2:][::-1]).transpose(-1, -2)  # neither layout: copied, not planned
+    y_odd = gn.group_norm_fwd(odd, weight, bias, 4, 1e-5, "silu", out_layout, stats=stats, checked=True)[0]
+    assert len(gn._ONE_PASS_CALLS) == 5
+    ref = gn.group_norm_fwd(odd.contiguous(), weight, bias, 4, 1e-5, "silu", out_layout, stats=stats)[0]
+    assert torch.equal(y_odd, ref)
+
+
 def test_shift_none_is_the_plain_norm(poison):
     """shift=None keeps the three-tuple backward and the plain statistics; a zero shift equals it."""
     x, weight, bias, _, grad = _shift_inputs((2, 12, 7, 5), torch.float32, torch.float32, False)

@@ -26,6 +26,11 @@ class ArgumentError(ValueError, RuntimeError):
     a ValueError, as every ldm_fast argument error, that ``except RuntimeError`` still catches."""
 
 
+#: The current CUDA device's index without ``torch.cuda.current_device``'s lazy-init check (called
+#: only with a CUDA tensor in hand: CUDA is initialized); absent from CPU builds of torch.
+_cuda_current_device = getattr(torch._C, "_cuda_getDevice", None)
+
+
 def launch(op: str, launcher, *args, **kwargs):
     """Call a kernel launcher, counting the call (tests read the count to prove the kernel ran).
 
@@ -41,7 +46,7 @@ def launch(op: str, launcher, *args, **kwargs):
         with _INTERPRETER_LOCK:
             return launcher(*args, **kwargs)
     index = args[0].get_device()  # -1 off CUDA
-    if index >= 0 and index != torch.cuda.current_device():
+    if index >= 0 and index != _cuda_current_device():
         with torch.cuda.device(index):
             return launcher(*args, **kwargs)
     return launcher(*args, **kwargs)

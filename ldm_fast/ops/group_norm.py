@@ -11,7 +11,7 @@ from torch.autograd.function import once_differentiable
 
 from .. import backend
 from ..kernels import group_norm as _kernels
-from ._common import ArgumentError, check_float, check_same_device, launch, needs_grad
+from ._common import ArgumentError, check_float, check_same_device, launch
 
 ACTIVATIONS = _kernels.ACTIVATIONS
 _CHANNELS_LAST_FORMATS = (torch.channels_last, torch.channels_last_3d)
@@ -69,15 +69,13 @@ def group_norm(
     if channels % num_groups:
         raise ArgumentError(f"group_norm: the channel count of x (C={channels}, shape {tuple(x.shape)}) must be "
                             f"divisible by num_groups ({num_groups})")
-    for name, param in (("weight", weight), ("bias", bias)):
+    for name, param in (("weight", weight), ("bias", bias)):  # (their devices: see kernel_ok below)
         if param is not None:
             if not (isinstance(param, Tensor) and param.is_floating_point()):
                 check_float(name, param)
             if param.dim() != 1 or param.shape[0] != channels:
                 raise ArgumentError(f"group_norm: {name} must be a vector of C={channels} elements (x's channels), "
                                     f"got shape {tuple(param.shape)}")
-            if param.device != x.device:
-                check_same_device(name, param, "x", x)
     if activation is not None and activation not in ACTIVATIONS:
         raise ValueError(f"group_norm: activation must be one of {ACTIVATIONS}, got {activation!r}")
     if out_memory_format is None or out_memory_format == torch.preserve_format:
@@ -89,7 +87,8 @@ def group_norm(
     else:
         raise ValueError("group_norm: out_memory_format must be None, torch.preserve_format, torch.contiguous_format, "
                          f"torch.channels_last or torch.channels_last_3d, got {out_memory_format!r}")
-    eps = float(eps)
+    if type(eps) is not float:
+        eps = float(eps)
     if shift is not None:
         shift = _check_shift(shift, x)
 
@@ -99,6 +98,8 @@ def group_norm(
         if device_type in FP32_AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type):
             out_dtype = torch.float32  # autocast's fp32 list; the eager path below gets it from torch
 
+    # (kernel_ok also tells that every tensor is on x's device: the clear error for one that is not
+    # is raised on the eager path below, where torch would raise its own)
     if x.numel() and channels <= _kernels.MAX_CHANNELS and backend.kernel_ok(x, weight, bias, shift):
         if torch.compiler.is_compiling():  # LDM_FAST_COMPILE: the kernel, or Inductor's own code
             if out_dtype is None and backend.compile_uses_kernel(x.numel() // (x.shape[0] * num_groups)):
@@ -106,28 +107,35 @@ def group_norm(
                     channels_last_out = _kernels.is_channels_last(x)
                 return torch.ops.ldm_fast.group_norm(x, weight, bias, num_groups, eps, activation or "",
                                                      channels_last_out, shift)[0]
-        elif needs_grad(x, weight, bias, shift):
+        elif torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
+                                          or (bias is not None and bias.requires_grad)
+                                          or (shift is not None and shift.requires_grad)):
             return _GroupNormFunction.apply(x, weight, bias, num_groups, eps, activation, channels_last_out, shift,
                                             out_dtype)
         else:
             return launch("group_norm", _kernels.group_norm_fwd, x, weight, bias, num_groups, eps, activation,
                           channels_last_out, stats=False, shift=shift, out_dtype=out_dtype, checked=True)[0]
+    for name, param in (("weight", weight), ("bias", bias), ("shift", shift)):
+        if param is not None and param.device != x.device:
+            check_same_device(name, param, "x", x)
     y = _kernels.group_norm_reference(x, num_groups, weight, bias, eps, activation, upcast=upcast, shift=shift)
     return y if channels_last_out is None else _to_layout(y, channels_last_out)
 
 
 def _check_shift(shift, x: Tensor) -> Tensor:
-    """group_norm's shift as ``[B, C]``: a float tensor ``[B, C]`` or ``[B, C, 1, ...]`` on x's device."""
+    """group_norm's shift as ``[B, C]``: a float tensor ``[B, C]`` or ``[B, C, 1, ...]`` (its device: the
+    caller checks)."""
     if not (isinstance(shift, Tensor) and shift.is_floating_point()):
         check_float("shift", shift)
+    dims = shift.dim()
+    if dims == 2 and shift.shape == x.shape[:2]:  # the common case: [B, C] (its device: see the caller)
+        return shift
     batch, channels = x.shape[0], x.shape[1]
-    if (shift.dim() < 2 or tuple(shift.shape[:2]) != (batch, channels)
-            or any(size != 1 for size in shift.shape[2:]) or shift.dim() > x.dim()):
+    if (dims < 2 or tuple(shift.shape[:2]) != (batch, channels)
+            or any(size != 1 for size in shift.shape[2:]) or dims > x.dim()):
         raise ArgumentError(f"group_norm: shift must be [B, C] = [{batch}, {channels}] (or [B, C, 1, ...]), "
                             f"got shape {tuple(shift.shape)}")
-    if shift.device != x.device:
-        check_same_device("shift", shift, "x", x)
-    return shift if shift.dim() == 2 else shift.view(batch, channels)
+    return shift.view(batch, channels)
 
 
 def _to_layout(y: Tensor, channels_last: bool) -> Tensor:

@@ -42,7 +42,7 @@ from ..._packing import PackedLinears, linear_unpackable
 from ...optimize.patch import Context, InstallPatch
 from .supported import is_diffusers, known
 
-__all__ = ["AttnProcessor", "AttentionPatch", "PACK_ATTR", "PackedProjections", "sdpa_statements"]
+__all__ = ["AttnProcessor", "AttentionPatch", "PACK_ATTR", "PackedProjections", "plain_statements"]
 
 _SCALE_DEPRECATION = (
     "The `scale` argument is deprecated and will be ignored. Please remove it, as passing it will raise an error "
@@ -75,18 +75,20 @@ def _rowwise_norm(norm: Optional[torch.nn.Module], head_dim: int) -> bool:
 _NOT_PLAIN = ("spatial_norm", "group_norm", "norm_q", "norm_k")
 
 
-def sdpa_statements(attn: nn.Module, hidden_states: torch.Tensor,
-                    encoder_hidden_states: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """What diffusers' ``AttnProcessor2_0.__call__`` (0.30-0.42) computes for ``attn`` without an
-    attention mask, temb or extra arguments, in the plain case: a ``[B, N, C]`` input, no
-    spatial_norm, group_norm, norm_cross, norm_q, norm_k or residual connection, and
-    ``to_out = [Linear, Dropout]``. Its statements without their host cost: ``to_q``/``to_k``/``to_v``
-    and ``to_out[0]`` as ``F.linear`` where they are plain Linears (any other module, a LoRA layer, is
-    called), an eval-mode Dropout skipped (it returns its input), no ``.to()`` to the dtype the
-    output has, no division by a ``rescale_output_factor`` of 1 (``x / 1.0`` is ``x``: a launch
-    fewer). The same values, bit for bit. None outside the plain case (the caller calls the
-    processor). The caller checks the processor is an ``AttnProcessor2_0`` of that known source,
-    nothing intercepts ``attn`` and no global module hooks are set."""
+def plain_statements(attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor],
+                     processor: Optional["AttnProcessor"] = None) -> Optional[torch.Tensor]:
+    """What ``attn``'s processor computes without an attention mask, temb or extra arguments, in the
+    plain case: a ``[B, N, C]`` input, no spatial_norm, group_norm, norm_cross, norm_q, norm_k or
+    residual connection, and ``to_out = [Linear, Dropout]``; its statements without their host cost.
+    ``processor`` None: diffusers' ``AttnProcessor2_0.__call__`` (0.30-0.42); else ldm_fast's
+    :class:`AttnProcessor` (that instance: its ``impl``, and the packed projections where usable).
+    ``to_q``/``to_k``/``to_v`` and ``to_out[0]`` run as ``F.linear`` where they are plain Linears (any
+    other module, a LoRA layer, is called), an eval-mode Dropout is skipped (it returns its input),
+    no ``.to()`` to the dtype the output has, no division by a ``rescale_output_factor`` of 1
+    (``x / 1.0`` is ``x``: a launch fewer). The same values, bit for bit. None outside the plain case
+    (the caller calls the processor). The caller checks the processor is exactly that class (an
+    ``AttnProcessor2_0`` of the known source), nothing intercepts ``attn``, no global module hooks
+    are set, no torch.compile and, for ldm_fast's processor, that it would not call its fallback."""
     d, mods = attn.__dict__, attn._modules
     if hidden_states.ndim != 3 or d.get("residual_connection"):
         return None
@@ -101,16 +103,29 @@ def sdpa_statements(attn: nn.Module, hidden_states: torch.Tensor,
     out_proj, dropout = to_out._modules.values()
     heads = attn.heads
     batch_size = hidden_states.shape[0]
-    query = linear(mods.get("to_q"), hidden_states)
     context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-    key = linear(mods.get("to_k"), context)
-    value = linear(mods.get("to_v"), context)
+    pack = None if processor is None else d.get(PACK_ATTR)
+    if pack is not None and not pack.usable(attn, hidden_states, encoder_hidden_states):
+        pack = None
+    if pack is not None and encoder_hidden_states is None and pack.with_q:  # q, k and v from one GEMM
+        query, key, value = F.linear(hidden_states, pack.weight, pack.bias).split(pack.width, dim=-1)
+    else:
+        query = linear(mods.get("to_q"), hidden_states)
+        if pack is not None:  # k and v from one GEMM
+            key, value = F.linear(context, pack.kv_weight, pack.kv_bias).split(pack.width, dim=-1)
+        else:
+            key = linear(mods.get("to_k"), context)
+            value = linear(mods.get("to_v"), context)
     head_dim = key.shape[-1] // heads
-    query = query.view(batch_size, -1, heads, head_dim).transpose(1, 2)
-    key = key.view(batch_size, -1, heads, head_dim).transpose(1, 2)
-    value = value.view(batch_size, -1, heads, head_dim).transpose(1, 2)
-    hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False)
-    hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, heads * head_dim)
+    if processor is not None and _projections_covered(heads, query, key, value, batch_size, head_dim):
+        hidden_states = functional.attention(query, key, value, heads=heads, impl=processor.impl)
+    else:  # AttnProcessor2_0's statements
+        query = query.view(batch_size, -1, heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, heads, head_dim).transpose(1, 2)
+        hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
+                                                       is_causal=False)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, heads * head_dim)
     if hidden_states.dtype != query.dtype:
         hidden_states = hidden_states.to(query.dtype)
     hidden_states = linear(out_proj, hidden_states)
@@ -118,6 +133,18 @@ def sdpa_statements(attn: nn.Module, hidden_states: torch.Tensor,
         hidden_states = dropout(hidden_states)
     factor = attn.rescale_output_factor
     return hidden_states if factor == 1.0 else hidden_states / factor
+
+
+def _projections_covered(heads: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, batch_size: int,
+                         head_dim: int) -> bool:
+    """Whether functional.attention on the ``[B, N, heads * D]`` projections computes what
+    AttnProcessor2_0's view/transpose/SDPA statements compute for them (q/k norms aside)."""
+    inner_dim = key.shape[-1]
+    return (query.dim() == 3 and key.dim() == 3 and value.dim() == 3
+            and head_dim > 0 and inner_dim == head_dim * heads
+            and query.shape[-1] == inner_dim and value.shape[-1] == inner_dim
+            and query.shape[0] == key.shape[0] == value.shape[0] == batch_size
+            and key.shape[1] == value.shape[1])
 
 
 class AttnProcessor:
@@ -254,15 +281,8 @@ class AttnProcessor:
                  head_dim: int) -> bool:
         """Whether functional.attention on the [B, N, heads * D] projections computes what
         AttnProcessor2_0's view/transpose/SDPA statements compute for this call."""
-        inner_dim = key.shape[-1]
-        return (
-            query.dim() == 3 and key.dim() == 3 and value.dim() == 3
-            and head_dim > 0 and inner_dim == head_dim * attn.heads
-            and query.shape[-1] == inner_dim and value.shape[-1] == inner_dim
-            and query.shape[0] == key.shape[0] == value.shape[0] == batch_size
-            and key.shape[1] == value.shape[1]
-            and _rowwise_norm(attn.norm_q, head_dim) and _rowwise_norm(attn.norm_k, head_dim)
-        )
+        return (_projections_covered(attn.heads, query, key, value, batch_size, head_dim)
+                and _rowwise_norm(attn.norm_q, head_dim) and _rowwise_norm(attn.norm_k, head_dim))
 
 
 #: The instance attribute of a diffusers ``Attention`` holding its :class:`PackedProjections`.

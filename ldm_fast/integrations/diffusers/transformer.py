@@ -8,7 +8,8 @@ one :func:`ldm_fast.functional.add_layer_norm` kernel (under CUDA autocast with 
 autocast gives), and in inference the feed-forward's residual in its output GEMM
 (:func:`ldm_fast._fusion.add_norm_feed_forward`), and each attention called for less host time
 (:meth:`TransformerBlockForward.attend`: no per-call ``inspect.signature``, and diffusers'
-``AttnProcessor2_0`` in the plain case as :func:`.attention.sdpa_statements`). Per call, each norm,
+``AttnProcessor2_0`` or ldm_fast's ``AttnProcessor`` in the plain case as
+:func:`.attention.plain_statements`). Per call, each norm,
 attention, projection and the feed-forward's output Linear are read instead of called only while
 they are the plain modules (a LoRA layer on ``ff.net.2`` or ``to_q``, a hook on ``norm2`` or
 ``attn1``: that module is called). Off the Triton backend, under torch.compile, with global module
@@ -30,7 +31,7 @@ from torch import nn
 from ... import backend
 from ..._fusion import add_norm, add_norm_feed_forward, class_method, global_module_hooks, inert_dropout, intercepted
 from ...optimize.patch import Context, InstallPatch
-from .attention import sdpa_statements
+from .attention import AttnProcessor, plain_statements
 from .supported import is_diffusers, known, module_function
 
 
@@ -54,16 +55,22 @@ class TransformerBlockForward:
         Without kwargs diffusers' ``Attention.forward`` (0.30-0.42) is the processor's call and nothing
         else (the rest of it filters the kwargs by ``inspect.signature`` of the processor, ~50 µs of host
         time a call): that call is made directly while ``attn`` is of a class whose forward is that
-        known source and nothing intercepts its call (the caller checked global module hooks). And
-        where that processor is diffusers' ``AttnProcessor2_0`` (its known source) and there is no
-        mask, its statements run without their host cost (:func:`.attention.sdpa_statements`)."""
+        known source and nothing intercepts its call (the caller checked global module hooks and
+        torch.compile). And where that processor is diffusers' ``AttnProcessor2_0`` (its known source)
+        or exactly ldm_fast's :class:`.attention.AttnProcessor` on the backend it runs (not its
+        fallback) and there is no mask, its statements run without their host cost
+        (:func:`.attention.plain_statements`)."""
         cls = attn.__class__
         if (not cross_attention_kwargs and self.attention_forwards.get(cls) is cls.forward
                 and not intercepted(attn)):
             processor = attn.processor
-            kind = processor.__class__
-            if attention_mask is None and self.sdpa_processors.get(kind) is kind.__call__:
-                out = sdpa_statements(attn, hidden_states, encoder_hidden_states)
+            if attention_mask is None:
+                kind = processor.__class__
+                out = None
+                if self.sdpa_processors.get(kind) is kind.__call__:
+                    out = plain_statements(attn, hidden_states, encoder_hidden_states)
+                elif kind is AttnProcessor and (processor.fallback is None or backend.kernel_ok(hidden_states)):
+                    out = plain_statements(attn, hidden_states, encoder_hidden_states, processor)
                 if out is not None:
                     return out
             return processor(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
