@@ -285,9 +285,12 @@ def add_layer_norm_bwd(grad_s, grad_out, s, mean, rstd, weight, bias, output_mas
             b = b.float() if b is not None else None
         ds, dweight, dbias = torch.ops.aten.native_layer_norm_backward(
             g, sv, (C,), mean.view(stat_shape), rstd.view(stat_shape), w, b, mask)
-        ds = ds.to(s.dtype) if ds is not None else None
-        dweight = dweight.to(weight.dtype) if dweight is not None else None
-        dbias = dbias.to(bias.dtype) if dbias is not None else None
+        if ds is not None and ds.dtype != s.dtype:  # (each .to() is host time, even a no-op one)
+            ds = ds.to(s.dtype)
+        if dweight is not None and dweight.dtype != weight.dtype:
+            dweight = dweight.to(weight.dtype)
+        if dbias is not None and dbias.dtype != bias.dtype:
+            dbias = dbias.to(bias.dtype)
     if output_mask[0] and grad_s is not None:
         ds = grad_s.to(s.dtype) if ds is None else ds + grad_s
     return ds, dweight, dbias

@@ -1036,6 +1036,7 @@ def group_norm_bwd(
     *,
     out=None,
     shift=None,
+    checked: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Launch the backward: ``(dx, dweight, dbias)``, and ``dshift`` fourth when ``shift`` is given. Two launches on the one-pass path (the
     kernel, then one column sum for both parameter gradients; one without parameters), three on
@@ -1048,12 +1049,16 @@ def group_norm_bwd(
     that parameter is None. shift: the forward's ``[B, C]`` or None; then mean/rstd are the
     statistics of ``x + shift`` (as the forward returns them) and dshift ``[B, C]`` in shift's
     dtype is ``dx.sum(spatial)``, computed in fp32 by the kernels that compute dx (no extra
-    launch). Eager equivalent: autograd through :func:`group_norm_reference` (``shift=``).
+    launch). ``checked``: the caller (the op's backward) passes the shift the op checked (``[B, C]``
+    on x's device). Eager equivalent: autograd through :func:`group_norm_reference` (``shift=``).
     """
     silu = _activation_flag(activation)
     if x.shape[1] > MAX_CHANNELS:
         _too_many_channels(x)
-    shift = _check_shift(shift, x)
+    if not checked:
+        shift = _check_shift(shift, x)
+    elif shift is not None and not shift.is_contiguous():  # (the op's [B, C] shift, checked)
+        shift = shift.contiguous()
     has_shift = shift is not None
     x, x_cl = _canonical(x)
     dy, dy_cl = _canonical(dy)
@@ -1061,20 +1066,21 @@ def group_norm_bwd(
     S = math.prod(x.shape[2:])
     G = num_groups
     if out is None:
-        out = empty_nc(x.shape, x_cl, x.dtype, x.device)
+        out = empty_nc(x.shape, x_cl, x.dtype, x.device, like=x)
     else:
         _check_out(out, x)
     dx, dx_cl = out, is_channels_last(out)
     has_w, has_b = weight is not None, bias is not None
     dw = torch.empty_like(weight) if has_w else x.new_empty((0,))
     db = torch.empty_like(bias) if has_b else x.new_empty((0,))
-    dshift = torch.empty((B, C), dtype=shift.dtype, device=x.device) if has_shift else None
+    dshift = torch.empty_like(shift) if has_shift else None  # (contiguous [B, C], as shift is)
     if x.numel() == 0:
         return (dx, dw.zero_(), db.zero_()) + ((dshift.zero_(),) if has_shift else ())
     w = x if weight is None else weight if weight.stride(0) == 1 else weight.contiguous()
     b = x if bias is None else bias if bias.stride(0) == 1 else bias.contiguous()
     flags = dict(SILU=silu, HAS_W=has_w, HAS_B=has_b)
-    mean, rstd = mean.contiguous(), rstd.contiguous()
+    if not (mean.is_contiguous() and rstd.is_contiguous()):
+        mean, rstd = mean.contiguous(), rstd.contiguous()
     plan = _bwd_plan(B, C, S, G, x_cl, dy_cl, dx_cl, _tuning())
     # a third plane (sum xhat per channel and chunk) for the split path's dshift
     planes = 3 if has_shift and not plan.one_pass else 2

@@ -94,10 +94,12 @@ def needs_grad_of(tensors: Sequence[Optional[Tensor]], params) -> bool:
 
 
 def inert_dropout(module: nn.Module) -> bool:
-    """``module`` is an ``nn.Dropout`` in eval mode that nothing intercepts: calling it returns its
-    input, the same tensor object (``F.dropout(x, p, training=False)`` is ``x``), so a fused forward
-    may skip the call (global module hooks aside: the caller checks those once)."""
-    return type(module) is nn.Dropout and not module.training and not intercepted(module)
+    """``module`` is an ``nn.Dropout`` in eval mode or with ``p == 0`` (diffusers' default, in training
+    too) that nothing intercepts: calling it returns its input, the same tensor object, without
+    drawing random numbers (``F.dropout(x, p, training=False)`` and ``F.dropout(x, 0.0, True)`` are
+    ``x``: aten's dropout returns its input for either), so a fused forward may skip the call (global
+    module hooks aside: the caller checks those once)."""
+    return type(module) is nn.Dropout and (not module.training or module.p == 0) and not intercepted(module)
 
 
 # --- the transformer block's residual stream ----------------------------------------------------

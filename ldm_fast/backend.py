@@ -191,9 +191,9 @@ def kernel_ok(*tensors: Optional[torch.Tensor], dtypes: tuple = KERNEL_DTYPES) -
             return False
     if first is None:
         return False
-    if first.is_cuda:  # (not device.type: a string made per call)
+    if first.is_cuda:  # (not device.type: a string made per call; torch.compile folds is_cuda, not is_cpu)
         return not _Env.interpret
-    return first.is_cpu and name == "triton" and _Env.interpret
+    return device.type == "cpu" and name == "triton" and _Env.interpret
 
 
 def select(*tensors: Optional[torch.Tensor]) -> str:

@@ -233,6 +233,31 @@ def test_hooks_added_after_optimize_see_what_they_see_without_ldm_fast(where):
     dm.assert_close_rel(out, ref)
 
 
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_a_training_dropout_is_skipped_only_where_it_returns_its_input(p):
+    """In training a Dropout with p = 0 (diffusers' default) returns its input without drawing random
+    numbers: the fused forward skips its call (same output and gradients, the generator untouched);
+    with p > 0 it is called, drawing the same mask diffusers' forward draws."""
+    from ldm_fast._fusion import inert_dropout
+
+    block = _block(in_channels=12, out_channels=20, dropout=p).train()
+    x, temb = _inputs(12)
+    twin = dm.twin(block)
+    optimize(block)
+    assert inert_dropout(block.dropout) == (p == 0)
+    grads = {}
+    for name, model in (("twin", twin), ("block", block)):
+        torch.manual_seed(11)
+        xg = x.clone().requires_grad_(True)
+        with dm.kernels_forced() if name == "block" else torch.enable_grad():
+            out = model(xg, temb)
+        grads[name] = (out, torch.get_rng_state(), torch.autograd.grad(out.square().sum(), xg)[0])
+    (ref, ref_rng, ref_grad), (out, rng, grad) = grads["twin"], grads["block"]
+    assert torch.equal(rng, ref_rng)
+    dm.assert_close_rel(out, ref)
+    dm.assert_close_rel(grad, ref_grad)
+
+
 def test_inference_mode_and_in_place_weight_updates_without_a_version_bump():
     """EMAModel.copy_to / p.data.copy_(): the next call uses the new weights (nothing derived from
     weights is cached); inference_mode: no version counter is read."""

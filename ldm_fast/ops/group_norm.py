@@ -161,9 +161,9 @@ class _GroupNormFunction(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight, bias, mean, rstd, shift = ctx.saved_tensors
         grads = launch("group_norm", _kernels.group_norm_bwd, grad, x, weight, bias, mean, rstd, ctx.num_groups,
-                       ctx.activation, shift=shift)
+                       ctx.activation, shift=shift, checked=True)
         dx, dweight, dbias = grads[:3]
-        dshift = grads[3].to(shift.dtype) if shift is not None else None
+        dshift = grads[3] if shift is not None else None  # (in shift's dtype)
         return (dx, dweight if weight is not None else None, dbias if bias is not None else None,
                 None, None, None, None, dshift, None)
 

@@ -83,7 +83,7 @@ def plain_statements(attn: nn.Module, hidden_states: torch.Tensor, encoder_hidde
     ``processor`` None: diffusers' ``AttnProcessor2_0.__call__`` (0.30-0.42); else ldm_fast's
     :class:`AttnProcessor` (that instance: its ``impl``, and the packed projections where usable).
     ``to_q``/``to_k``/``to_v`` and ``to_out[0]`` run as ``F.linear`` where they are plain Linears (any
-    other module, a LoRA layer, is called), an eval-mode Dropout is skipped (it returns its input),
+    other module, a LoRA layer, is called), a Dropout in eval mode or with p = 0 is skipped (it returns its input),
     no ``.to()`` to the dtype the output has, no division by a ``rescale_output_factor`` of 1
     (``x / 1.0`` is ``x``: a launch fewer). The same values, bit for bit. None outside the plain case
     (the caller calls the processor). The caller checks the processor is exactly that class (an

@@ -121,7 +121,7 @@ class ResnetForward:
                 hidden_states = act(hidden_states)
 
         dropout = mods["dropout"]
-        if not inert_dropout(dropout):  # (an eval-mode Dropout returns its input: no call)
+        if not inert_dropout(dropout):  # (a Dropout in eval mode or with p = 0 returns its input: no call)
             hidden_states = dropout(hidden_states)
         conv2, conv_shortcut = mods["conv2"], mods.get("conv_shortcut")
         output_tensor = None
