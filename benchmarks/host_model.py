@@ -437,6 +437,86 @@ def measure_steps(config: dict, train: bool, rounds: int) -> dict:
     return rows
 
 
+# ---------------------------------------------------------------------------------------------
+# optimize(cuda_graph=True): ldm_fast's own cost per graphed call
+
+
+#: The graphed variants: name -> ``ldm_fast.optimize`` options.
+GRAPH_VARIANTS: dict[str, dict] = {
+    "optimize(cuda_graph=True)": {"cuda_graph": True},
+    "optimize(channels_last=True, cuda_graph=True)": {"channels_last": True, "cuda_graph": True},
+}
+#: The issue's budget for what a graphed U-Net call costs the host besides the replay.
+GRAPH_CALL_BUDGET_US = 100.0
+
+
+def null_graph_api():
+    """A ``CUDAGraphForward.api`` on the CPU whose graphs replay nothing: a graphed call then costs
+    what ldm_fast's Python and its aten ops cost per call besides the replay (the key, the checks,
+    the input copies, the output clones). Warm-up and capture run the forward once each."""
+    from ldm_fast.optimize.cuda_graph import CUDAGraphAPI
+
+    class NullGraph:
+        def replay(self) -> None:
+            return None
+
+    class NullGraphAPI(CUDAGraphAPI):
+        device_type = "cpu"
+
+        def is_capturing(self) -> bool:
+            return False
+
+        def warmup(self, device, fn, iters):
+            return fn()
+
+        def new_pool(self):
+            return None
+
+        def capture(self, device, fn, pool=None):
+            return NullGraph(), fn()
+
+    return NullGraphAPI()
+
+
+def measure_graph_calls(config: dict, rounds: int, calls: int = 20) -> dict:
+    """Host µs per call of each :data:`GRAPH_VARIANTS` U-Net (inference, replay a no-op:
+    :func:`null_graph_api`), the timestep as a tensor and as a Python int (lifted to the graph's 0-d
+    input), interleaved rounds of ``calls`` calls; the aten ops a call dispatches and launches."""
+    with launch_boundary():  # (the forward runs at capture only)
+        return _measure_graph_calls(config, rounds, calls)
+
+
+def _measure_graph_calls(config: dict, rounds: int, calls: int) -> dict:
+    entries, rows, counts = {}, {}, {}
+    for name, options in GRAPH_VARIANTS.items():
+        entry = step_entry(config, options, False)
+        model = entry["model"]
+        model.forward.api = null_graph_api()
+        sample = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+        if options.get("channels_last"):
+            sample = sample.contiguous(memory_format=torch.channels_last)
+        context = torch.randn(2, 77, config["cross_attention_dim"], generator=torch.Generator().manual_seed(2))
+        for timestep_kind, t in (("t tensor", torch.full((2,), 500, dtype=torch.int64)), ("t int", 500)):
+            def call(model=model, sample=sample, t=t, context=context):
+                return model(sample, t, encoder_hidden_states=context).sample
+
+            call()  # captures (the forward runs; the graph stands by)
+            assert model.forward.stats["graph capture"] >= 1, model.forward.stats
+            recorder = StepRecorder()
+            replays = model.forward.stats["graph replay"]
+            with recorder:
+                call()
+            assert model.forward.stats["graph replay"] == replays + 1, model.forward.stats  # the graph path
+            key = f"{name}|{timestep_kind}"
+            counts[key] = {"aten_dispatched": recorder.dispatched, "aten_launches": recorder.launches}
+            entries[key] = {"call": call, "n": calls}
+    samples = interleaved_rounds(entries, rounds)
+    for key, s in samples.items():
+        name, timestep_kind = key.split("|")
+        rows.setdefault(name, {})[timestep_kind] = {"us": summary(s), **counts[key]}
+    return rows
+
+
 def ms(s: dict) -> dict:
     """A summary in µs as ms (``n`` kept)."""
     return {k: (v / 1e3 if k != "n" else v) for k, v in s.items()}
@@ -620,6 +700,17 @@ def op_table(ops: list[dict]) -> str:
     return _columns(head, rows)
 
 
+def graph_table(graph_calls: dict) -> str:
+    head = ["variant", "timestep", "host us per call [IQR] (replay stubbed)", "aten ops", "aten launches"]
+    rows = []
+    for name, kinds in graph_calls.items():
+        for kind, r in kinds.items():
+            u = r["us"]
+            rows.append([name, kind, f"{_f(u['median'])} [{_f(u['p25'])}-{_f(u['p75'])}]", str(r["aten_dispatched"]),
+                         str(r["aten_launches"])])
+    return _columns(head, rows)
+
+
 def _columns(head: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
@@ -712,6 +803,14 @@ def readme_table(report: dict) -> str:
                          f"[{_f(q['p25'], 2)}-{_f(q['p75'], 2)}] |")
         else:
             lines.append(f"| {r['op']} | {r['what']} | - | {_f(a['median'])} [{_f(a['p25'])}-{_f(a['p75'])}] | - |")
+    if report.get("graph_calls"):
+        lines += ["", f"| graphed U-Net call | timestep | host us per call, the replay stubbed (budget "
+                      f"{_f(report['graph_call_budget_us'], 0)}) | aten ops / aten launches |", "|---|---|---|---|"]
+        for name, kinds in report["graph_calls"].items():
+            for kind, r in kinds.items():
+                u = r["us"]
+                lines.append(f"| {name} | {kind} | {_f(u['median'])} [{_f(u['p25'])}-{_f(u['p75'])}] | "
+                             f"{r['aten_dispatched']} / {r['aten_launches']} |")
     return "\n".join(lines)
 
 
@@ -739,12 +838,16 @@ def run(quick: bool = False, out_dir: Optional[Path] = None, rounds: Optional[in
             steps["training"] = measure_steps(config, True, n_rounds["steps"])
         log(f"host-model: ops, {n_rounds['ops']} rounds")
         ops = measure_ops(n_rounds["ops"], n_rounds["op_calls"])
+        with torch.no_grad():
+            log(f"host-model: graphed calls, {n_rounds['ops']} rounds")
+            graph_calls = measure_graph_calls(config, n_rounds["ops"], 5 if quick else 20)
     report = {
         "kind": "host_model", "command": "python -m benchmarks --host-model" + (" --quick" if quick else ""),
         "environment": env, "label": CPU_LABEL, "quick": quick, "rounds": n_rounds,
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
         "inputs": {"batch": 2, "latents": [4, 8, 8], "context_tokens": 77, "t": 500, "dtype": "float32"},
         "constants": CONSTANTS, "direct_guard_us": _GUARD.get("us"), "steps": steps, "ops": ops,
+        "graph_calls": graph_calls, "graph_call_budget_us": GRAPH_CALL_BUDGET_US,
     }
     report["notes"] = notes(env, config, n_rounds, steps, ops)
     report["h100_eager_step_ms"] = H100_EAGER_STEP_MS
@@ -752,6 +855,8 @@ def run(quick: bool = False, out_dir: Optional[Path] = None, rounds: Optional[in
     print(step_table(steps))
     print()
     print(op_table(ops))
+    print()
+    print(graph_table(graph_calls))
     print("\n".join(report["notes"]))
     out_dir = Path(out_dir) if out_dir else RESULTS / "latest"
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -130,6 +130,8 @@ def _plan(R: int, F: int) -> tuple[int, int, int, int]:
 def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """``(x, row_stride)`` for ``x`` ``[..., K]`` read as R rows of K: in place when the last dim is
     contiguous and the leading dims collapse into one stride, else a contiguous copy."""
+    if x.is_contiguous():  # the common case (a Linear's output), without the loop
+        return x, x.shape[-1]
     if x.stride(-1) != 1 and x.shape[-1] != 1:
         x = x.contiguous()
     row_stride = None  # the stride of the innermost leading dim of size > 1
@@ -190,7 +192,7 @@ def geglu_bwd(grad: torch.Tensor, proj: torch.Tensor, approximate: str = "none")
         raise TypeError(f"geglu: grad must be a torch.Tensor, got {type(grad).__name__}")
     if grad.shape != proj.shape[:-1] + (F,):
         raise ValueError(f"geglu: grad must have shape {tuple(proj.shape[:-1]) + (F,)}, got {tuple(grad.shape)}")
-    dproj = torch.empty(proj.shape, dtype=proj.dtype, device=proj.device)
+    dproj = torch.empty_like(proj, memory_format=torch.contiguous_format)
     if dproj.numel() == 0:
         return dproj
     grad, grad_rs = _rows(grad)
