@@ -244,52 +244,6 @@ def test_plain_statements_are_ldm_fast_attn_processor_bit_for_bit(impl, packed, 
         assert torch.equal(a, b)
 
 
-def _projection_gemms(ops) -> int:
-    return sum(ops.names.count(name) for name in ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::linear"))
-
-
-def test_the_fused_blocks_attentions_pack_their_projections():
-    """Default optimize: the fused block's AttnProcessor2_0 attentions get packed q/k/v weights
-    (pack_weights), used in inference on the Triton backend: a self-attention's q, k and v from one
-    GEMM, a cross-attention's k and v from one (3 projection GEMMs fewer a block), the block's output
-    as without ldm_fast; a LoRA-style layer on a projection, autograd, or restore: the separate
-    projections again."""
-    from ldm_fast.integrations.diffusers.attention import PACK_ATTR
-
-    block = _block()
-    x, ctx = _inputs()
-    twin = dm.twin(block)
-    report = optimize(block)
-    assert sorted(report.paths("pack_weights")) == ["attn1", "attn2"]
-    assert block.attn1.__dict__[PACK_ATTR].with_q and not block.attn2.__dict__[PACK_ATTR].with_q
-    with torch.no_grad():
-        ref = twin(x, encoder_hidden_states=ctx)
-        with dm.kernels_forced(), DispatchedOps() as packed_ops:
-            out = block(x, encoder_hidden_states=ctx)
-        dm.assert_close_rel(out, ref)
-        with DispatchedOps() as twin_ops:
-            twin(x, encoder_hidden_states=ctx)
-    assert _projection_gemms(packed_ops) == _projection_gemms(twin_ops) - 3, (packed_ops.names, twin_ops.names)
-    # autograd: the separate projections (the Parameters get their gradients), the same values
-    with dm.kernels_forced(), DispatchedOps() as grad_ops:
-        out = block(x.clone().requires_grad_(True), encoder_hidden_states=ctx)
-    dm.assert_close_rel(out.detach(), ref)
-    out.square().sum().backward()
-    assert block.attn1.to_q.weight.grad is not None and block.attn2.to_v.weight.grad is not None
-    assert _projection_gemms(grad_ops) == _projection_gemms(twin_ops)
-    # a LoRA-style layer on to_k after optimize: called, the others still as they were
-    for model in (block, twin):
-        torch.manual_seed(4)
-        model.attn2.to_k = nn.Sequential(model.attn2.to_k, nn.Linear(16, 16))
-    with torch.no_grad():
-        ref = twin(x, encoder_hidden_states=ctx)
-        with dm.kernels_forced():
-            out = block(x, encoder_hidden_states=ctx)
-    dm.assert_close_rel(out, ref)
-    restore(block)
-    assert PACK_ATTR not in block.attn1.__dict__ and PACK_ATTR not in block.attn2.__dict__
-
-
 @pytest.mark.parametrize("kwargs, cross", [
     ({"qk_norm": "layer_norm"}, False), ({"residual_connection": True}, False), ({"norm_num_groups": 4}, False),
     ({"cross_attention_norm": "layer_norm", "cross_attention_dim": 12}, True), ({"out_dim": 8}, False),

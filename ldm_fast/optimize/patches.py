@@ -339,10 +339,9 @@ class PackWeightsPatch(Patch):
     """Linear weights one GEMM can serve together stored as row blocks of one buffer (the same
     Parameter objects, state dict keys and values; each ``.data`` a view): the time projection of
     every fused diffusers ``ResnetBlock2D`` and of ldm_fast's own ``ResBlock`` (one GEMM a step,
-    :class:`ldm_fast._packing.PackedTimeProjections`), and the q/k/v of each attention that ldm_fast
-    runs (swapped for ldm_fast's processor, or diffusers' AttnProcessor2_0 in a fused transformer
-    block; one GEMM, :class:`~ldm_fast.integrations.diffusers.PackedProjections`). Used in inference
-    on the Triton backend while the views are intact (checked per call); ``restore`` unpacks."""
+    :class:`ldm_fast._packing.PackedTimeProjections`), and each swapped attention's q/k/v (one GEMM,
+    :class:`~ldm_fast.integrations.diffusers.PackedProjections`). Used in inference on the Triton
+    backend while the views are intact (checked per call); ``restore`` unpacks."""
 
     name = "pack_weights"
     doc = "time projections of all ResNet blocks, and an attention's q/k/v, as one GEMM (packed weights)"
@@ -389,29 +388,12 @@ class PackWeightsPatch(Patch):
             packed += len(group)
         return packed
 
-    def _packable_attentions(self, ctx: Context) -> Iterator[nn.Module]:
-        """The attentions whose projections a packed GEMM can serve: those running ldm_fast's
-        AttnProcessor, and those of a fused transformer block (``add_layer_norm``) running diffusers'
-        AttnProcessor2_0 of a known source (the block runs its plain case with the packed GEMM:
-        :func:`ldm_fast.integrations.diffusers.attention.plain_statements`)."""
-        from ..integrations.diffusers.attention import AttnProcessor
-        from ..integrations.diffusers.transformer import TransformerBlockForward
-
-        for module in ctx.modules():
-            if isinstance(module.__dict__.get("processor"), AttnProcessor):
-                yield module
-            forward = module.__dict__.get("forward")
-            if isinstance(forward, TransformerBlockForward):
-                for name in ("attn1", "attn2"):
-                    attn = module._modules.get(name)
-                    kind = type(getattr(attn, "processor", None))
-                    if attn is not None and forward.sdpa_processors.get(kind) is kind.__call__:
-                        yield attn
-
     def _pack_attention_projections(self, ctx: Context) -> int:
+        from ..integrations.diffusers.attention import AttnProcessor
+
         packed = 0
-        for attn in self._packable_attentions(ctx):
-            if PACK_ATTR in attn.__dict__:
+        for attn in ctx.modules():
+            if not isinstance(attn.__dict__.get("processor"), AttnProcessor) or PACK_ATTR in attn.__dict__:
                 continue
             reason = projections_unpackable(attn)
             with_q = reason is None and packs_query(attn)

@@ -81,14 +81,11 @@ def plain_statements(attn: nn.Module, hidden_states: torch.Tensor, encoder_hidde
     plain case: a ``[B, N, C]`` input, no spatial_norm, group_norm, norm_cross, norm_q, norm_k or
     residual connection, and ``to_out = [Linear, Dropout]``; its statements without their host cost.
     ``processor`` None: diffusers' ``AttnProcessor2_0.__call__`` (0.30-0.42); else ldm_fast's
-    :class:`AttnProcessor` (that instance: its ``impl``). For either, the packed projections
-    (``pack_weights``: :class:`PackedProjections`) where usable: a self-attention's q, k and v from
-    one GEMM, a cross-attention's k and v from one (inference, Triton backend; the same products,
-    low-precision results may differ in the last bit, as the class says). ``to_q``/``to_k``/``to_v``
-    and ``to_out[0]`` otherwise run as ``F.linear`` where they are plain Linears (any other module, a
-    LoRA layer, is called), a Dropout in eval mode or with p = 0 is skipped (it returns its input), no
-    ``.to()`` to the dtype the output has, no division by a ``rescale_output_factor`` of 1 (``x / 1.0``
-    is ``x``: a launch fewer). Unpacked, the same values bit for bit. None outside the plain case
+    :class:`AttnProcessor` (that instance: its ``impl``, and the packed projections where usable).
+    ``to_q``/``to_k``/``to_v`` and ``to_out[0]`` run as ``F.linear`` where they are plain Linears (any
+    other module, a LoRA layer, is called), a Dropout in eval mode or with p = 0 is skipped (it returns its input),
+    no ``.to()`` to the dtype the output has, no division by a ``rescale_output_factor`` of 1
+    (``x / 1.0`` is ``x``: a launch fewer). The same values, bit for bit. None outside the plain case
     (the caller calls the processor). The caller checks the processor is exactly that class (an
     ``AttnProcessor2_0`` of the known source), nothing intercepts ``attn``, no global module hooks
     are set, no torch.compile and, for ldm_fast's processor, that it would not call its fallback."""
@@ -107,7 +104,7 @@ def plain_statements(attn: nn.Module, hidden_states: torch.Tensor, encoder_hidde
     heads = attn.heads
     batch_size = hidden_states.shape[0]
     context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-    pack = d.get(PACK_ATTR)
+    pack = None if processor is None else d.get(PACK_ATTR)
     if pack is not None and not pack.usable(attn, hidden_states, encoder_hidden_states):
         pack = None
     if pack is not None and encoder_hidden_states is None and pack.with_q:  # q, k and v from one GEMM
