@@ -108,11 +108,11 @@ def plain_statements(attn: nn.Module, hidden_states: torch.Tensor, encoder_hidde
     if pack is not None and not pack.usable(attn, hidden_states, encoder_hidden_states):
         pack = None
     if pack is not None and encoder_hidden_states is None and pack.with_q:  # q, k and v from one GEMM
-        query, key, value = F.linear(hidden_states, pack.weight, pack.bias).split(pack.width, dim=-1)
+        query, key, value = F.linear(hidden_states, pack.weight, pack.bias).split_with_sizes(pack.sizes, -1)
     else:
         query = linear(mods.get("to_q"), hidden_states)
         if pack is not None:  # k and v from one GEMM
-            key, value = F.linear(context, pack.kv_weight, pack.kv_bias).split(pack.width, dim=-1)
+            key, value = F.linear(context, pack.kv_weight, pack.kv_bias).split_with_sizes(pack.sizes[-2:], -1)
         else:
             key = linear(mods.get("to_k"), context)
             value = linear(mods.get("to_v"), context)
@@ -216,7 +216,7 @@ class AttnProcessor:
             pack = None
         if pack is not None and encoder_hidden_states is None and pack.with_q:
             # ldm_fast: a self-attention's q, k and v from one GEMM on the packed weights (views of [B, N, 3C])
-            query, key, value = F.linear(hidden_states, pack.weight, pack.bias).split(pack.width, dim=-1)
+            query, key, value = F.linear(hidden_states, pack.weight, pack.bias).split_with_sizes(pack.sizes, -1)
         else:
             query = attn.to_q(hidden_states)
 
@@ -226,7 +226,7 @@ class AttnProcessor:
                 encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
 
             if pack is not None:  # ldm_fast: k and v from one GEMM on the packed weights
-                key, value = F.linear(encoder_hidden_states, pack.kv_weight, pack.kv_bias).split(pack.width, dim=-1)
+                key, value = F.linear(encoder_hidden_states, pack.kv_weight, pack.kv_bias).split_with_sizes(pack.sizes[-2:], -1)
             else:
                 key = attn.to_k(encoder_hidden_states)
                 value = attn.to_v(encoder_hidden_states)
@@ -307,7 +307,9 @@ class PackedProjections(PackedLinears):
         self._kv_views()
 
     def _kv_views(self) -> None:
-        """k and v's rows of the buffer, as views (they see every in-place update of the weights)."""
+        """k and v's rows of the buffer, as views (they see every in-place update of the weights), and
+        the widths to split a packed GEMM's output into (``split_with_sizes``: one C call)."""
+        self.sizes = [self.width] * len(self.modules)
         self.kv_weight = self.weight[-2 * self.width:]
         self.kv_bias = None if self.bias is None else self.bias[-2 * self.width:]
 
