@@ -91,34 +91,38 @@ class ResnetForward:
             if not block.skip_time_act:
                 temb = shared_silu(act, temb, time_emb_proj) if silu else act(temb)
             projected = None if self.time_pack is None else self.time_pack.project(time_emb_proj, temb)
-            temb = (time_emb_proj(temb) if projected is None else projected)[:, :, None, None]
+            temb = time_emb_proj(temb) if projected is None else projected  # [B, C]: [:, :, None, None] below
 
         norm2 = mods["norm2"]
         mode = block.time_embedding_norm
         fused2 = silu and mode != "scale_shift" and plain_group_norm(norm2)
-        if mode == "default" and temb is not None and fused2 and temb.dtype == hidden_states.dtype \
-                and temb.shape == hidden_states.shape[:2] + (1, 1):
-            # the add inside the norm's pass, then the SiLU: hidden_states + temb is never written
+        if (mode == "default" and time_emb_proj is not None and fused2 and temb.dtype == hidden_states.dtype
+                and temb.dim() == 2 and temb.shape == hidden_states.shape[:2]):
+            # the add inside the norm's pass (temb [B, C] the shift), then the SiLU: hidden_states + temb is
+            # never written
             p = norm2._parameters
             hidden_states = functional.group_norm(hidden_states, norm2.num_groups, p["weight"], p["bias"], norm2.eps,
                                                   activation="silu", shift=temb)
-        elif mode == "scale_shift":
-            if temb is None:
-                raise ValueError(f" `temb` should not be None when `time_embedding_norm` is {mode}")
-            time_scale, time_shift = torch.chunk(temb, 2, dim=1)
-            hidden_states = norm2(hidden_states)
-            hidden_states = hidden_states * (1 + time_scale) + time_shift
-            hidden_states = act(hidden_states)
         else:
-            if mode == "default" and temb is not None:
-                hidden_states = hidden_states + temb
-            if fused2:
-                p = norm2._parameters
-                hidden_states = functional.group_norm(hidden_states, norm2.num_groups, p["weight"], p["bias"],
-                                                      norm2.eps, activation="silu")
-            else:
+            if time_emb_proj is not None:
+                temb = temb[:, :, None, None]
+            if mode == "scale_shift":
+                if temb is None:
+                    raise ValueError(f" `temb` should not be None when `time_embedding_norm` is {mode}")
+                time_scale, time_shift = torch.chunk(temb, 2, dim=1)
                 hidden_states = norm2(hidden_states)
+                hidden_states = hidden_states * (1 + time_scale) + time_shift
                 hidden_states = act(hidden_states)
+            else:
+                if mode == "default" and temb is not None:
+                    hidden_states = hidden_states + temb
+                if fused2:
+                    p = norm2._parameters
+                    hidden_states = functional.group_norm(hidden_states, norm2.num_groups, p["weight"], p["bias"],
+                                                          norm2.eps, activation="silu")
+                else:
+                    hidden_states = norm2(hidden_states)
+                    hidden_states = act(hidden_states)
 
         dropout = mods["dropout"]
         if not inert_dropout(dropout):  # (a Dropout in eval mode or with p = 0 returns its input: no call)
