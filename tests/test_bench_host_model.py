@@ -184,12 +184,36 @@ def _interleaved_inference(variants: list, rounds: int) -> dict:
 @pytest.mark.slow
 def test_an_optimized_unet_step_costs_less_host_time_than_diffusers():
     """Issue #24's per-step proxy for eager GPU speed: CPU time per inference step with ldm_fast's
-    launches stubbed. optimize() must cost less than diffusers eager (the median of per-round
-    ratios: the same round, the same load). Before issue #24 it cost 1.08-1.19x; now ~0.92x (a
-    margin for a noisy shared CPU: the test's bound is 1.0)."""
-    samples = _interleaved_inference([host_model.EAGER, "optimize()"], rounds=21)
-    ratio = host_model.per_round_ratio(samples["optimize()"], samples[host_model.EAGER])
-    assert ratio["median"] <= 1.0, ratio
+    launches stubbed, the median of per-round ratios (the same round, the same load). Every
+    optimize variant must cost less than diffusers eager, and optimize() at most 0.95x. Before
+    issue #24 they cost 1.19-1.26x, at the start of 2026-12-06 1.07-1.15x, at its end 0.88x
+    (optimize()), 0.90x (channels_last), 0.94x (+ attention): the bounds leave a margin for a noisy
+    shared CPU and fail the code of that morning."""
+    variants = list(host_model.VARIANTS)
+    samples = _interleaved_inference(variants, rounds=21)
+    ratios = {name: host_model.per_round_ratio(samples[name], samples[host_model.EAGER])["median"]
+              for name in variants if name != host_model.EAGER}
+    assert ratios["optimize()"] <= 0.95, ratios
+    assert all(ratio <= 1.0 for ratio in ratios.values()), ratios
+
+
+#: Per op at the step's shape, the bound on ldm_fast / the aten sequence it replaces (median of
+#: per-round ratios). At the start of 2026-12-06: group_norm+SiLU 1.27, add_layer_norm 1.28; at its
+#: end 0.89 and 1.00 (the others 0.2-0.65). add_layer_norm's bound is above the issue's 1.0 by the
+#: margin a noisy shared CPU needs at a ratio that is 1.0 itself (not met with a margin: the note).
+OP_BOUNDS = {"group_norm+SiLU": 1.05, "group_norm+shift+SiLU": 1.0, "add_layer_norm": 1.15, "geglu": 1.0,
+             "timestep_embedding": 1.0, "attention": 1.0}
+
+
+@pytest.mark.slow
+def test_each_fused_op_costs_at_most_the_aten_sequence_it_replaces():
+    """Issue #24's per-op proxy (host µs per call, launches stubbed) at the U-Net step's shapes,
+    interleaved rounds: each fused op within its bound of the aten ops it replaces."""
+    with host_model.quiet_cpu(), ldm_fast.use_backend("triton"):
+        rows = host_model.measure_ops(rounds=9, calls=100)
+    ratios = {r["op"]: r["fused_vs_aten"]["median"] for r in rows if r["shape"] == "step" and "fused_us" in r}
+    assert set(ratios) == set(OP_BOUNDS), ratios
+    assert all(ratios[op] <= bound for op, bound in OP_BOUNDS.items()), ratios
 
 
 def test_an_optimized_step_does_no_per_call_signature_inspection(monkeypatch):
