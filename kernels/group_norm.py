@@ -919,7 +919,8 @@ def group_norm_fwd(
     autocast's group_norm returns), channels-last when ``channels_last_out`` (None: x's layout), or
     written into ``out`` (NCHW-contiguous or channels-last: its layout decides). mean, rstd: ``[B, G]`` fp32, what the backward needs; None with ``stats=False``
     (inference: neither allocated nor written). ``checked``: the caller (the op) has checked the
-    channels and the shift. shift: ``[B, C]`` any float dtype (channels
+    channels and the shift (and a signature's repeats then launch as planned by its first call:
+    :data:`_ONE_PASS_CALLS`). shift: ``[B, C]`` any float dtype (channels
     contiguous, rows any stride: e.g. a column slice of one wider projection), or None: y is
     the norm of ``x + shift[:, :, None, ...]`` (added in fp32 as x is read; the sum is never
     stored), and mean/rstd are that sum's.
