@@ -869,19 +869,19 @@ _MEMORY_FORMATS = {(3, False): torch.contiguous_format, (4, False): torch.contig
                    (5, True): torch.channels_last_3d}
 
 
-def _one_pass_call(call: tuple, x: torch.Tensor, weight, bias, eps: float, shift, stats: bool, out_dtype):
-    """:func:`group_norm_fwd`'s one-pass launch for a planned signature (``call``, from
-    :data:`_ONE_PASS_CALLS`): the per-call work only (y, mean/rstd, the vectors' and the shift's
-    strides), what the full path computes for it."""
+def _one_pass_call(call: tuple, x: torch.Tensor, weight, bias, eps: float, shift, stats: bool, out_dtype,
+                   outputs: Optional[tuple] = None):
+    """:func:`group_norm_fwd`'s one-pass launch, as ``call`` (an entry of :data:`_ONE_PASS_CALLS`)
+    says: the per-call work only (the vectors' and the shift's strides; y and mean/rstd unless
+    ``outputs`` gives ``(y, mean, rstd)``). The one launch site of the one-pass forward."""
     fmt, grid, (B, C, S, G, batches_per_program), constants = call
-    y = torch.empty_like(x, dtype=out_dtype, memory_format=fmt)
-    if stats:
-        mean = torch.empty((B, G), dtype=torch.float32, device=x.device)
-        rstd = torch.empty((B, G), dtype=torch.float32, device=x.device)
-        mean_p, rstd_p = mean, rstd
+    if outputs is None:
+        y = torch.empty_like(x, dtype=out_dtype, memory_format=fmt)
+        mean = torch.empty((B, G), dtype=torch.float32, device=x.device) if stats else None
+        rstd = torch.empty((B, G), dtype=torch.float32, device=x.device) if stats else None
     else:
-        mean = rstd = None
-        mean_p = rstd_p = y
+        y, mean, rstd = outputs
+    mean_p, rstd_p = (mean, rstd) if stats else (y, y)
     w = x if weight is None else weight if weight.stride(0) == 1 else weight.contiguous()
     b = x if bias is None else bias if bias.stride(0) == 1 else bias.contiguous()
     shift_stride = 0
@@ -958,24 +958,22 @@ def group_norm_fwd(
     rstd = torch.empty((B, G), dtype=torch.float32, device=x.device) if stats else None
     if x.numel() == 0:
         return y, mean, rstd
-    w = x if weight is None else weight if weight.stride(0) == 1 else weight.contiguous()
-    b = x if bias is None else bias if bias.stride(0) == 1 else bias.contiguous()
     flags = dict(SILU=silu, HAS_W=weight is not None, HAS_B=bias is not None, WRITE_STATS=stats,
                  HAS_SHIFT=shift is not None)
-    mean_p, rstd_p = (mean, rstd) if stats else (y, y)
     plan = _fwd_plan(B, C, S, G, x.dtype, x_cl, y_cl, _tuning())
 
     if plan.one_pass:
-        constants = dict(X_CL=x_cl, Y_CL=y_cl, **flags, **plan.meta)
-        _group_norm_fwd_one_pass_kernel[plan.grid](
-            x, y, w, b, shift, mean_p, rstd_p, B, C, S, G, plan.batches_per_program, eps, shift_stride, **constants,
-        )
-        fmt = _MEMORY_FORMATS.get((y.dim(), y_cl))
-        if key is not None and x is x_in and fmt is not None:  # (x was NCHW or channels-last already)
+        call = (_MEMORY_FORMATS.get((y.dim(), y_cl)), plan.grid, (B, C, S, G, plan.batches_per_program),
+                dict(X_CL=x_cl, Y_CL=y_cl, **flags, **plan.meta))
+        if key is not None and x is x_in and call[0] is not None:  # (x was NCHW or channels-last already)
             if len(_ONE_PASS_CALLS) >= MAX_PLANNED_CALLS:  # (shapes without end: start over)
                 _ONE_PASS_CALLS.clear()
-            _ONE_PASS_CALLS[key] = (fmt, plan.grid, (B, C, S, G, plan.batches_per_program), constants)
-        return y, mean, rstd
+            _ONE_PASS_CALLS[key] = call
+        return _one_pass_call(call, x, weight, bias, eps, shift, stats, out_dtype, (y, mean, rstd))
+
+    w = x if weight is None else weight if weight.stride(0) == 1 else weight.contiguous()
+    b = x if bias is None else bias if bias.stride(0) == 1 else bias.contiguous()
+    mean_p, rstd_p = (mean, rstd) if stats else (y, y)
 
     st, ap = plan.stats, plan.apply
     part = torch.empty((2, B, G, st.n_chunks), dtype=torch.float32, device=x.device)

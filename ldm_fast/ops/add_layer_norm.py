@@ -83,8 +83,7 @@ def add_layer_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor] = None,
     # torch ops raise torch's device error)
     if (0 < C <= MAX_C and x.numel() and not torch.compiler.is_compiling()
             and backend.kernel_ok(x, residual, weight, bias, s_bias)):
-        if not (torch.is_grad_enabled() and (x.requires_grad or residual.requires_grad
-                                             or needs_grad(weight, bias, s_bias))):
+        if not needs_grad(x, residual, weight, bias, s_bias):
             s, out, _, _ = launch("add_layer_norm", _kernels.add_layer_norm_fwd, x, residual, weight, bias, eps, s_bias,
                                   out_dtype, stats=False, checked=True)
             return s, out

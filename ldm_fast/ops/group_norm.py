@@ -11,7 +11,7 @@ from torch.autograd.function import once_differentiable
 
 from .. import backend
 from ..kernels import group_norm as _kernels
-from ._common import ArgumentError, check_float, check_same_device, launch
+from ._common import ArgumentError, check_float, check_same_device, launch, needs_grad
 
 ACTIVATIONS = _kernels.ACTIVATIONS
 _CHANNELS_LAST_FORMATS = (torch.channels_last, torch.channels_last_3d)
@@ -107,9 +107,7 @@ def group_norm(
                     channels_last_out = _kernels.is_channels_last(x)
                 return torch.ops.ldm_fast.group_norm(x, weight, bias, num_groups, eps, activation or "",
                                                      channels_last_out, shift)[0]
-        elif torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
-                                          or (bias is not None and bias.requires_grad)
-                                          or (shift is not None and shift.requires_grad)):
+        elif needs_grad(x, weight, bias, shift):
             return _GroupNormFunction.apply(x, weight, bias, num_groups, eps, activation, channels_last_out, shift,
                                             out_dtype)
         else:
