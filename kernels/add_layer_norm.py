@@ -116,6 +116,19 @@ def _plan(R: int, C: int) -> tuple[int, int, int, int]:
     return rows, block, num_warps, check_grid((cdiv(R, rows),), "add_layer_norm")[0]
 
 
+@functools.lru_cache(maxsize=1024)
+def _launch_plan(R: int, C: int, dtype: torch.dtype, out_dtype: torch.dtype, cpu: bool, has_weight: bool,
+                 has_bias: bool, has_s_bias: bool, stats: bool) -> tuple[int, dict]:
+    """``(programs, constexprs and num_warps)`` for a forward launch: :func:`_plan` and the flags, kept
+    per call signature (one lookup a call instead of building ten keyword arguments; issue #24). The
+    interpreter's bf16 stores round to nearest even (``BF16_RNE``) only on the CPU."""
+    rows, block, num_warps, n_programs = _plan(R, C)
+    return n_programs, {"HAS_WEIGHT": has_weight, "HAS_BIAS": has_bias, "HAS_S_BIAS": has_s_bias,
+                        "STORE_STATS": stats, "ROWS": rows, "BLOCK_C": block,
+                        "BF16_RNE": cpu and dtype == torch.bfloat16, "OUT_BF16_RNE": cpu and out_dtype == torch.bfloat16,
+                        "num_warps": num_warps}
+
+
 def _check(x, residual, weight, bias, s_bias=None) -> int:
     for name, t in (("x", x), ("residual", residual)):
         if not isinstance(t, torch.Tensor):
@@ -162,9 +175,14 @@ def add_layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor, weight=None, bia
         C = _check(x, residual, weight, bias, s_bias)
         if C > MAX_C:
             raise ValueError(f"add_layer_norm: the kernel holds rows of at most {MAX_C} elements, got C = {C}")
-    # (empty_like: half the host time of torch.empty(shape, dtype=, device=))
-    s = torch.empty_like(x, memory_format=torch.contiguous_format)
-    out = torch.empty_like(x, dtype=out_dtype, memory_format=torch.contiguous_format)
+    # (empty_like: half the host time of torch.empty(shape, dtype=, device=); without a memory_format
+    # argument where x is contiguous already, which is what it returns then)
+    dense = x.is_contiguous()
+    if dense:
+        s, out = torch.empty_like(x), torch.empty_like(x, dtype=out_dtype)
+    else:
+        s = torch.empty_like(x, memory_format=torch.contiguous_format)
+        out = torch.empty_like(x, dtype=out_dtype, memory_format=torch.contiguous_format)
     R = s.numel() // C if C else 0
     mean = rstd = None
     if stats:
@@ -172,7 +190,7 @@ def add_layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor, weight=None, bia
         rstd = torch.empty((R,), dtype=torch.float32, device=x.device)
     if R == 0:
         return s, out, mean, rstd
-    if x.is_contiguous() and residual.is_contiguous():  # the common case: one batch of R rows
+    if dense and residual.is_contiguous():  # the common case: one batch of R rows
         N, x_strides, r_strides = R, (0, C, 1), (0, C, 1)
     else:
         N = _batch_rows(x)
@@ -183,16 +201,12 @@ def add_layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor, weight=None, bia
         weight = weight.contiguous()
     if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()
-    rows, block, num_warps, n_programs = _plan(R, C)
-    cpu = x.is_cpu  # (not x.device.type: a string made per call)
+    n_programs, constants = _launch_plan(R, C, x.dtype, out.dtype, x.is_cpu, weight is not None, bias is not None,
+                                         s_bias is not None, stats)
     _add_layer_norm_fwd_kernel[(n_programs,)](
         x, residual, weight if weight is not None else x, bias if bias is not None else x,
         s_bias if s_bias is not None else x, s, out, mean if stats else s, rstd if stats else s, R, C, N, *x_strides,
-        *r_strides, eps if type(eps) is float else float(eps), HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        HAS_S_BIAS=s_bias is not None, STORE_STATS=stats, ROWS=rows, BLOCK_C=block,
-        BF16_RNE=cpu and x.dtype == torch.bfloat16, OUT_BF16_RNE=cpu and out.dtype == torch.bfloat16,
-        num_warps=num_warps,
-    )
+        *r_strides, eps if type(eps) is float else float(eps), **constants)
     return s, out, mean, rstd
 
 

@@ -64,11 +64,11 @@ def add_layer_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor] = None,
     if residual.dtype != x.dtype:
         raise TypeError(f"add_layer_norm: residual must have the dtype of x ({x.dtype}), got {residual.dtype}")
     C = shape[-1]
-    if weight is not None:
+    if weight is not None and not (isinstance(weight, Tensor) and weight.shape == (C,) and weight.is_floating_point()):
         _check_vector("weight", weight, C)
-    if bias is not None:
+    if bias is not None and not (isinstance(bias, Tensor) and bias.shape == (C,) and bias.is_floating_point()):
         _check_vector("bias", bias, C)
-    if s_bias is not None:
+    if s_bias is not None and not (isinstance(s_bias, Tensor) and s_bias.shape == (C,) and s_bias.is_floating_point()):
         _check_vector("s_bias", s_bias, C)
     if type(eps) is not float or not 0.0 <= eps < math.inf:
         eps = finite_float("eps", eps)
