@@ -1023,6 +1023,43 @@ def _bwd_plan(B: int, C: int, S: int, G: int, x_cl: bool, dy_cl: bool, dx_cl: bo
     return _BwdPlan(False, 0, B * stats.n_chunks, (), meta, (), None, stats, _split_grid(B, C, S, x_cl or dy_cl or dx_cl))
 
 
+#: The one-pass backward launches of :func:`group_norm_bwd` calls from the op (``checked``), by call
+#: signature (x's shape, strides and dtype, dy's strides and dtype, the groups, the activation, which of
+#: weight/bias/shift are given, the tuning constants): ``(dx's memory format, grid, (B, C, S, G,
+#: batches per program), the kernel's constexprs and num_warps, the partials' rows, the column sum's
+#: grid (None without parameters) and constexprs)``. Filled by a signature's first call, read by its
+#: repeats (:func:`_one_pass_bwd_call`), as :data:`_ONE_PASS_CALLS` for the forward.
+_ONE_PASS_BWD_CALLS: dict = {}
+
+
+def _one_pass_bwd_call(call: tuple, dy: torch.Tensor, x: torch.Tensor, weight, bias, mean: torch.Tensor,
+                       rstd: torch.Tensor, shift, dx: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, ...]:
+    """:func:`group_norm_bwd`'s one-pass launches, as ``call`` (an entry of :data:`_ONE_PASS_BWD_CALLS`)
+    says: the per-call work only (the outputs unless ``dx`` is given, the vectors' and statistics'
+    strides). The one launch site of the one-pass backward."""
+    fmt, grid, (B, C, S, G, batches_per_program), constants, rows, sum_grid, sum_constants = call
+    if dx is None:
+        dx = torch.empty_like(x, memory_format=fmt)
+    dw = torch.empty_like(weight) if weight is not None else x.new_empty((0,))
+    db = torch.empty_like(bias) if bias is not None else x.new_empty((0,))
+    dshift = None
+    if shift is not None:
+        if not shift.is_contiguous():
+            shift = shift.contiguous()
+        dshift = torch.empty_like(shift)  # (contiguous [B, C], as shift is)
+    w = x if weight is None else weight if weight.stride(0) == 1 else weight.contiguous()
+    b = x if bias is None else bias if bias.stride(0) == 1 else bias.contiguous()
+    if not (mean.is_contiguous() and rstd.is_contiguous()):
+        mean, rstd = mean.contiguous(), rstd.contiguous()
+    part = torch.empty((2, rows, C), dtype=torch.float32, device=x.device)
+    part_plane = rows * C
+    _group_norm_bwd_one_pass_kernel[grid](
+        x, dy, dx, w, b, shift, dshift, mean, rstd, part, B, C, S, G, batches_per_program, part_plane, **constants)
+    if sum_grid is not None:
+        _column_sum_kernel[sum_grid](part, dw, db, rows, C, part_plane, **sum_constants)
+    return (dx, dw, db, dshift) if shift is not None else (dx, dw, db)
+
+
 def group_norm_bwd(
     dy: torch.Tensor,
     x: torch.Tensor,
@@ -1051,6 +1088,13 @@ def group_norm_bwd(
     launch). ``checked``: the caller (the op's backward) passes the shift the op checked (``[B, C]``
     on x's device). Eager equivalent: autograd through :func:`group_norm_reference` (``shift=``).
     """
+    key = None
+    if checked and out is None:  # a repeat of a signature already planned: straight to the launches
+        key = (x.shape, x.stride(), dy.stride(), x.dtype, dy.dtype, num_groups, activation, weight is None,
+               bias is None, shift is None, _tuning())
+        call = _ONE_PASS_BWD_CALLS.get(key)
+        if call is not None:
+            return _one_pass_bwd_call(call, dy, x, weight, bias, mean, rstd, shift)
     silu = _activation_flag(activation)
     if x.shape[1] > MAX_CHANNELS:
         _too_many_channels(x)
@@ -1059,6 +1103,7 @@ def group_norm_bwd(
     elif shift is not None and not shift.is_contiguous():  # (the op's [B, C] shift, checked)
         shift = shift.contiguous()
     has_shift = shift is not None
+    x_in, dy_in = x, dy
     x, x_cl = _canonical(x)
     dy, dy_cl = _canonical(dy)
     B, C = x.shape[0], x.shape[1]
@@ -1070,32 +1115,33 @@ def group_norm_bwd(
         _check_out(out, x)
     dx, dx_cl = out, is_channels_last(out)
     has_w, has_b = weight is not None, bias is not None
+    if x.numel() == 0:
+        dw = torch.zeros_like(weight) if has_w else x.new_empty((0,))
+        db = torch.zeros_like(bias) if has_b else x.new_empty((0,))
+        return (dx, dw, db) + ((torch.zeros_like(shift),) if has_shift else ())
+    flags = dict(SILU=silu, HAS_W=has_w, HAS_B=has_b)
+    plan = _bwd_plan(B, C, S, G, x_cl, dy_cl, dx_cl, _tuning())
+
+    if plan.one_pass:
+        call = (_MEMORY_FORMATS.get((x.dim(), x_cl)), plan.grid, (B, C, S, G, plan.batches_per_program),
+                dict(X_CL=x_cl, DY_CL=dy_cl, DX_CL=dx_cl, HAS_SHIFT=has_shift, **flags, **plan.meta), plan.rows,
+                plan.sum_grid if has_w or has_b else None, dict(HAS_W=has_w, HAS_B=has_b, **plan.sum_meta))
+        if key is not None and x is x_in and dy is dy_in and call[0] is not None and dx_cl == x_cl:
+            if len(_ONE_PASS_BWD_CALLS) >= MAX_PLANNED_CALLS:  # (shapes without end: start over)
+                _ONE_PASS_BWD_CALLS.clear()
+            _ONE_PASS_BWD_CALLS[key] = call
+        return _one_pass_bwd_call(call, dy, x, weight, bias, mean, rstd, shift, dx)
+
     dw = torch.empty_like(weight) if has_w else x.new_empty((0,))
     db = torch.empty_like(bias) if has_b else x.new_empty((0,))
     dshift = torch.empty_like(shift) if has_shift else None  # (contiguous [B, C], as shift is)
-    if x.numel() == 0:
-        return (dx, dw.zero_(), db.zero_()) + ((dshift.zero_(),) if has_shift else ())
     w = x if weight is None else weight if weight.stride(0) == 1 else weight.contiguous()
     b = x if bias is None else bias if bias.stride(0) == 1 else bias.contiguous()
-    flags = dict(SILU=silu, HAS_W=has_w, HAS_B=has_b)
     if not (mean.is_contiguous() and rstd.is_contiguous()):
         mean, rstd = mean.contiguous(), rstd.contiguous()
-    plan = _bwd_plan(B, C, S, G, x_cl, dy_cl, dx_cl, _tuning())
     # a third plane (sum xhat per channel and chunk) for the split path's dshift
-    planes = 3 if has_shift and not plan.one_pass else 2
-    part = torch.empty((planes, plan.rows, C), dtype=torch.float32, device=x.device)
+    part = torch.empty((3 if has_shift else 2, plan.rows, C), dtype=torch.float32, device=x.device)
     part_plane = plan.rows * C
-
-    if plan.one_pass:
-        _group_norm_bwd_one_pass_kernel[plan.grid](
-            x, dy, dx, w, b, shift, dshift, mean, rstd, part, B, C, S, G, plan.batches_per_program, part_plane,
-            X_CL=x_cl, DY_CL=dy_cl, DX_CL=dx_cl, HAS_SHIFT=has_shift, **flags, **plan.meta,
-        )
-        if has_w or has_b:
-            _column_sum_kernel[plan.sum_grid](
-                part, dw, db, plan.rows, C, part_plane, HAS_W=has_w, HAS_B=has_b, **plan.sum_meta,
-            )
-        return (dx, dw, db, dshift) if has_shift else (dx, dw, db)
 
     st, ap = plan.stats, plan.apply
     for grid, b_offset in axis_launches(st.grid, 2):  # batch on axis 2: one launch per 65,535

@@ -523,6 +523,54 @@ def test_a_planned_signature_launches_what_the_full_path_launches(layout, out_la
     assert torch.equal(y_odd, ref)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels-last", "video"])
+@pytest.mark.parametrize("affine, shift", [(True, True), (True, False), (False, False)])
+def test_a_planned_backward_launches_what_the_full_path_launches(layout, affine, shift, poison, monkeypatch):
+    """The backward's repeats of an op call's signature (``checked``) launch as planned by its first
+    call (``_ONE_PASS_BWD_CALLS``): dx, dweight, dbias and dshift bit for bit as the full path, with
+    new values and a weight with a stride; another signature (dy's layout or dtype, the activation,
+    which tensors are given, the tuning constants) plans anew; an unplanned layout (a transposed dy,
+    copied) is never planned."""
+    monkeypatch.setattr(gn, "_ONE_PASS_BWD_CALLS", {})
+    shape = (2, 12, 3, 4, 2) if layout == "video" else (2, 12, 7, 5)
+    g = torch.Generator().manual_seed(6)
+
+    def call(checked, scale=1.0, activation="silu", dy_dtype=None):
+        x = torch.randn(shape, generator=g) * scale
+        dy = torch.randn(shape, generator=g, dtype=dy_dtype)
+        if layout == "channels-last":
+            x, dy = _channels_last(x), _channels_last(dy)
+        weight = torch.randn(24, generator=g)[::2] if affine else None  # stride 2: made contiguous
+        bias = torch.randn(12, generator=g) if affine else None
+        sh = torch.randn(2, 12, generator=g) if shift else None
+        _, mean, rstd = gn.group_norm_fwd(x, weight, bias, 4, 1e-5, activation, shift=sh)
+        return gn.group_norm_bwd(dy, x, weight, bias, mean, rstd, 4, activation, shift=sh, checked=checked)
+
+    call(True)  # plans
+    assert len(gn._ONE_PASS_BWD_CALLS) == 1
+    for scale in (1.0, 3.0):  # planned: new values, the same computation
+        state = g.get_state()
+        planned = call(True, scale)
+        g.set_state(state)
+        full = call(False, scale)
+        assert len(gn._ONE_PASS_BWD_CALLS) == 1 and len(planned) == len(full) == (4 if shift else 3)
+        assert planned[0].stride() == full[0].stride()
+        for a, b in zip(planned, full):
+            assert torch.equal(a, b)
+    call(True, activation=None)
+    call(True, dy_dtype=torch.float64)
+    assert len(gn._ONE_PASS_BWD_CALLS) == 3
+    monkeypatch.setattr(gn, "ONE_PASS_MAX_BWD", gn.ONE_PASS_MAX_BWD * 2)
+    call(True)
+    assert len(gn._ONE_PASS_BWD_CALLS) == 4
+    x = torch.randn(shape, generator=g)
+    odd = torch.randn(shape[:2] + shape[2:][::-1], generator=g).transpose(-1, -2)  # neither layout: copied
+    _, mean, rstd = gn.group_norm_fwd(x, None, None, 4, 1e-5, "silu")
+    dx = gn.group_norm_bwd(odd, x, None, None, mean, rstd, 4, "silu", checked=True)[0]
+    assert len(gn._ONE_PASS_BWD_CALLS) == 4
+    assert torch.equal(dx, gn.group_norm_bwd(odd.contiguous(), x, None, None, mean, rstd, 4, "silu")[0])
+
+
 def test_shift_none_is_the_plain_norm(poison):
     """shift=None keeps the three-tuple backward and the plain statistics; a zero shift equals it."""
     x, weight, bias, _, grad = _shift_inputs((2, 12, 7, 5), torch.float32, torch.float32, False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import threading
@@ -10,6 +11,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .. import backend
 
@@ -50,6 +52,23 @@ def launch(op: str, launcher, *args, **kwargs):
         with torch.cuda.device(index):
             return launcher(*args, **kwargs)
     return launcher(*args, **kwargs)
+
+
+def first_order(backward):
+    """``torch.autograd.function.once_differentiable`` for an op's ``backward``, without its wrapper's
+    cost (a ``no_grad`` context and a check, ~2 µs a call) where it does nothing: autograd runs a
+    backward with grad mode off unless ``create_graph=True``, and torch's wrapper then only calls it.
+    With grad mode on (a double backward asked for) it is torch's wrapper, whose outputs raise if
+    differentiated again."""
+    once = once_differentiable(backward)
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        if torch.is_grad_enabled():
+            return once(ctx, *grads)
+        return backward(ctx, *grads)
+
+    return wrapper
 
 
 def needs_grad(*tensors: Optional[Tensor]) -> bool:

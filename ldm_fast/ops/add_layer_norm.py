@@ -13,11 +13,10 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .. import backend
 from ..kernels import add_layer_norm as _kernels
-from ._common import ArgumentError, check_float, finite_float, launch, needs_grad
+from ._common import ArgumentError, check_float, finite_float, first_order, launch, needs_grad
 
 MAX_C = _kernels.MAX_C
 
@@ -110,7 +109,7 @@ class _AddLayerNormFunction(torch.autograd.Function):
         return s, out
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad_s, grad_out):
         s, mean, rstd, weight, bias = ctx.saved_tensors
         need = ctx.needs_input_grad

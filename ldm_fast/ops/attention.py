@@ -14,11 +14,10 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .. import backend
 from ..kernels import attention as _kernels
-from ._common import check_float, check_same_device, finite_float, launch, needs_grad
+from ._common import check_float, check_same_device, finite_float, first_order, launch, needs_grad
 
 ATTENTION_ROUTES_FILE = Path(__file__).resolve().parent.parent / "attention_routes.json"
 
@@ -161,7 +160,7 @@ class _AttentionFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = launch("attention", _kernels.attention_bwd, grad.transpose(1, 2), q, k, v, out, lse, ctx.scale)

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .. import backend
 from ..kernels import geglu as _kernels
-from ._common import check_float, launch, needs_grad
+from ._common import check_float, first_order, launch, needs_grad
 
 APPROXIMATE = _kernels.APPROXIMATE
 
@@ -51,7 +50,7 @@ class _GEGLUFunction(torch.autograd.Function):
         return launch("geglu", _kernels.geglu_fwd, proj, approximate, checked=True)
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad):
         (proj,) = ctx.saved_tensors
         return launch("geglu", _kernels.geglu_bwd, grad.contiguous(), proj, ctx.approximate), None

@@ -7,11 +7,10 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .. import backend
 from ..kernels import group_norm as _kernels
-from ._common import ArgumentError, check_float, check_same_device, launch, needs_grad
+from ._common import ArgumentError, check_float, check_same_device, first_order, launch, needs_grad
 
 ACTIVATIONS = _kernels.ACTIVATIONS
 _CHANNELS_LAST_FORMATS = (torch.channels_last, torch.channels_last_3d)
@@ -155,7 +154,7 @@ class _GroupNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad):
         x, weight, bias, mean, rstd, shift = ctx.saved_tensors
         grads = launch("group_norm", _kernels.group_norm_bwd, grad, x, weight, bias, mean, rstd, ctx.num_groups,

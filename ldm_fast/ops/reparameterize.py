@@ -7,12 +7,11 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .. import backend
 from ..kernels import reparameterize as _kernels
-from ._common import (check_float, check_like, check_seed, eager_randn, finite_float, kernel_seed, launch,
-                      needs_grad, seed_as_tensor)
+from ._common import (check_float, check_like, check_seed, eager_randn, finite_float, first_order, kernel_seed,
+                      launch, needs_grad, seed_as_tensor)
 
 
 def reparameterize(
@@ -92,7 +91,7 @@ class _ReparameterizeFunction(torch.autograd.Function):
         return launch("reparameterize", _kernels.reparameterize_fwd, mean, logvar, noise, seed, scale, shift)
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad):
         logvar, noise = ctx.saved_tensors
         dmean, dlogvar = launch("reparameterize", _kernels.reparameterize_bwd, grad, logvar, noise, ctx.seed, ctx.scale)
