@@ -202,6 +202,29 @@ def test_an_optimized_unet_step_costs_less_host_time_than_diffusers():
     assert all(ratios[name] <= bound for name, bound in bounds.items()), ratios
 
 
+@pytest.mark.slow
+def test_an_optimized_training_step_stays_within_its_bound_of_diffusers():
+    """Issue #24's per-step proxy for a training step (forward + MSE + backward, CPU time, launches
+    stubbed), median of per-round ratios: optimize() at most 1.12x diffusers eager, every variant at
+    most 1.20x. At the start of 2026-12-06 optimize() cost 1.14-1.17x, at its end 1.05-1.06x
+    (channels_last and + attention 1.12-1.14x): the issue's 0.90x is not met (the fused ops'
+    autograd Functions, the notes in benchmarks/README.md); the bounds fail that morning's code and
+    leave a margin for the noisier training step."""
+    variants = list(host_model.VARIANTS)
+    bounds = {name: 1.12 if name == "optimize()" else 1.20 for name in variants if name != host_model.EAGER}
+    config = host_model.unet_config(False)
+
+    def measure():
+        with host_model.quiet_cpu(), ldm_fast.use_backend("triton"), host_model.launch_boundary():
+            entries = {name: host_model.step_entry(config, host_model.VARIANTS[name], True) for name in variants}
+            samples = host_model.interleaved_rounds(entries, 15)
+        return {name: host_model.per_round_ratio(samples[name], samples[host_model.EAGER])["median"]
+                for name in bounds}
+
+    ratios = _best_of(3, measure, bounds)
+    assert all(ratios[name] <= bound for name, bound in bounds.items()), ratios
+
+
 def _best_of(attempts: int, measure, bounds: dict) -> dict:
     """Each ratio's least over up to ``attempts`` calls of ``measure`` (a dict of ratios), stopping
     once every ratio is within its bound. Load on a shared CPU (CI runs the suite on two workers)
