@@ -70,6 +70,35 @@ def test_double_backward_raises_instead_of_dropping_terms(triton_backend, op):
     assert triton_backend(op)
 
 
+class _Scale(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x * factor
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
+def test_ops_apply_is_function_apply():
+    """``ops._common.apply`` (the ops' Function call without ``Function.apply``'s Python preamble)
+    records the same node and gradients as ``Function.apply``; under a functorch transform it is
+    ``Function.apply`` itself (which raises for a Function without ``setup_context``)."""
+    from ldm_fast.ops._common import apply
+
+    x = torch.randn(3, requires_grad=True)
+    y, y_ref = apply(_Scale, x, 2.0), _Scale.apply(x, 2.0)
+    assert type(y.grad_fn) is type(y_ref.grad_fn) and torch.equal(y, y_ref)
+    (g,), (g_ref,) = torch.autograd.grad(y.sum(), x), torch.autograd.grad(y_ref.sum(), x)
+    assert torch.equal(g, g_ref)
+    with torch.no_grad():
+        assert apply(_Scale, x, 2.0).grad_fn is None
+    for call in (apply, lambda fn, *args: fn.apply(*args)):
+        with pytest.raises(RuntimeError, match="setup_context"):
+            torch.func.vmap(lambda a, call=call: call(_Scale, a, 2.0))(torch.randn(2, 3))
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(eta=float("nan")), "eta must be finite"),
     (dict(eta=float("inf")), "eta must be finite"),

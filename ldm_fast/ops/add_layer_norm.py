@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .. import backend
 from ..kernels import add_layer_norm as _kernels
-from ._common import ArgumentError, check_float, finite_float, first_order, launch, needs_grad
+from ._common import ArgumentError, apply, check_float, finite_float, first_order, launch, needs_grad
 
 MAX_C = _kernels.MAX_C
 
@@ -87,7 +87,7 @@ def add_layer_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor] = None,
                                   out_dtype, stats=False, checked=True)
             return s, out
         if s_bias is None:
-            return _AddLayerNormFunction.apply(x, residual, weight, bias, eps, out_dtype)
+            return apply(_AddLayerNormFunction, x, residual, weight, bias, eps, out_dtype)
         # with s_bias and a gradient wanted: the reference below (the s_bias kernel is forward only)
     return _kernels.add_layer_norm_reference(x, residual, weight, bias, eps, s_bias, out_dtype)
 

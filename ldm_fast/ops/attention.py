@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .. import backend
 from ..kernels import attention as _kernels
-from ._common import check_float, check_same_device, finite_float, first_order, launch, needs_grad
+from ._common import apply, check_float, check_same_device, finite_float, first_order, launch, needs_grad
 
 ATTENTION_ROUTES_FILE = Path(__file__).resolve().parent.parent / "attention_routes.json"
 
@@ -70,7 +70,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, heads: Optional[int] = None, s
             if compiling:
                 out = torch.ops.ldm_fast.attention(q4, k4, v4, scale)[0]
             elif needs_grad(q, k, v):
-                out = _AttentionFunction.apply(q4, k4, v4, scale)
+                out = apply(_AttentionFunction, q4, k4, v4, scale)
             else:
                 out = launch("attention", _kernels.attention_fwd, q4, k4, v4, scale, lse=False)[0]
             return out.flatten(2) if flat else out.transpose(1, 2)  # from [B, Nq, H, D]

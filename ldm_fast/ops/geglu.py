@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .. import backend
 from ..kernels import geglu as _kernels
-from ._common import check_float, first_order, launch, needs_grad
+from ._common import apply, check_float, first_order, launch, needs_grad
 
 APPROXIMATE = _kernels.APPROXIMATE
 
@@ -37,7 +37,7 @@ def geglu(proj: Tensor, approximate: str = "none") -> Tensor:
     if (proj.numel() and proj.stride(-1) == 1 and not torch.compiler.is_compiling()
             and backend.kernel_ok(proj)):
         if needs_grad(proj):
-            return _GEGLUFunction.apply(proj, approximate)
+            return apply(_GEGLUFunction, proj, approximate)
         return launch("geglu", _kernels.geglu_fwd, proj, approximate, checked=True)
     return _kernels.geglu_reference(proj, approximate)
 

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .. import backend
 from ..kernels import group_norm as _kernels
-from ._common import ArgumentError, check_float, check_same_device, first_order, launch, needs_grad
+from ._common import ArgumentError, apply, check_float, check_same_device, first_order, launch, needs_grad
 
 ACTIVATIONS = _kernels.ACTIVATIONS
 _CHANNELS_LAST_FORMATS = (torch.channels_last, torch.channels_last_3d)
@@ -107,8 +107,8 @@ def group_norm(
                 return torch.ops.ldm_fast.group_norm(x, weight, bias, num_groups, eps, activation or "",
                                                      channels_last_out, shift)[0]
         elif needs_grad(x, weight, bias, shift):
-            return _GroupNormFunction.apply(x, weight, bias, num_groups, eps, activation, channels_last_out, shift,
-                                            out_dtype)
+            return apply(_GroupNormFunction, x, weight, bias, num_groups, eps, activation, channels_last_out, shift,
+                         out_dtype)
         else:
             return launch("group_norm", _kernels.group_norm_fwd, x, weight, bias, num_groups, eps, activation,
                           channels_last_out, stats=False, shift=shift, out_dtype=out_dtype, checked=True)[0]

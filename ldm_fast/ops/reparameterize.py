@@ -10,8 +10,8 @@ from torch import Tensor
 
 from .. import backend
 from ..kernels import reparameterize as _kernels
-from ._common import (check_float, check_like, check_seed, eager_randn, finite_float, first_order, kernel_seed,
-                      launch, needs_grad, seed_as_tensor)
+from ._common import (apply, check_float, check_like, check_seed, eager_randn, finite_float, first_order,
+                      kernel_seed, launch, needs_grad, seed_as_tensor)
 
 
 def reparameterize(
@@ -54,7 +54,7 @@ def reparameterize(
             return torch.ops.ldm_fast.reparameterize(mean, logvar, noise, None if seed is None else seed_as_tensor(seed, mean),
                                                      scale, shift)
         if needs_grad(mean, logvar):
-            return _ReparameterizeFunction.apply(mean, logvar, noise, seed, scale, shift)
+            return apply(_ReparameterizeFunction, mean, logvar, noise, seed, scale, shift)
         return launch("reparameterize", _kernels.reparameterize_fwd, mean, logvar, noise, seed, scale, shift)
     if noise is None:
         noise = eager_randn(mean, seed)
