@@ -1086,7 +1086,9 @@ def group_norm_bwd(
     statistics of ``x + shift`` (as the forward returns them) and dshift ``[B, C]`` in shift's
     dtype is ``dx.sum(spatial)``, computed in fp32 by the kernels that compute dx (no extra
     launch). ``checked``: the caller (the op's backward) passes the shift the op checked (``[B, C]``
-    on x's device). Eager equivalent: autograd through :func:`group_norm_reference` (``shift=``).
+    on x's device), and a signature's repeats launch as its first call planned them
+    (:data:`_ONE_PASS_BWD_CALLS`). Eager equivalent: autograd through :func:`group_norm_reference`
+    (``shift=``).
     """
     key = None
     if checked and out is None:  # a repeat of a signature already planned: straight to the launches
