@@ -208,8 +208,8 @@ def test_an_optimized_training_step_stays_within_its_bound_of_diffusers():
     stubbed), median of per-round ratios: optimize() at most 1.12x diffusers eager, every variant at
     most 1.20x. At the start of 2026-12-06 optimize() cost 1.14-1.17x, at its end 1.05-1.06x
     (channels_last and + attention 1.12-1.14x): the issue's 0.90x is not met (the fused ops'
-    autograd Functions, the notes in benchmarks/README.md); the bounds fail that morning's code and
-    leave a margin for the noisier training step."""
+    autograd Functions, the notes in benchmarks/README.md); optimize()'s bound fails that morning's
+    code, and both leave a margin for the noisier training step."""
     variants = list(host_model.VARIANTS)
     bounds = {name: 1.12 if name == "optimize()" else 1.20 for name in variants if name != host_model.EAGER}
     config = host_model.unet_config(False)
