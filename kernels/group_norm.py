@@ -869,6 +869,21 @@ _MEMORY_FORMATS = {(3, False): torch.contiguous_format, (4, False): torch.contig
                    (5, True): torch.channels_last_3d}
 
 
+def _vectors(x: torch.Tensor, weight, bias) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernels' weight and bias arguments: each at unit stride (as is, or a contiguous copy), and
+    x in place of one that is None (a pointer the HAS_W / HAS_B flags keep unread)."""
+    return (x if weight is None else weight if weight.stride(0) == 1 else weight.contiguous(),
+            x if bias is None else bias if bias.stride(0) == 1 else bias.contiguous())
+
+
+def _remember(calls: dict, key: tuple, call: tuple) -> None:
+    """Keep a planned call (:data:`_ONE_PASS_CALLS`, :data:`_ONE_PASS_BWD_CALLS`), at most
+    :data:`MAX_PLANNED_CALLS` a cache (shapes without end: it starts over)."""
+    if len(calls) >= MAX_PLANNED_CALLS:
+        calls.clear()
+    calls[key] = call
+
+
 def _one_pass_call(call: tuple, x: torch.Tensor, weight, bias, eps: float, shift, stats: bool, out_dtype,
                    outputs: Optional[tuple] = None):
     """:func:`group_norm_fwd`'s one-pass launch, as ``call`` (an entry of :data:`_ONE_PASS_CALLS`)
@@ -882,8 +897,7 @@ def _one_pass_call(call: tuple, x: torch.Tensor, weight, bias, eps: float, shift
     else:
         y, mean, rstd = outputs
     mean_p, rstd_p = (mean, rstd) if stats else (y, y)
-    w = x if weight is None else weight if weight.stride(0) == 1 else weight.contiguous()
-    b = x if bias is None else bias if bias.stride(0) == 1 else bias.contiguous()
+    w, b = _vectors(x, weight, bias)
     shift_stride = 0
     if shift is not None:
         if shift.stride(1) != 1:
@@ -966,13 +980,10 @@ def group_norm_fwd(
         call = (_MEMORY_FORMATS.get((y.dim(), y_cl)), plan.grid, (B, C, S, G, plan.batches_per_program),
                 dict(X_CL=x_cl, Y_CL=y_cl, **flags, **plan.meta))
         if key is not None and x is x_in and call[0] is not None:  # (x was NCHW or channels-last already)
-            if len(_ONE_PASS_CALLS) >= MAX_PLANNED_CALLS:  # (shapes without end: start over)
-                _ONE_PASS_CALLS.clear()
-            _ONE_PASS_CALLS[key] = call
+            _remember(_ONE_PASS_CALLS, key, call)
         return _one_pass_call(call, x, weight, bias, eps, shift, stats, out_dtype, (y, mean, rstd))
 
-    w = x if weight is None else weight if weight.stride(0) == 1 else weight.contiguous()
-    b = x if bias is None else bias if bias.stride(0) == 1 else bias.contiguous()
+    w, b = _vectors(x, weight, bias)
     mean_p, rstd_p = (mean, rstd) if stats else (y, y)
 
     st, ap = plan.stats, plan.apply
@@ -1047,8 +1058,7 @@ def _one_pass_bwd_call(call: tuple, dy: torch.Tensor, x: torch.Tensor, weight, b
         if not shift.is_contiguous():
             shift = shift.contiguous()
         dshift = torch.empty_like(shift)  # (contiguous [B, C], as shift is)
-    w = x if weight is None else weight if weight.stride(0) == 1 else weight.contiguous()
-    b = x if bias is None else bias if bias.stride(0) == 1 else bias.contiguous()
+    w, b = _vectors(x, weight, bias)
     if not (mean.is_contiguous() and rstd.is_contiguous()):
         mean, rstd = mean.contiguous(), rstd.contiguous()
     part = torch.empty((2, rows, C), dtype=torch.float32, device=x.device)
@@ -1129,16 +1139,13 @@ def group_norm_bwd(
                 dict(X_CL=x_cl, DY_CL=dy_cl, DX_CL=dx_cl, HAS_SHIFT=has_shift, **flags, **plan.meta), plan.rows,
                 plan.sum_grid if has_w or has_b else None, dict(HAS_W=has_w, HAS_B=has_b, **plan.sum_meta))
         if key is not None and x is x_in and dy is dy_in and call[0] is not None and dx_cl == x_cl:
-            if len(_ONE_PASS_BWD_CALLS) >= MAX_PLANNED_CALLS:  # (shapes without end: start over)
-                _ONE_PASS_BWD_CALLS.clear()
-            _ONE_PASS_BWD_CALLS[key] = call
+            _remember(_ONE_PASS_BWD_CALLS, key, call)
         return _one_pass_bwd_call(call, dy, x, weight, bias, mean, rstd, shift, dx)
 
     dw = torch.empty_like(weight) if has_w else x.new_empty((0,))
     db = torch.empty_like(bias) if has_b else x.new_empty((0,))
     dshift = torch.empty_like(shift) if has_shift else None  # (contiguous [B, C], as shift is)
-    w = x if weight is None else weight if weight.stride(0) == 1 else weight.contiguous()
-    b = x if bias is None else bias if bias.stride(0) == 1 else bias.contiguous()
+    w, b = _vectors(x, weight, bias)
     if not (mean.is_contiguous() and rstd.is_contiguous()):
         mean, rstd = mean.contiguous(), rstd.contiguous()
     # a third plane (sum xhat per channel and chunk) for the split path's dshift
