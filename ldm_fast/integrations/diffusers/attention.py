@@ -108,11 +108,11 @@ def plain_statements(attn: nn.Module, hidden_states: torch.Tensor, encoder_hidde
     if pack is not None and not pack.usable(attn, hidden_states, encoder_hidden_states):
         pack = None
     if pack is not None and encoder_hidden_states is None and pack.with_q:  # q, k and v from one GEMM
-        query, key, value = F.linear(hidden_states, pack.weight, pack.bias).split_with_sizes(pack.sizes, -1)
+        query, key, value = pack.qkv(hidden_states)
     else:
         query = linear(mods.get("to_q"), hidden_states)
         if pack is not None:  # k and v from one GEMM
-            key, value = F.linear(context, pack.kv_weight, pack.kv_bias).split_with_sizes(pack.sizes[-2:], -1)
+            key, value = pack.kv(context)
         else:
             key = linear(mods.get("to_k"), context)
             value = linear(mods.get("to_v"), context)
@@ -216,7 +216,7 @@ class AttnProcessor:
             pack = None
         if pack is not None and encoder_hidden_states is None and pack.with_q:
             # ldm_fast: a self-attention's q, k and v from one GEMM on the packed weights (views of [B, N, 3C])
-            query, key, value = F.linear(hidden_states, pack.weight, pack.bias).split_with_sizes(pack.sizes, -1)
+            query, key, value = pack.qkv(hidden_states)
         else:
             query = attn.to_q(hidden_states)
 
@@ -226,7 +226,7 @@ class AttnProcessor:
                 encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
 
             if pack is not None:  # ldm_fast: k and v from one GEMM on the packed weights
-                key, value = F.linear(encoder_hidden_states, pack.kv_weight, pack.kv_bias).split_with_sizes(pack.sizes[-2:], -1)
+                key, value = pack.kv(encoder_hidden_states)
             else:
                 key = attn.to_k(encoder_hidden_states)
                 value = attn.to_v(encoder_hidden_states)
@@ -324,6 +324,16 @@ class PackedProjections(PackedLinears):
 
     def __repr__(self) -> str:
         return f"<ldm_fast packed {'q/k/v' if self.with_q else 'k/v'} projections: {tuple(self.weight.shape)}>"
+
+    def qkv(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """A self-attention's q, k and v ``[B, N, C]`` from one GEMM on the whole buffer (views of its
+        ``[B, N, 3C]`` output); only where the query is packed (``with_q``)."""
+        return F.linear(hidden_states, self.weight, self.bias).split_with_sizes(self.sizes, -1)
+
+    def kv(self, context: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """k and v ``[B, M, C]`` from one GEMM on their rows of the buffer (views of its ``[B, M, 2C]``
+        output)."""
+        return F.linear(context, self.kv_weight, self.kv_bias).split_with_sizes(self.sizes[-2:], -1)
 
     def usable(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor]) -> bool:
         """Whether the packed GEMMs compute what ``attn``'s projection modules compute for this call."""
