@@ -7,6 +7,7 @@ how fast anything is: the times are CPU times on a shared machine.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import subprocess
@@ -172,13 +173,18 @@ def test_blocks_and_profile_analyses_run():
             assert word in result.stdout, (args, word, result.stdout[-2000:])
 
 
-def _interleaved_inference(variants: list, rounds: int) -> dict:
-    """Thread CPU µs per SD 1.5-topology U-Net step (widths / 10, the instrument's model) of each
-    variant, interleaved rounds, launches stubbed, on the Triton backend (the interpreter)."""
+def _step_ratios(train: bool, rounds: int) -> dict:
+    """Each optimize variant's CPU time per SD 1.5-topology U-Net step (widths / 10, the instrument's
+    model; inference, or a training step) against diffusers eager's: the median of per-round ratios
+    (the same round, the same load), interleaved rounds, launches stubbed, on the Triton backend (the
+    interpreter)."""
     config = host_model.unet_config(False)
-    with host_model.quiet_cpu(), ldm_fast.use_backend("triton"), torch.no_grad(), host_model.launch_boundary():
-        entries = {name: host_model.step_entry(config, host_model.VARIANTS[name], False) for name in variants}
-        return host_model.interleaved_rounds(entries, rounds)
+    grad = contextlib.nullcontext() if train else torch.no_grad()
+    with host_model.quiet_cpu(), ldm_fast.use_backend("triton"), grad, host_model.launch_boundary():
+        entries = {name: host_model.step_entry(config, options, train) for name, options in host_model.VARIANTS.items()}
+        samples = host_model.interleaved_rounds(entries, rounds)
+    return {name: host_model.per_round_ratio(samples[name], samples[host_model.EAGER])["median"]
+            for name in entries if name != host_model.EAGER}
 
 
 @pytest.mark.slow
@@ -190,15 +196,8 @@ def test_an_optimized_unet_step_costs_less_host_time_than_diffusers():
     (channels_last), 0.94-0.98x (+ attention) (this test's process / the full instrument's, where
     the ops run after the other measurements): the bounds leave a margin for a noisy shared CPU and
     fail the code of that morning."""
-    variants = list(host_model.VARIANTS)
-    bounds = {name: 0.95 if name == "optimize()" else 1.05 for name in variants if name != host_model.EAGER}
-
-    def measure():
-        samples = _interleaved_inference(variants, rounds=21)
-        return {name: host_model.per_round_ratio(samples[name], samples[host_model.EAGER])["median"]
-                for name in bounds}
-
-    ratios = _best_of(3, measure, bounds)
+    bounds = {name: 0.95 if name == "optimize()" else 1.05 for name in host_model.VARIANTS if name != host_model.EAGER}
+    ratios = _best_of(3, lambda: _step_ratios(False, rounds=21), bounds)
     assert all(ratios[name] <= bound for name, bound in bounds.items()), ratios
 
 
@@ -210,18 +209,8 @@ def test_an_optimized_training_step_stays_within_its_bound_of_diffusers():
     (channels_last and + attention 1.12-1.14x): the issue's 0.90x is not met (the fused ops'
     autograd Functions, the notes in benchmarks/README.md); optimize()'s bound fails that morning's
     code, and both leave a margin for the noisier training step."""
-    variants = list(host_model.VARIANTS)
-    bounds = {name: 1.12 if name == "optimize()" else 1.20 for name in variants if name != host_model.EAGER}
-    config = host_model.unet_config(False)
-
-    def measure():
-        with host_model.quiet_cpu(), ldm_fast.use_backend("triton"), host_model.launch_boundary():
-            entries = {name: host_model.step_entry(config, host_model.VARIANTS[name], True) for name in variants}
-            samples = host_model.interleaved_rounds(entries, 15)
-        return {name: host_model.per_round_ratio(samples[name], samples[host_model.EAGER])["median"]
-                for name in bounds}
-
-    ratios = _best_of(3, measure, bounds)
+    bounds = {name: 1.12 if name == "optimize()" else 1.20 for name in host_model.VARIANTS if name != host_model.EAGER}
+    ratios = _best_of(3, lambda: _step_ratios(True, rounds=15), bounds)
     assert all(ratios[name] <= bound for name, bound in bounds.items()), ratios
 
 
@@ -268,8 +257,9 @@ def test_each_fused_op_costs_at_most_the_aten_sequence_it_replaces():
     """Issue #24's per-op proxy (host µs per call, launches stubbed) at the U-Net step's shapes,
     interleaved rounds in a fresh process: each fused op within its bound of the aten ops it replaces."""
     def measure():
-        result = subprocess.run([sys.executable, "-c", _OPS_IN_A_FRESH_PROCESS], cwd=Path(__file__).resolve().parent.parent,
-                                capture_output=True, text=True, timeout=600)
+        repo = Path(__file__).resolve().parent.parent
+        result = subprocess.run([sys.executable, "-c", _OPS_IN_A_FRESH_PROCESS], cwd=repo, capture_output=True,
+                                text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
         ratios = json.loads(result.stdout.strip().splitlines()[-1])
         assert set(ratios) == set(OP_BOUNDS), ratios
