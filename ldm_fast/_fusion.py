@@ -11,7 +11,9 @@ caller runs its own statements) otherwise:
   call does;
 * the modules a fused forward reads instead of calling are read from their parent on every call
   and must be exactly the plain class it was written for (a LoRA/LoCon layer swapped in, or any
-  module replaced by another class, makes the block call that module on that call);
+  module replaced by another class, makes the block call that module on that call), with the
+  parameters it reads registered (``torch.nn.utils.weight_norm``, ``spectral_norm`` and ``prune``
+  turn a weight into a plain attribute their hook computes: the module is called);
 * nothing derived from weights is cached across calls: a value computed from parameters (a bias
   sum) is computed on every call, so in-place updates that do not bump a version counter
   (``p.data.copy_()``, an EMA's ``copy_to``) are always seen, CUDA graphs included.
@@ -33,7 +35,7 @@ from . import nn as _ldm_nn  # (a cycle: ldm_fast.nn imports intercepted; its cl
 
 __all__ = ["add_norm", "add_norm_feed_forward", "autocast_layer_norm_dtype", "class_method", "conv2d",
            "gemm_like_conv", "global_module_hooks", "inert_dropout", "intercepted", "linear", "plain_group_norm",
-           "plain_silu", "shared_silu", "shortcut_gemm"]
+           "plain_silu", "registered", "shared_silu", "shortcut_gemm"]
 
 _module_globals = torch.nn.modules.module
 
@@ -71,12 +73,23 @@ def class_method(module: nn.Module, cls: type, name: str, original):
     return getattr(current, name)
 
 
+def registered(module: nn.Module) -> bool:
+    """Whether ``module``'s ``weight`` and ``bias`` are registered (as Parameters, or None), so that
+    reading ``module._parameters`` reads what its forward reads. ``torch.nn.utils.weight_norm``,
+    ``spectral_norm`` and ``prune`` take a weight out of ``_parameters`` and keep a plain attribute
+    that their hook computes (the hook alone makes :func:`intercepted` true); a tensor assigned
+    after ``del module.weight`` does the same without a hook."""
+    p = module._parameters
+    return "weight" in p and "bias" in p
+
+
 def plain_group_norm(norm: nn.Module) -> bool:
     """``norm`` is an ldm_fast GroupNorm (what the ``group_norm`` patch makes of a torch GroupNorm)
-    without an activation of its own, and nothing intercepts its call: reading its parameters
-    computes what calling it computes (global module hooks aside: the caller checks those once)."""
+    without an activation of its own, with its parameters registered, and nothing intercepts its
+    call: reading its parameters computes what calling it computes (global module hooks aside: the
+    caller checks those once)."""
     return (type(norm) in (_ldm_nn.GroupNorm, _ldm_nn.GroupNorm32) and norm.__dict__.get("activation") is None
-            and not intercepted(norm))
+            and not intercepted(norm) and registered(norm))
 
 
 def plain_silu(act: nn.Module) -> bool:
@@ -120,8 +133,8 @@ def autocast_layer_norm_dtype(device_type: str):
 
 
 def _plain_layer_norm(norm: nn.Module) -> bool:
-    return (type(norm) is nn.LayerNorm and not intercepted(norm) and len(norm.normalized_shape) == 1
-            and not global_module_hooks())
+    return (type(norm) is nn.LayerNorm and not intercepted(norm) and registered(norm)
+            and len(norm.normalized_shape) == 1 and not global_module_hooks())
 
 
 def add_norm(x: Tensor, residual: Tensor, norm: nn.LayerNorm) -> tuple[Tensor, Tensor]:
@@ -152,11 +165,11 @@ def add_norm_feed_forward(x: Tensor, residual: Tensor, norm: nn.LayerNorm, inner
     ``norm``/``out_proj`` not plain (another class, e.g. a LoRA layer, or intercepted); the caller
     then runs its own statements. The caller checks that ``inner`` is what the feed-forward computes
     before ``out_proj``."""
-    if type(out_proj) is not nn.Linear:
+    if type(out_proj) is not nn.Linear or intercepted(out_proj) or not registered(out_proj):
         return None
     w = out_proj._parameters
     if not (x.shape == residual.shape and x.dtype == residual.dtype and w["weight"].dtype == x.dtype
-            and not intercepted(out_proj) and _plain_layer_norm(norm) and not torch.compiler.is_compiling()
+            and _plain_layer_norm(norm) and not torch.compiler.is_compiling()
             and backend.kernel_ok(x, residual) and not torch.is_autocast_enabled(x.device.type)
             and not needs_grad_of((x, residual), (p for m in modules for p in m.parameters()))):
         return None
@@ -177,7 +190,7 @@ def conv2d(conv: nn.Module, x: Tensor) -> Tensor:
     global module hooks aside: the caller checks those once) its forward's one statement,
     ``F.conv2d`` on its parameters, without the module call (~3 µs of host time a call); any other
     module is called. The same convolution, bit for bit."""
-    if type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and not intercepted(conv):
+    if type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and not intercepted(conv) and registered(conv):
         p = conv._parameters  # (not conv.weight: nn.Module.__getattr__ costs ~0.5 µs a name)
         return F.conv2d(x, p["weight"], p["bias"], conv.stride, conv.padding, conv.dilation, conv.groups)
     return conv(x)
@@ -187,7 +200,7 @@ def linear(module: nn.Module, x: Tensor) -> Tensor:
     """``module(x)``: for a plain ``nn.Linear`` (nothing intercepting its call; global module hooks
     aside: the caller checks those once) its forward's one statement, ``F.linear`` on its
     parameters, without the module call; any other module (a LoRA layer) is called. Bit for bit."""
-    if type(module) is nn.Linear and not intercepted(module):
+    if type(module) is nn.Linear and not intercepted(module) and registered(module):
         p = module._parameters
         return F.linear(x, p["weight"], p["bias"])
     return module(x)
@@ -219,11 +232,12 @@ def shortcut_gemm(conv: nn.Module, h: Tensor, shortcut: nn.Module, x: Tensor) ->
 
     Eager equivalent: ``shortcut(x) + conv(h)``.
     """
-    if type(conv) is not nn.Conv2d or type(shortcut) is not nn.Conv2d:
+    if (type(conv) is not nn.Conv2d or type(shortcut) is not nn.Conv2d or intercepted(conv) or intercepted(shortcut)
+            or not (registered(conv) and registered(shortcut))):
         return None
     p1, p2 = conv._parameters, shortcut._parameters  # (not conv.weight: nn.Module.__getattr__ costs ~0.5 µs a name)
     w1, b1, w2, b2 = p1["weight"], p1["bias"], p2["weight"], p2["bias"]
-    if (intercepted(conv) or intercepted(shortcut) or torch.compiler.is_compiling() or not backend.kernel_ok(h, x)
+    if (torch.compiler.is_compiling() or not backend.kernel_ok(h, x)
             or x.dim() != 4 or not (h.dtype == x.dtype == w1.dtype == w2.dtype)
             or needs_grad_of((h, x), (w1, w2)) or global_module_hooks() or not gemm_like_conv(x)):
         return None

@@ -63,10 +63,16 @@ class GroupNorm(torch.nn.GroupNorm):
         self.activation = activation
 
     def forward(self, input: Tensor, shift: Optional[Tensor] = None) -> Tensor:
-        p = self._parameters  # (not self.weight: nn.Module.__getattr__ costs ~0.5 µs a name, on every call)
-        return functional.group_norm(
-            input, self.num_groups, p["weight"], p["bias"], self.eps, activation=self.activation, shift=shift
-        )
+        # self.weight/bias read from _parameters (nn.Module.__getattr__ costs ~0.5 µs a name, on every
+        # call); as attributes where a reparametrization (torch.nn.utils.weight_norm, spectral_norm,
+        # prune, parametrize) keeps one outside them, computed by its hook or property
+        p = self._parameters
+        try:
+            weight, bias = p["weight"], p["bias"]
+        except KeyError:
+            weight, bias = self.weight, self.bias
+        return functional.group_norm(input, self.num_groups, weight, bias, self.eps, activation=self.activation,
+                                     shift=shift)
 
     def extra_repr(self) -> str:
         text = super().extra_repr()
@@ -82,11 +88,13 @@ class GroupNorm32(GroupNorm):
     """
 
     def forward(self, input: Tensor, shift: Optional[Tensor] = None) -> Tensor:
-        p = self._parameters
-        return functional.group_norm(
-            input, self.num_groups, p["weight"], p["bias"], self.eps, activation=self.activation, upcast=True,
-            shift=shift,
-        )
+        p = self._parameters  # (as GroupNorm.forward)
+        try:
+            weight, bias = p["weight"], p["bias"]
+        except KeyError:
+            weight, bias = self.weight, self.bias
+        return functional.group_norm(input, self.num_groups, weight, bias, self.eps, activation=self.activation,
+                                     upcast=True, shift=shift)
 
 
 # ---------------------------------------------------------------------------------------------

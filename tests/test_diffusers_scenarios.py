@@ -10,7 +10,10 @@ kernels' launches asserted) and on the default backend (the CPU: the model's own
 2. pipelines: SD + load_lora_weights (kohya and diffusers format), SDXL, ControlNet
                                                                     -> test_*_pipeline*
 3. weights updated in place without a version bump (EMA, .data.copy_, load_state_dict, an
-   optimizer step)                                                  -> test_in_place_update, test_ema_*
+   optimizer step); reparametrized (weight_norm, spectral_norm, prune, parametrize), or substituted
+   by torch.func.functional_call                                    -> test_in_place_update, test_ema_*,
+                                                                       test_reparametrized_weights,
+                                                                       test_functional_call
 4. hooks added after optimize (module, in-place, global, backward); block classes patched after
    optimize (tomesd)                                                -> test_hook*, test_global_module_hooks,
                                                                        test_block_class_patched_after_optimize
@@ -467,6 +470,97 @@ def test_ema_store_copy_to_restore_vae():
     for ema, m in zip(emas, (model, ref)):
         ema.restore(m.parameters())
     check_both(lambda: run_vae(model, x), lambda: run_vae(ref, x), VAE_OPS, what="weights restored")
+
+
+# === 3b. weights reparametrized (torch.nn.utils) ===================================================
+
+
+def _weight_norm(module):
+    torch.nn.utils.weight_norm(module)  # (deprecated for torch.nn.utils.parametrizations; still in use)
+    with torch.no_grad():
+        module.weight_g.mul_(1.5)  # (as training would: the identity at first)
+
+
+def _spectral_norm(module):
+    torch.manual_seed(0)  # (the power iteration's random start: the same in both models)
+    torch.nn.utils.spectral_norm(module)
+
+
+def _prune(module):
+    import torch.nn.utils.prune as prune
+
+    prune.l1_unstructured(module, "weight", amount=0.3)
+
+
+def _parametrize(module):
+    import torch.nn.utils.parametrize as parametrize
+
+    class Scale(torch.nn.Module):
+        def forward(self, w):
+            return w * 1.5
+
+    parametrize.register_parametrization(module, "weight", Scale())
+
+
+#: weight_norm, spectral_norm and prune take ``weight`` out of the module's Parameters and keep a
+#: plain attribute that a forward pre-hook computes; parametrize swaps the module's class.
+REPARAMETRIZATIONS = {"weight_norm": _weight_norm, "spectral_norm": _spectral_norm, "prune": _prune,
+                      "parametrize": _parametrize}
+
+
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
+@pytest.mark.parametrize("when", ["after", pytest.param("before", marks=slow)])
+@pytest.mark.parametrize("how", [h if h == "prune" else pytest.param(h, marks=slow) for h in REPARAMETRIZATIONS])
+def test_reparametrized_weights(how, when):
+    """torch.nn.utils' weight reparametrizations on a ResNet block's GroupNorms, convolutions and time
+    projection and a transformer block's LayerNorms and feed-forward output (each in its own block,
+    the HOOKED modules), applied after optimize (the fused paths warm) or before it: the optimized
+    model computes what the twin computes and restore() gives the twin's code back. (They crashed
+    the fused paths once: a weight read from ``_parameters`` before the hook check.)"""
+    model = unet()
+    ref = twin(model)
+    x = unet_inputs(batch=1)
+    paths = [p for p in _hooked(model, ref) if isinstance(getattr(model.get_submodule(p), "weight", None), torch.Tensor)]
+    assert len(paths) >= 7
+    if when == "after":
+        ldm_fast.optimize(model)
+        on_kernels(lambda: run_unet(model, x))
+    for m in (model, ref):
+        for path in paths:
+            REPARAMETRIZATIONS[how](m.get_submodule(path))
+    if when == "before":
+        ldm_fast.optimize(model)
+    before = run_unet(unet(), x)
+    expected = check_both(lambda: run_unet(model, x), lambda: run_unet(ref, x), what=f"{how} {when} optimize")
+    if how != "spectral_norm":  # (spectral_norm divides by the top singular value: a small change here)
+        assert rel_change(expected, before) > 1e-2
+    if how == "parametrize" and when == "after":
+        # the GroupNorms' class is now torch's Parametrized subclass of ldm_fast's: restore refuses, naming
+        # them, until the parametrizations are removed (which gives each module its class back)
+        with pytest.raises(ValueError, match="down_blocks.1.resnets.0.norm1 .*ParametrizedGroupNorm"):
+            ldm_fast.restore(model)
+        import torch.nn.utils.parametrize as parametrize
+
+        for m in (model, ref):
+            for path in paths:
+                parametrize.remove_parametrizations(m.get_submodule(path), "weight")
+    ldm_fast.restore(model)
+    _compare(no_kernels(lambda: run_unet(model, x)), run_unet(ref, x), exact=True, what="restored")
+
+
+def test_functional_call():
+    """``torch.func.functional_call`` with other weights (the optimized model's own unchanged): the
+    fused paths read the substituted tensors, as the twin's modules do."""
+    model, ref, _ = optimized(**ALL_ON)
+    x = unet_inputs(batch=1)
+    on_kernels(lambda: run_unet(model, x))
+    new = {name: p.detach() * 1.2 + 0.01 for name, p in ref.named_parameters()}
+
+    def call(m):
+        return torch.func.functional_call(m, new, x).sample
+
+    expected = check_both(lambda: call(model), lambda: call(ref), what="functional_call", default_exact=False)
+    assert rel_change(expected, run_unet(ref, x)) > 1e-2
 
 
 # === 4. hooks added after optimize ===============================================================
