@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import backend
-from ._fusion import _version, global_module_hooks, intercepted
+from ._fusion import _version, global_module_hooks, intercepted, registered
 
 __all__ = ["PackedLinears", "PackedTimeProjections", "linear_unpackable", "storage_key"]
 
@@ -69,10 +69,11 @@ class PackedLinears:
             rows = slice(self.offsets[i], self.offsets[i + 1])
             w_key = storage_key(self.weight[rows])
             b_key = None if self.bias is None else storage_key(self.bias[rows])
-            packed = storage_key(m.weight) == w_key and storage_key(m.bias) == b_key
-            checks.append((packed, m.weight, w_key, m.bias, b_key))
+            w, b = m._parameters.get("weight"), m._parameters.get("bias")
+            packed = w is not None and storage_key(w) == w_key and storage_key(b) == b_key
+            checks.append((packed, w, w_key, b, b_key))
         self._checks = tuple(checks)
-        self.params = tuple(p for m in self.modules for p in (m.weight, m.bias) if p is not None)
+        self.params = tuple(p for _, w, _, b, _ in checks for p in (w, b) if p is not None)
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -88,7 +89,8 @@ class PackedLinears:
         with torch.no_grad():
             for i, m in enumerate(self.modules):
                 rows = slice(self.offsets[i], self.offsets[i + 1])
-                for p, buffer in ((m.weight, self.weight), (m.bias, self.bias)):
+                params = m._parameters  # (registered ones only: a reparametrized weight stays the module's own)
+                for p, buffer in ((params.get("weight"), self.weight), (params.get("bias"), self.bias)):
                     if p is not None and buffer is not None and storage_key(p) != storage_key(buffer[rows]):
                         buffer[rows].copy_(p.detach())
                         p.data = buffer[rows]
@@ -112,12 +114,15 @@ class PackedLinears:
                     or global_module_hooks())
 
     def unpack(self) -> None:
-        """Give every weight still in the buffer its own storage (restore)."""
+        """Give every Parameter still in the buffer its own storage (restore): the Parameters packed
+        and any made from their data since, wherever the module keeps them now (``prune`` and
+        ``spectral_norm`` keep the weight as ``weight_orig``, ``weight_norm`` makes ``weight_v`` of
+        its data, ``parametrize`` holds it in a submodule)."""
+        buffers = {t.untyped_storage()._cdata for t in (self.weight, self.bias) if t is not None}
         with torch.no_grad():
-            for i, m in enumerate(self.modules):
-                rows = slice(self.offsets[i], self.offsets[i + 1])
-                for p, buffer in ((m.weight, self.weight), (m.bias, self.bias)):
-                    if p is not None and storage_key(p) == storage_key(buffer[rows]):
+            for m, (_, w, _, b, _) in zip(self.modules, self._checks):
+                for p in (*m.parameters(), w, b):
+                    if p is not None and p.untyped_storage()._cdata in buffers:
                         p.data = p.data.clone()
 
 
@@ -176,6 +181,8 @@ def linear_unpackable(m: Optional[nn.Module], name: str) -> Optional[str]:
         return f"its {name} is a {type(m).__name__}, not an nn.Linear (e.g. a LoRA layer)"
     if intercepted(m):
         return f"its {name} has hooks or an instance-level forward (the packed GEMM would not call them)"
+    if not registered(m):
+        return f"its {name} weight or bias is not a registered Parameter (a reparametrization keeps it)"
     if not m.weight.is_floating_point():
         return f"its {name} weight is {m.weight.dtype}, not a floating dtype"
     return None

@@ -546,6 +546,8 @@ def test_reparametrized_weights(how, when):
                 parametrize.remove_parametrizations(m.get_submodule(path), "weight")
     ldm_fast.restore(model)
     _compare(no_kernels(lambda: run_unet(model, x)), run_unet(ref, x), exact=True, what="restored")
+    packed = [name for name, p in model.named_parameters() if p.untyped_storage().nbytes() != p.nbytes]
+    assert not packed, f"restore left parameters in a packed buffer: {packed}"  # (the renamed weight_orig too)
 
 
 def test_functional_call():
