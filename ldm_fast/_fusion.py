@@ -35,7 +35,7 @@ from . import nn as _ldm_nn  # (a cycle: ldm_fast.nn imports intercepted; its cl
 
 __all__ = ["add_norm", "add_norm_feed_forward", "autocast_layer_norm_dtype", "class_method", "conv2d",
            "gemm_like_conv", "global_module_hooks", "inert_dropout", "intercepted", "linear", "plain_group_norm",
-           "plain_silu", "registered", "shared_silu", "shortcut_gemm"]
+           "plain_silu", "readable", "shared_silu", "shortcut_gemm"]
 
 _module_globals = torch.nn.modules.module
 
@@ -73,14 +73,14 @@ def class_method(module: nn.Module, cls: type, name: str, original):
     return getattr(current, name)
 
 
-def registered(module: nn.Module) -> bool:
-    """Whether ``module``'s ``weight`` and ``bias`` are registered (as Parameters, or None), so that
-    reading ``module._parameters`` reads what its forward reads. ``torch.nn.utils.weight_norm``,
-    ``spectral_norm`` and ``prune`` take a weight out of ``_parameters`` and keep a plain attribute
-    that their hook computes (the hook alone makes :func:`intercepted` true); a tensor assigned
-    after ``del module.weight`` does the same without a hook."""
+def readable(module: nn.Module) -> bool:
+    """Whether reading ``module._parameters`` computes what calling ``module`` computes (global module
+    hooks aside: the callers check those once): nothing intercepts its call (:func:`intercepted`)
+    and its ``weight`` and ``bias`` are registered (Parameters, or None). ``torch.nn.utils.weight_norm``,
+    ``spectral_norm`` and ``prune`` keep a weight outside ``_parameters``, a plain attribute their
+    pre-hook computes; a tensor assigned after ``del module.weight`` is one without a hook."""
     p = module._parameters
-    return "weight" in p and "bias" in p
+    return "weight" in p and "bias" in p and not intercepted(module)
 
 
 def plain_group_norm(norm: nn.Module) -> bool:
@@ -89,7 +89,7 @@ def plain_group_norm(norm: nn.Module) -> bool:
     call: reading its parameters computes what calling it computes (global module hooks aside: the
     caller checks those once)."""
     return (type(norm) in (_ldm_nn.GroupNorm, _ldm_nn.GroupNorm32) and norm.__dict__.get("activation") is None
-            and not intercepted(norm) and registered(norm))
+            and readable(norm))
 
 
 def plain_silu(act: nn.Module) -> bool:
@@ -133,8 +133,8 @@ def autocast_layer_norm_dtype(device_type: str):
 
 
 def _plain_layer_norm(norm: nn.Module) -> bool:
-    return (type(norm) is nn.LayerNorm and not intercepted(norm) and registered(norm)
-            and len(norm.normalized_shape) == 1 and not global_module_hooks())
+    return (type(norm) is nn.LayerNorm and readable(norm) and len(norm.normalized_shape) == 1
+            and not global_module_hooks())
 
 
 def add_norm(x: Tensor, residual: Tensor, norm: nn.LayerNorm) -> tuple[Tensor, Tensor]:
@@ -165,7 +165,7 @@ def add_norm_feed_forward(x: Tensor, residual: Tensor, norm: nn.LayerNorm, inner
     ``norm``/``out_proj`` not plain (another class, e.g. a LoRA layer, or intercepted); the caller
     then runs its own statements. The caller checks that ``inner`` is what the feed-forward computes
     before ``out_proj``."""
-    if type(out_proj) is not nn.Linear or intercepted(out_proj) or not registered(out_proj):
+    if type(out_proj) is not nn.Linear or not readable(out_proj):
         return None
     w = out_proj._parameters
     if not (x.shape == residual.shape and x.dtype == residual.dtype and w["weight"].dtype == x.dtype
@@ -190,7 +190,7 @@ def conv2d(conv: nn.Module, x: Tensor) -> Tensor:
     global module hooks aside: the caller checks those once) its forward's one statement,
     ``F.conv2d`` on its parameters, without the module call (~3 µs of host time a call); any other
     module is called. The same convolution, bit for bit."""
-    if type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and not intercepted(conv) and registered(conv):
+    if type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and readable(conv):
         p = conv._parameters  # (not conv.weight: nn.Module.__getattr__ costs ~0.5 µs a name)
         return F.conv2d(x, p["weight"], p["bias"], conv.stride, conv.padding, conv.dilation, conv.groups)
     return conv(x)
@@ -200,7 +200,7 @@ def linear(module: nn.Module, x: Tensor) -> Tensor:
     """``module(x)``: for a plain ``nn.Linear`` (nothing intercepting its call; global module hooks
     aside: the caller checks those once) its forward's one statement, ``F.linear`` on its
     parameters, without the module call; any other module (a LoRA layer) is called. Bit for bit."""
-    if type(module) is nn.Linear and not intercepted(module) and registered(module):
+    if type(module) is nn.Linear and readable(module):
         p = module._parameters
         return F.linear(x, p["weight"], p["bias"])
     return module(x)
@@ -232,8 +232,7 @@ def shortcut_gemm(conv: nn.Module, h: Tensor, shortcut: nn.Module, x: Tensor) ->
 
     Eager equivalent: ``shortcut(x) + conv(h)``.
     """
-    if (type(conv) is not nn.Conv2d or type(shortcut) is not nn.Conv2d or intercepted(conv) or intercepted(shortcut)
-            or not (registered(conv) and registered(shortcut))):
+    if type(conv) is not nn.Conv2d or type(shortcut) is not nn.Conv2d or not (readable(conv) and readable(shortcut)):
         return None
     p1, p2 = conv._parameters, shortcut._parameters  # (not conv.weight: nn.Module.__getattr__ costs ~0.5 µs a name)
     w1, b1, w2, b2 = p1["weight"], p1["bias"], p2["weight"], p2["bias"]

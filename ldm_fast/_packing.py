@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import backend
-from ._fusion import _version, global_module_hooks, intercepted, registered
+from ._fusion import _version, global_module_hooks, intercepted, readable
 
 __all__ = ["PackedLinears", "PackedTimeProjections", "linear_unpackable", "storage_key"]
 
@@ -181,7 +181,7 @@ def linear_unpackable(m: Optional[nn.Module], name: str) -> Optional[str]:
         return f"its {name} is a {type(m).__name__}, not an nn.Linear (e.g. a LoRA layer)"
     if intercepted(m):
         return f"its {name} has hooks or an instance-level forward (the packed GEMM would not call them)"
-    if not registered(m):
+    if not readable(m):  # (not intercepted: a weight or bias kept outside its Parameters)
         return f"its {name} weight or bias is not a registered Parameter (a reparametrization keeps it)"
     if not m.weight.is_floating_point():
         return f"its {name} weight is {m.weight.dtype}, not a floating dtype"
