@@ -40,6 +40,8 @@ class GroupNorm(torch.nn.GroupNorm):
     ``F.silu(F.group_norm(...))`` elsewhere or with ``LDM_FAST_BACKEND=eager``.
     """
 
+    _upcast = False  # (functional.group_norm's ``upcast``: GroupNorm32's eager rounding)
+
     def __init__(
         self,
         num_groups: int,
@@ -72,7 +74,7 @@ class GroupNorm(torch.nn.GroupNorm):
         except KeyError:
             weight, bias = self.weight, self.bias
         return functional.group_norm(input, self.num_groups, weight, bias, self.eps, activation=self.activation,
-                                     shift=shift)
+                                     upcast=self._upcast, shift=shift)
 
     def extra_repr(self) -> str:
         text = super().extra_repr()
@@ -84,17 +86,10 @@ class GroupNorm32(GroupNorm):
     statistics and affine computed in fp32, the result cast back to the input's dtype, i.e.
     ``super().forward(x.float()).type(x.dtype)``, then the activation if any (as ``GroupNorm32``
     followed by ``nn.SiLU``). The Triton kernels compute in fp32 for every input dtype, so only the
-    eager path differs from :class:`GroupNorm`.
+    eager path differs from :class:`GroupNorm` (its forward, with ``upcast=True``).
     """
 
-    def forward(self, input: Tensor, shift: Optional[Tensor] = None) -> Tensor:
-        p = self._parameters  # (as GroupNorm.forward)
-        try:
-            weight, bias = p["weight"], p["bias"]
-        except KeyError:
-            weight, bias = self.weight, self.bias
-        return functional.group_norm(input, self.num_groups, weight, bias, self.eps, activation=self.activation,
-                                     upcast=True, shift=shift)
+    _upcast = True
 
 
 # ---------------------------------------------------------------------------------------------

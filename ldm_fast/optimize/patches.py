@@ -177,7 +177,7 @@ class SequentialForward:
             if i in pairs and plain_group_norm(m) and plain_silu(entries[i + 1]):
                 p = m._parameters
                 input = functional.group_norm(input, m.num_groups, p["weight"], p["bias"], m.eps, activation="silu",
-                                              upcast=type(m) is ldm_nn.GroupNorm32)
+                                              upcast=m._upcast)
                 i += 2
             else:
                 input = m(input)
