@@ -876,6 +876,14 @@ def _vectors(x: torch.Tensor, weight, bias) -> tuple[torch.Tensor, torch.Tensor]
             x if bias is None else bias if bias.stride(0) == 1 else bias.contiguous())
 
 
+def _param_grads(x: torch.Tensor, weight, bias, shift) -> tuple:
+    """The backward's unwritten ``(dweight, dbias, dshift)``: ``[C]`` in each parameter's dtype, or an
+    empty ``[0]`` where it is None; ``[B, C]`` like the (contiguous) shift, or None."""
+    return (torch.empty_like(weight) if weight is not None else x.new_empty((0,)),
+            torch.empty_like(bias) if bias is not None else x.new_empty((0,)),
+            None if shift is None else torch.empty_like(shift))
+
+
 def _remember(calls: dict, key: tuple, call: tuple) -> None:
     """Keep a planned call (:data:`_ONE_PASS_CALLS`, :data:`_ONE_PASS_BWD_CALLS`), at most
     :data:`MAX_PLANNED_CALLS` a cache (shapes without end: it starts over)."""
@@ -1051,13 +1059,9 @@ def _one_pass_bwd_call(call: tuple, dy: torch.Tensor, x: torch.Tensor, weight, b
     fmt, grid, (B, C, S, G, batches_per_program), constants, rows, sum_grid, sum_constants = call
     if dx is None:
         dx = torch.empty_like(x, memory_format=fmt)
-    dw = torch.empty_like(weight) if weight is not None else x.new_empty((0,))
-    db = torch.empty_like(bias) if bias is not None else x.new_empty((0,))
-    dshift = None
-    if shift is not None:
-        if not shift.is_contiguous():
-            shift = shift.contiguous()
-        dshift = torch.empty_like(shift)  # (contiguous [B, C], as shift is)
+    if shift is not None and not shift.is_contiguous():
+        shift = shift.contiguous()
+    dw, db, dshift = _param_grads(x, weight, bias, shift)
     w, b = _vectors(x, weight, bias)
     if not (mean.is_contiguous() and rstd.is_contiguous()):
         mean, rstd = mean.contiguous(), rstd.contiguous()
@@ -1142,9 +1146,7 @@ def group_norm_bwd(
             _remember(_ONE_PASS_BWD_CALLS, key, call)
         return _one_pass_bwd_call(call, dy, x, weight, bias, mean, rstd, shift, dx)
 
-    dw = torch.empty_like(weight) if has_w else x.new_empty((0,))
-    db = torch.empty_like(bias) if has_b else x.new_empty((0,))
-    dshift = torch.empty_like(shift) if has_shift else None  # (contiguous [B, C], as shift is)
+    dw, db, dshift = _param_grads(x, weight, bias, shift)
     w, b = _vectors(x, weight, bias)
     if not (mean.is_contiguous() and rstd.is_contiguous()):
         mean, rstd = mean.contiguous(), rstd.contiguous()
